@@ -1,0 +1,31 @@
+"""Helpers for parity tests against PyTorch reference models (diffusers / transformers)."""
+import numpy as np
+
+
+def relative_error(actual, expected) -> float:
+  """max |actual − expected| / max |expected|: the worst element, scaled by the output's range."""
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  assert actual.shape == expected.shape, (actual.shape, expected.shape)
+  return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-12))
+
+
+def perturb_(torch_model, seed: int = 0, scale: float = 0.1):
+  """Adds noise to every parameter and buffer-free weight in place, so that zero-initialised
+  layers, unit norms and zero biases cannot hide a wrong mapping."""
+  import torch  # pylint: disable=g-import-not-at-top
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in torch_model.parameters():
+      p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+  return torch_model.eval()
+
+
+def to_nhwc(x):
+  """(B, C, H, W) or (B, C, F, H, W) torch/numpy → channels-last numpy."""
+  x = np.asarray(x.detach().numpy() if hasattr(x, "detach") else x)
+  return np.moveaxis(x, 1, -1)
+
+
+def to_nchw(x):
+  x = np.asarray(x)
+  return np.moveaxis(x, -1, 1)

@@ -1,0 +1,143 @@
+"""PyTorch state dicts ↔ Flax parameter trees, by name.
+
+vldm's modules are named after the diffusers / transformers state-dict keys, so the mapping is
+mechanical: `down_blocks.0.resnets.1.conv1.weight` ↔ ('down_blocks_0', 'resnets_1', 'conv1',
+'kernel'). The Flax parameter *template* (shapes from `jax.eval_shape(module.init, ...)`) decides
+each leaf's layout:
+
+  kernel, 4-D   PyTorch Conv2d (O, I, kh, kw)    → (kh, kw, I, O)
+  kernel, 5-D   PyTorch Conv3d (O, I, t, kh, kw) → (t, kh, kw, I, O)
+  kernel, 2-D   PyTorch Linear (out, in)         → (in, out)
+  scale         norm weight                      → as is
+  embedding     nn.Embedding weight              → as is
+  anything else (bias, mix_factor, class_embedding, ...) → as is
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Iterable, Mapping
+
+import numpy as np
+from flax import traverse_util
+
+# Module names whose PyTorch spelling itself ends in `_<digit>`: they are not list indices.
+_LITERAL_NAMES = frozenset({"linear_1", "linear_2"})
+_WEIGHT_LEAVES = ("kernel", "scale", "embedding")
+_TORCH_TO_FLAX_AXES = {4: (2, 3, 1, 0), 5: (2, 3, 4, 1, 0), 2: (1, 0)}
+_FLAX_TO_TORCH_AXES = {n: tuple(np.argsort(axes)) for n, axes in _TORCH_TO_FLAX_AXES.items()}
+
+
+class ConversionError(ValueError):
+  """A weights file or folder that does not fit the model it is loaded into."""
+
+
+def torch_key_to_flax_path(key: str) -> tuple[str, ...]:
+  """'a.0.b.weight' → ('a_0', 'b', 'weight'): numeric segments join the name before them."""
+  parts = key.split(".")
+  path: list[str] = []
+  for part in parts:
+    if part.isdigit() and path:
+      path[-1] = f"{path[-1]}_{part}"
+    else:
+      path.append(part)
+  return tuple(path)
+
+
+def flax_path_to_torch_key(path: Iterable[str]) -> str:
+  """The inverse of `torch_key_to_flax_path`, with Flax leaf names back to PyTorch's."""
+  path = list(path)
+  leaf = path.pop()
+  parts = []
+  for name in path:
+    match = re.fullmatch(r"(.+)_(\d+)", name)
+    if match and name not in _LITERAL_NAMES:
+      parts.extend(match.groups())
+    else:
+      parts.append(name)
+  parts.append("weight" if leaf in _WEIGHT_LEAVES else leaf)
+  return ".".join(parts)
+
+
+def _flax_layout(leaf_name: str, value: np.ndarray) -> np.ndarray:
+  if leaf_name == "kernel" and value.ndim in _TORCH_TO_FLAX_AXES:
+    return np.transpose(value, _TORCH_TO_FLAX_AXES[value.ndim])
+  return value
+
+
+def _torch_layout(leaf_name: str, value: np.ndarray) -> np.ndarray:
+  if leaf_name == "kernel" and value.ndim in _FLAX_TO_TORCH_AXES:
+    return np.ascontiguousarray(np.transpose(value, _FLAX_TO_TORCH_AXES[value.ndim]))
+  return value
+
+
+def _list_names(names, limit: int = 20) -> str:
+  names = sorted(names)
+  more = f" … and {len(names) - limit} more" if len(names) > limit else ""
+  return ", ".join(names[:limit]) + more
+
+
+def torch_to_flax(state: Mapping[str, np.ndarray], template, *, ignore: Iterable[str] = ()):
+  """Builds a Flax parameter tree shaped like `template` from a PyTorch-named state dict.
+
+  `template` is a nested dict whose leaves have `.shape` (e.g. from `jax.eval_shape`). `ignore`
+  holds regular expressions of PyTorch keys to drop (buffers such as position_ids). Missing,
+  unexpected and mis-shaped weights are all listed by name in one error.
+  """
+  ignore = [re.compile(p) for p in ignore]
+  flat_template = traverse_util.flatten_dict(template)
+  by_torch_key = {flax_path_to_torch_key(path): path for path in flat_template}
+  out, unexpected, wrong_shape = {}, [], []
+  for key, value in state.items():
+    if any(p.fullmatch(key) for p in ignore):
+      continue
+    path = by_torch_key.get(key)
+    if path is None:
+      unexpected.append(key)
+      continue
+    value = _flax_layout(path[-1], np.asarray(value))
+    want = tuple(flat_template[path].shape)
+    if value.shape != want:
+      wrong_shape.append(f"{key}: file {value.shape} vs model {want}")
+      continue
+    out[path] = value
+  missing = [flax_path_to_torch_key(p) for p in flat_template if p not in out]
+  missing = [k for k in missing if k not in {w.split(':')[0] for w in wrong_shape}]
+  problems = []
+  if missing:
+    problems.append(f"missing weights ({len(missing)}): {_list_names(missing)}")
+  if unexpected:
+    problems.append(f"unexpected weights ({len(unexpected)}): {_list_names(unexpected)}")
+  if wrong_shape:
+    problems.append(f"shape mismatches ({len(wrong_shape)}): {_list_names(wrong_shape)}")
+  if problems:
+    raise ConversionError("The weights do not fit the model: " + "; ".join(problems) + ".")
+  return traverse_util.unflatten_dict(out)
+
+
+def flax_to_torch(params) -> dict[str, np.ndarray]:
+  """A Flax parameter tree → a PyTorch-named, PyTorch-laid-out dict of float32 numpy arrays."""
+  state = {}
+  for path, value in traverse_util.flatten_dict(params).items():
+    state[flax_path_to_torch_key(path)] = _torch_layout(path[-1], np.asarray(value, np.float32))
+  return state
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """Reads a .safetensors file into numpy arrays, with a clear error for missing or broken files."""
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise ConversionError(f"No weights file at {path}.")
+  try:
+    return load_file(path)
+  except TypeError:  # bfloat16 has no numpy dtype: read through JAX, keep float32 on the host
+    from safetensors.flax import load_file as load_jax  # pylint: disable=g-import-not-at-top
+    return {k: np.asarray(v, np.float32) for k, v in load_jax(path).items()}
+  except Exception as e:  # safetensors raises its own error types, with terse messages
+    raise ConversionError(f"Cannot read the safetensors file {path} ({os.path.getsize(path)} bytes): "
+                          f"it is truncated or not a safetensors file ({e}).") from e
+
+
+def write_safetensors(state: Mapping[str, np.ndarray], path: str) -> None:
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path, metadata={"format": "pt"})

@@ -1,0 +1,1 @@
+"""Placeholder: filled by the model family that owns it."""
