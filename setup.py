@@ -13,8 +13,10 @@ setuptools.setup(
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
         "ml_collections>=1.0",
+        "absl-py",
         "transformers>=4.40",
         "tensorflow-datasets>=4.9.8",
+        "array_record",  # TFDS random-access reads (as_data_source)
         # TFDS builds datasets only with TensorFlow present; the CPU build is enough for data work.
         "tensorflow-cpu>=2.16; platform_machine == 'x86_64'",
         "tensorflow>=2.16; platform_machine != 'x86_64'",

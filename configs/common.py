@@ -1,0 +1,101 @@
+"""Shared pieces of the config files: string arguments and the keys every run has.
+
+A config file defines `get_config(arg=None)`; the string after ':' in
+`--config configs/FILE.py:stage=video,runlocal=True` arrives as `arg`. Single keys are then
+overridden with `--config.KEY=VALUE` (the config is locked: unknown keys are errors).
+"""
+import difflib
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
+  """Parses 'key=value,flag,...' against `defaults`, converting each value to its default's type.
+
+  `parse_arg('stage=video,runlocal', stage='image', runlocal=False, res=32)` gives
+  ConfigDict(stage='video', runlocal=True, res=32). A bare `name` sets a boolean to True.
+  Unknown keys are errors naming the accepted ones.
+  """
+  result = ml_collections.ConfigDict(defaults)
+  for item in (arg or "").split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, has_value, value = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      close = difflib.get_close_matches(key, list(defaults), n=3, cutoff=0.5)
+      raise ValueError(f"Unknown config argument {key!r} in {arg!r}"
+                       + (f"; did you mean {' or '.join(map(repr, close))}?" if close else "")
+                       + f" Accepted: {sorted(defaults)}.")
+    default = defaults[key]
+    if not has_value:
+      if not isinstance(default, bool):
+        raise ValueError(f"Config argument {key!r} needs a value ({key}=...).")
+      result[key] = True
+    else:
+      result[key] = _convert(key, value.strip(), default)
+  return result
+
+
+def _convert(key, value, default):
+  if isinstance(default, bool):
+    lowered = value.lower()
+    if lowered in ("true", "1", "yes"):
+      return True
+    if lowered in ("false", "0", "no"):
+      return False
+    raise ValueError(f"Config argument {key}={value} must be a boolean (True or False).")
+  if default is None or isinstance(default, str):
+    return value
+  try:
+    return type(default)(value)
+  except ValueError:
+    raise ValueError(f"Config argument {key}={value} must be of type {type(default).__name__}."
+                     ) from None
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The keys every training run has; task configs fill `task`, `model`/task sections, data."""
+  config = ml_collections.ConfigDict()
+  config.task = ""                 # a registered task name (vldm.train.tasks) or 'module:Class'
+  config.seed = 0
+  config.total_steps = 1000
+  config.batch_size = 32           # global: split over all devices and processes
+  config.log_every = 50            # metrics.jsonl + TensorBoard
+  config.checkpoint_every = 1000   # also at the end and on preemption; 0: only those
+  config.keep_checkpoints = 3      # keep the newest N (0: all)
+  config.async_checkpointing = True
+  config.sample_every = 0          # sample GIFs with the task's sample_fn; 0: never
+  config.tensorboard = True
+  config.progress_bar = True
+
+  # Stage hand-off: start from another run's newest parameters (EMA where kept) through a named
+  # transform ('as_is', 'copy_matching' or one the task provides). Ignored when resuming.
+  config.init_from = ml_collections.ConfigDict()
+  config.init_from.workdir = config_dict.placeholder(str)
+  config.init_from.transform = "as_is"
+  config.init_from.use_ema = True
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 1e-4
+  config.optim.warmup_steps = 500
+  config.optim.decay = "cosine"    # or 'constant'
+  config.optim.end_lr_factor = 0.0
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.eps = 1e-8
+  config.optim.weight_decay = 0.0
+  config.optim.grad_clip = 1.0     # global-norm clipping; 0: off
+  config.ema_decay = 0.9999        # 0: no EMA
+
+  config.dtype = "float32"         # compute dtype passed to the model; params stay float32
+  config.remat_policy = config_dict.placeholder(str)  # a jax.checkpoint_policies name
+
+  # Devices: named mesh axes, -1 = the rest. Batches split over all axes; parameters by rules.
+  config.mesh = (("data", -1), ("fsdp", 1))
+  config.sharding = ml_collections.ConfigDict()
+  config.sharding.params = ((".*", "fsdp"),)  # (regex on 'params/...' paths, 'fsdp'|'replicate')
+  config.sharding.activations = (("batch", ("data", "fsdp")),)  # logical name -> mesh axes
+  return config

@@ -1,0 +1,154 @@
+"""Latent and text-embedding cache: run frozen encoders once over a dataset, train on the result.
+
+`build_latent_cache` streams a source through the `Pipeline` once, in order (no shuffling, no
+caption dropout), calls `encode_video(pixels) -> latents` and `encode_text(captions) ->
+embeddings` on each batch and writes numpy shards plus an index:
+
+  DIR/meta.json                   what was encoded (kind, frames, resolution, ...), process count
+  DIR/null_text.npz               encode_text(['']): the caption-dropout replacement
+  DIR/p{P}-s{S}.{field}.npy       shard S of process P, one file per field
+  DIR/p{P}-s{S}.captions.json     its captions
+  DIR/index.p{P}.json             written last by process P: its shards and row counts
+
+Encoders return an array (stored as 'latents' / 'text_embedding') or a dict of arrays (stored
+under their keys). `LatentCache(DIR)` is a random-access source of {fields..., 'caption', 'fps',
+'held_out'} with `null_text`, so later stages read it through the same Pipeline as pixels.
+"""
+import glob
+import json
+import os
+
+import numpy as np
+
+from vldm.data import pipeline as pipeline_lib
+
+_META = "meta.json"
+_NULL_TEXT = "null_text.npz"
+
+
+def _as_fields(output, default_name):
+  if isinstance(output, dict):
+    return {k: np.asarray(v) for k, v in output.items()}
+  return {default_name: np.asarray(output)}
+
+
+class _ShardWriter:
+  """Buffers rows of one process and writes them as fixed-size shards."""
+
+  def __init__(self, directory, process_index, shard_size):
+    self.directory, self.process_index, self.shard_size = directory, process_index, shard_size
+    self.buffer, self.shards = {}, []
+
+  def add(self, fields, captions):
+    for key, value in fields.items():
+      self.buffer.setdefault(key, []).extend(value)
+    self.buffer.setdefault("captions", []).extend(captions)
+    while len(self.buffer["captions"]) >= self.shard_size:
+      self.flush(self.shard_size)
+
+  def flush(self, count=None):
+    count = len(self.buffer.get("captions", [])) if count is None else count
+    if not count:
+      return
+    name = f"p{self.process_index}-s{len(self.shards):05d}"
+    for key, rows in self.buffer.items():
+      if key == "captions":
+        with open(os.path.join(self.directory, f"{name}.captions.json"), "w") as f:
+          json.dump(rows[:count], f)
+      else:
+        np.save(os.path.join(self.directory, f"{name}.{key}.npy"), np.stack(rows[:count]))
+      self.buffer[key] = rows[count:]
+    self.shards.append({"name": name, "count": count})
+
+
+def build_latent_cache(source, directory, encode_video, encode_text, *, batch_size=32,
+                       kind="video", frames=8, frame_stride=1, resolution=None, seed=0,
+                       shard_size=4096, process_index=None, process_count=None):
+  """Encodes every example of `source` once; returns the number of rows this process wrote.
+
+  Each process encodes its rows of every batch (pass process_index/count in a multi-host job);
+  pixels reach `encode_video` as the pipeline yields them (float32 in [-1, 1], [B, F, H, W, 3]
+  or [B, H, W, 3]). Clip sampling is seeded by `seed`, so the cached clips are reproducible.
+  """
+  stream = pipeline_lib.Pipeline(
+      source, global_batch_size=batch_size, kind=kind, frames=frames, frame_stride=frame_stride,
+      resolution=resolution, caption_dropout=0.0, seed=seed, shuffle=False, num_epochs=1,
+      drop_remainder=False, process_index=process_index, process_count=process_count)
+  os.makedirs(directory, exist_ok=True)
+  index_path = os.path.join(directory, f"index.p{stream.process_index}.json")
+  if os.path.exists(index_path):
+    os.remove(index_path)  # a partial rebuild must not look complete
+  if stream.process_index == 0:
+    with open(os.path.join(directory, _META), "w") as f:
+      json.dump(dict(kind=kind, frames=frames, frame_stride=frame_stride, resolution=resolution,
+                     seed=seed, num_source_examples=len(source),
+                     process_count=stream.process_count), f, indent=1)
+    np.savez(os.path.join(directory, _NULL_TEXT),
+             **{k: v[0] for k, v in _as_fields(encode_text([""]), "text_embedding").items()})
+  writer = _ShardWriter(directory, stream.process_index, shard_size)
+  rows = 0
+  for batch in stream:
+    fields = _as_fields(encode_video(batch[kind]), "latents")
+    fields.update(_as_fields(encode_text(batch["caption"]), "text_embedding"))
+    fields["fps"] = batch["fps"]
+    if "held_out" in batch:
+      fields["held_out"] = batch["held_out"]
+    for key, value in fields.items():
+      if len(value) != len(batch["caption"]):
+        raise ValueError(f"Encoder output {key!r} has {len(value)} rows for a batch of "
+                         f"{len(batch['caption'])}; encoders must map rows one to one.")
+    writer.add(fields, batch["caption"])
+    rows += len(batch["caption"])
+  writer.flush()
+  stream.close()
+  with open(index_path, "w") as f:
+    json.dump({"shards": writer.shards}, f)
+  return rows
+
+
+class LatentCache:
+  """Random-access source over a cache written by `build_latent_cache` (memory-mapped)."""
+
+  def __init__(self, directory):
+    meta_path = os.path.join(directory, _META)
+    if not os.path.exists(meta_path):
+      raise FileNotFoundError(f"{directory} is not a latent cache (no {_META}); build it with "
+                              "vldm.data.cache.build_latent_cache.")
+    with open(meta_path) as f:
+      self.meta = json.load(f)
+    self.directory = directory
+    self.shards = []
+    for p in range(self.meta["process_count"]):
+      path = os.path.join(directory, f"index.p{p}.json")
+      if not os.path.exists(path):
+        raise FileNotFoundError(f"Latent cache {directory} is incomplete: process {p} of "
+                                f"{self.meta['process_count']} has not finished ({path} missing).")
+      with open(path) as f:
+        self.shards.extend(json.load(f)["shards"])
+    self.starts = np.cumsum([0] + [s["count"] for s in self.shards])
+    first = self.shards[0]["name"] if self.shards else None
+    self.fields = sorted(os.path.basename(p)[len(first) + 1:-len(".npy")]
+                         for p in glob.glob(os.path.join(directory, f"{first}.*.npy")))
+    with np.load(os.path.join(directory, _NULL_TEXT)) as null:
+      self.null_text = {k: null[k] for k in null.files}
+    self._open = {}
+
+  def __len__(self):
+    return int(self.starts[-1])
+
+  def _shard(self, s):
+    if s not in self._open:
+      name = self.shards[s]["name"]
+      arrays = {k: np.load(os.path.join(self.directory, f"{name}.{k}.npy"), mmap_mode="r")
+                for k in self.fields}
+      with open(os.path.join(self.directory, f"{name}.captions.json")) as f:
+        arrays["caption"] = json.load(f)
+      self._open[s] = arrays
+    return self._open[s]
+
+  def __getitem__(self, index):
+    if not 0 <= index < len(self):
+      raise IndexError(f"Index {index} out of range for a cache of {len(self)} rows.")
+    s = int(np.searchsorted(self.starts, index, side="right")) - 1
+    shard, row = self._shard(s), index - int(self.starts[s])
+    return {k: (v[row] if k == "caption" else np.array(v[row])) for k, v in shard.items()}

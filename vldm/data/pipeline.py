@@ -1,0 +1,288 @@
+"""Host-sharded, exactly resumable input pipeline over a random-access source -> global jax.Arrays.
+
+A source is anything with `len(source)` and `source[i] -> dict` (a TFDS `as_data_source()`, a
+`LatentCache`, a list of dicts). Examples hold either pixels, 'video' uint8 [T, H, W, 3] (or a list
+of frames) or 'image' uint8 [H, W, 3], or cached encoder outputs ('latents', text embeddings, ...),
+plus 'caption' (str or bytes) and optionally 'fps' and 'held_out'.
+
+The sample order is a pure function of (seed, epoch): the epoch's permutation of all indices, cut
+into global batches; process p of n reads rows [p*B/n, (p+1)*B/n) of every global batch, so the
+hosts read disjoint data, together cover the epoch (less the remainder when dropped), and the global
+stream does not depend on the number of hosts. Per-example randomness (clip start, stride, crop,
+caption dropout) is seeded by (seed, epoch, example index). The iterator state is therefore a few
+integers, `{'epoch', 'position', ...}`: restoring it resumes the identical stream.
+
+Batches are dicts: 'video' float32 [B, F, H, W, 3] in [-1, 1] (or 'image' [B, H, W, 3]; or the
+cached fields), 'fps' float32 [B] (source fps / frame stride, for micro-conditioning), 'index' int32
+[B] (source indices), 'held_out' bool [B] when the source has it -- global jax.Arrays when a
+sharding is given, else numpy -- and 'caption', the list of this process's captions (host strings,
+for the caller to tokenize; '' where dropped for classifier-free guidance).
+"""
+import collections
+import concurrent.futures
+import math
+
+import jax
+import numpy as np
+
+from vldm.data import transforms
+
+DEFAULT_FPS = 8.0  # for sources without a frame rate
+PIXEL_KEYS = ("video", "image")
+
+
+def caption_text(caption):
+  return caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+
+
+def clip_span(frames, stride):
+  """Number of source frames a clip of `frames` frames at `stride` spans."""
+  return (frames - 1) * stride + 1
+
+
+def sample_clip(video, frames, strides, rng):
+  """A random clip [frames, ...] of `video` at a random fitting stride; returns (clip, stride)."""
+  length = len(video)
+  fitting = [s for s in strides if clip_span(frames, s) <= length]
+  if not fitting:
+    raise ValueError(f"A video of {length} frames is too short for a clip of {frames} frames at "
+                     f"stride {min(strides)} (needs {clip_span(frames, min(strides))} frames); "
+                     "filter short videos when building the dataset (min_frames).")
+  stride = fitting[rng.integers(len(fitting))] if len(fitting) > 1 else fitting[0]
+  start = int(rng.integers(length - clip_span(frames, stride) + 1))
+  return video[start:start + clip_span(frames, stride):stride], stride
+
+
+class Pipeline:
+  """Iterator of batches from `source`; see the module docstring.
+
+  Args:
+    source: random-access source (len + getitem).
+    global_batch_size: examples per global batch; divisible by process_count.
+    kind: 'video' (clips of `frames` frames) or 'image' (a still, or one random frame of a video).
+    frames: frames per clip (video).
+    frame_stride: int, or a sequence of strides to pick from at random (those that fit the video).
+    resolution: output side in pixels; frames of another size are resized (shorter side) and
+      cropped, centred or at random with `random_crop`. None keeps the source size.
+    caption_dropout: probability of replacing the caption by '' (and cached text fields by the
+      source's `null_text` entries) for classifier-free guidance.
+    seed: the stream's seed. shuffle: permute each epoch (else source order).
+    num_epochs: None repeats forever; else stops after that many epochs.
+    drop_remainder: drop the last partial global batch of each epoch (required with a sharding).
+    process_index, process_count: this host's place; default jax.process_index()/count().
+    sharding: a jax.sharding.Sharding for the batch dim (e.g. NamedSharding(mesh, P('data'))); or
+      mesh + partition_spec (default: batch split over every mesh axis). None: numpy batches.
+    num_workers: threads building batches ahead; prefetch: batches built ahead (>= 1).
+  """
+
+  def __init__(self, source, *, global_batch_size, kind="video", frames=8, frame_stride=1,
+               resolution=None, random_crop=False, caption_dropout=0.0, seed=0, shuffle=True,
+               num_epochs=None, drop_remainder=True, process_index=None, process_count=None,
+               sharding=None, mesh=None, partition_spec=None, num_workers=4, prefetch=4):
+    if kind not in PIXEL_KEYS:
+      raise ValueError(f"kind must be one of {PIXEL_KEYS}, got {kind!r}.")
+    self.source = source
+    self.num_examples = len(source)
+    self.kind, self.frames, self.resolution = kind, int(frames), resolution
+    strides = (frame_stride,) if np.ndim(frame_stride) == 0 else tuple(frame_stride)
+    if not strides or min(strides) < 1 or self.frames < 1:
+      raise ValueError(f"Need frames >= 1 and strides >= 1, got {frames}, {frame_stride}.")
+    self.strides = tuple(int(s) for s in strides)
+    if not 0.0 <= caption_dropout <= 1.0:
+      raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}.")
+    self.random_crop, self.caption_dropout = random_crop, float(caption_dropout)
+    self.seed, self.shuffle, self.num_epochs = int(seed), bool(shuffle), num_epochs
+    self.process_index = jax.process_index() if process_index is None else int(process_index)
+    self.process_count = jax.process_count() if process_count is None else int(process_count)
+    if not 0 <= self.process_index < self.process_count:
+      raise ValueError(f"process_index {self.process_index} not in [0, {self.process_count}).")
+    if global_batch_size < 1 or global_batch_size % self.process_count:
+      raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of the "
+                       f"process count {self.process_count}.")
+    self.global_batch_size = int(global_batch_size)
+    self.local_batch_size = self.global_batch_size // self.process_count
+    if mesh is not None:
+      if sharding is not None:
+        raise ValueError("Pass either sharding or mesh (+ partition_spec), not both.")
+      spec = partition_spec if partition_spec is not None else jax.sharding.PartitionSpec(
+          tuple(mesh.axis_names))
+      sharding = jax.sharding.NamedSharding(mesh, spec)
+    self.sharding = sharding
+    if sharding is not None:
+      if not drop_remainder:
+        raise ValueError("drop_remainder=False gives a ragged last batch; it needs sharding=None.")
+      try:
+        sharding.shard_shape((self.global_batch_size,))
+      except ValueError as e:
+        raise ValueError(f"global_batch_size {self.global_batch_size} does not split over the "
+                         f"sharding {sharding}: {e}") from e
+    self.drop_remainder = bool(drop_remainder)
+    if self.drop_remainder:
+      self.steps_per_epoch = self.num_examples // self.global_batch_size
+    else:
+      self.steps_per_epoch = math.ceil(self.num_examples / self.global_batch_size)
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"The source has {self.num_examples} examples, fewer than one global batch "
+                       f"of {self.global_batch_size}.")
+    self.null_text = getattr(source, "null_text", None) or {}
+    self._epoch, self._position = 0, 0
+    self._order_cache = (None, None)
+    self._pending = collections.deque()  # (epoch, position, future), in stream order
+    self._executor = concurrent.futures.ThreadPoolExecutor(max(1, num_workers))
+    self._prefetch = max(1, int(prefetch))
+
+  # --- state -------------------------------------------------------------------------------------
+
+  def get_state(self):
+    """The position in the stream: a small JSON-able dict (save it with the checkpoint)."""
+    return dict(epoch=self._epoch, position=self._position, seed=self.seed,
+                num_examples=self.num_examples, global_batch_size=self.global_batch_size,
+                shuffle=self.shuffle)
+
+  def set_state(self, state):
+    """Continues from a `get_state()` dict; the stream must be the same one."""
+    for key in ("seed", "num_examples", "global_batch_size", "shuffle"):
+      if key in state and state[key] != getattr(self, key):
+        raise ValueError(f"Iterator state is for {key}={state[key]!r}, this pipeline has "
+                         f"{getattr(self, key)!r}: it would not continue the same stream.")
+    if not 0 <= int(state["position"]) < self.steps_per_epoch:
+      raise ValueError(f"Iterator state position {state['position']} is outside the epoch's "
+                       f"{self.steps_per_epoch} steps.")
+    self._drop_pending()
+    self._epoch, self._position = int(state["epoch"]), int(state["position"])
+
+  # --- order -------------------------------------------------------------------------------------
+
+  def epoch_order(self, epoch):
+    """All source indices in the order epoch `epoch` visits them."""
+    cached_epoch, order = self._order_cache
+    if cached_epoch != epoch:
+      order = (np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+               if self.shuffle else np.arange(self.num_examples))
+      self._order_cache = (epoch, order)
+    return order
+
+  def local_indices(self, epoch, position):
+    """Source indices of this process's rows of global batch `position` of `epoch`."""
+    order = self.epoch_order(epoch)
+    rows = order[position * self.global_batch_size:(position + 1) * self.global_batch_size]
+    if len(rows) == self.global_batch_size:
+      return rows[self.process_index * self.local_batch_size:
+                  (self.process_index + 1) * self.local_batch_size]
+    return np.array_split(rows, self.process_count)[self.process_index]  # ragged last batch
+
+  # --- examples ----------------------------------------------------------------------------------
+
+  def process_example(self, example, rng):
+    """One source example -> dict of numpy fields (+ 'caption' str)."""
+    caption = caption_text(example.get("caption", ""))
+    drop = self.caption_dropout > 0 and rng.random() < self.caption_dropout
+    out = {}
+    if any(k in example for k in PIXEL_KEYS):
+      out.update(self._process_pixels(example, rng))
+    else:  # cached encoder outputs: numeric fields pass through
+      for key, value in example.items():
+        value = np.asarray(value)
+        if key not in ("caption", "fps", "held_out", "index") and value.dtype.kind in "biuf":
+          out[key] = value
+      out["fps"] = np.float32(example.get("fps", DEFAULT_FPS))
+    if drop:
+      caption = ""
+      for key, value in self.null_text.items():
+        out[key] = np.asarray(value, out[key].dtype if key in out else None)
+    if "held_out" in example:
+      out["held_out"] = np.bool_(example["held_out"])
+    out["caption"] = caption
+    return out
+
+  def _process_pixels(self, example, rng):
+    fps = float(example.get("fps", DEFAULT_FPS))
+    if "video" in example:
+      video = example["video"]
+      video = np.stack(video) if isinstance(video, (list, tuple)) else np.asarray(video)
+      if self.kind == "video":
+        pixels, stride = sample_clip(video, self.frames, self.strides, rng)
+        fps /= stride
+      else:  # one random frame of the video
+        pixels = video[rng.integers(len(video))][None]
+    else:
+      if self.kind == "video":
+        raise ValueError("This source holds images; use kind='image' (or a video source).")
+      pixels = np.asarray(example["image"])[None]
+    pixels = transforms.to_rgb(pixels)
+    if self.resolution is not None:
+      pixels = transforms.resize_and_crop(pixels, self.resolution,
+                                          rng if self.random_crop else None)
+    pixels = transforms.normalize(pixels)
+    return {self.kind: pixels if self.kind == "video" else pixels[0], "fps": np.float32(fps)}
+
+  def example_rng(self, epoch, index):
+    return np.random.default_rng([self.seed, epoch, int(index)])
+
+  def local_batch(self, epoch, position):
+    """This process's rows of a global batch, as host numpy arrays (and the caption list)."""
+    return self._build(epoch, self.local_indices(epoch, position))
+
+  def _build(self, epoch, indices):
+    rows = [self.process_example(self.source[int(i)], self.example_rng(epoch, i))
+            for i in indices]
+    batch = {key: np.stack([r[key] for r in rows]) for key in rows[0] if key != "caption"}
+    batch["caption"] = [r["caption"] for r in rows]
+    batch["index"] = np.asarray(indices, np.int32)
+    return batch
+
+  # --- iteration ---------------------------------------------------------------------------------
+
+  def _next_key(self, epoch, position):
+    position += 1
+    return (epoch + 1, 0) if position == self.steps_per_epoch else (epoch, position)
+
+  def _finished(self, epoch):
+    return self.num_epochs is not None and epoch >= self.num_epochs
+
+  def _drop_pending(self):
+    for *_, future in self._pending:
+      future.cancel()
+    self._pending.clear()
+
+  def _fill(self):
+    if self._pending:
+      key = self._next_key(*self._pending[-1][:2])
+    else:
+      key = (self._epoch, self._position)
+    while len(self._pending) < self._prefetch and not self._finished(key[0]):
+      indices = self.local_indices(*key)  # the order is computed here, not in the workers
+      self._pending.append((*key, self._executor.submit(self._build, key[0], indices)))
+      key = self._next_key(*key)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._finished(self._epoch):
+      raise StopIteration
+    self._fill()
+    epoch, position, future = self._pending.popleft()
+    assert (epoch, position) == (self._epoch, self._position)
+    batch = future.result()
+    self._epoch, self._position = self._next_key(epoch, position)
+    return self.globalize(batch)
+
+  def globalize(self, batch):
+    """Numeric host fields -> global jax.Arrays with the batch sharding (no-op without one)."""
+    if self.sharding is None:
+      return batch
+    return {key: value if key == "caption" else to_global(value, self.sharding,
+                                                          self.global_batch_size)
+            for key, value in batch.items()}
+
+  def close(self):
+    self._drop_pending()
+    self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def to_global(local, sharding, global_batch_size):
+  """This process's rows [b, ...] -> the global jax.Array [global_batch_size, ...]."""
+  local = np.asarray(local)
+  return jax.make_array_from_process_local_data(sharding, local,
+                                                (global_batch_size,) + local.shape[1:])
