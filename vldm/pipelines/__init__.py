@@ -1,0 +1,7 @@
+"""Sampling pipelines: text-to-video and SVD image-to-video, from vldm components or diffusers
+folders. Each `__call__` returns frames [B,F,H,W,3] in [0,1]; see the modules for the details."""
+from vldm.pipelines.common import PipelineError, SamplerSettings, write_clips
+from vldm.pipelines.image_to_video import ImageToVideoPipeline
+from vldm.pipelines.text_to_video import TextToVideoPipeline
+from vldm.pipelines.workdir import (TrainedStage, find_trained_stages, pipeline_from_components,
+                                    pipeline_from_workdir)

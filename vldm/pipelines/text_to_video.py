@@ -1,0 +1,252 @@
+"""Text-to-video: prompts → CLIP text context → sampled video latents → decoded frames.
+
+  pipe = TextToVideoPipeline.from_components(unet=(m, p), vae=(m, p), text_encoder=(m, p),
+                                             tokenizer=tok, sampler=settings)
+  frames = pipe(["a red circle moving left"], num_frames=8, height=64, width=64, rng=0)
+
+The UNet is either a video UNet (vldm `UNet(temporal=True)`, diffusers
+UNetSpatioTemporalConditionModel with in_channels = latent channels) that denoises the whole clip,
+or an image UNet (UNet2DConditionModel) that then denoises every frame as an image of its own
+(the frames of one clip share the prompt, not the noise). The VAE is the temporal decoder
+(AutoencoderKLTemporalDecoder, clip-wise) or AutoencoderKL (frame by frame); both decode
+`decode_chunk_size` frames at a time.
+
+As diffusers' text-to-image pipelines do: prompts and the negative prompt ("" by default) are
+tokenized padded to max_length, the context is the text encoder's last hidden state, guidance is
+classifier-free with the unconditional branch first and is off when guidance_scale ≤ 1; the
+sampler starts from noise · init_noise_sigma and latents are ÷ scaling_factor before decoding.
+A video UNet with added time ids (SVD-style micro-conditioning) gets `time_ids`, by default
+[fps − 1, motion_bucket_id, 0] when it takes three (SVD's order, with no conditioning image).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vldm.diffusion import guidance as guidance_lib
+from vldm.models import clip as clip_lib
+from vldm.models import tokenizer as tokenizer_lib
+from vldm.models import unet as unet_lib
+from vldm.pipelines import common
+
+NEEDS = {
+    "unet": "UNetSpatioTemporalConditionModel or UNet2DConditionModel",
+    "vae": "AutoencoderKLTemporalDecoder or AutoencoderKL",
+    "text_encoder": "CLIPTextModel",
+    "tokenizer": "a CLIP tokenizer: vocab.json + merges.txt, or tokenizer.json",
+    "scheduler": f"{common.SCHEDULER_CONFIG} of a diffusers scheduler",
+}
+OUTPUTS = ("frames", "latents")
+DEFAULT_IMAGE_UNET_FRAMES = 8  # an image UNet has no clip length of its own
+
+
+@dataclasses.dataclass
+class TextToVideoPipeline:
+  """Text-to-video from vldm modules and params (see the module docstring).
+
+  params: {'unet': …, 'vae': …, 'text_encoder': …}. `tokenizer`: a `vldm.models.tokenizer`
+  Tokenizer. `sampler`: sampler, schedule and prediction type. `time_ids`: the added time ids
+  passed to a micro-conditioned video UNet (None: see the module docstring).
+  """
+  unet: unet_lib.UNet
+  vae: nn.Module
+  text_encoder: clip_lib.CLIPTextModel
+  tokenizer: tokenizer_lib.Tokenizer
+  params: dict
+  sampler: common.SamplerSettings = common.SamplerSettings()
+  time_ids: Optional[Sequence[float]] = None
+  _compiled: common.CompiledCache = common.compiled_cache_field()
+
+  def __post_init__(self):
+    self._check_components()
+
+  # ---- construction ----------------------------------------------------------------------
+  @classmethod
+  def from_components(cls, *, unet: common.Component, vae: common.Component,
+                      text_encoder: common.Component, tokenizer: tokenizer_lib.Tokenizer,
+                      sampler=None, **kwargs) -> "TextToVideoPipeline":
+    """From (module, params) pairs, e.g. a trained stage's. `sampler`: SamplerSettings or a
+    diffusers scheduler config dict; default `SamplerSettings()` (Euler, linear β, ε-prediction)."""
+    extra = {} if sampler is None else {"sampler": common.as_sampler_settings(sampler)}
+    return cls(unet=unet[0], vae=vae[0], text_encoder=text_encoder[0], tokenizer=tokenizer,
+               params=dict(unet=unet[1], vae=vae[1], text_encoder=text_encoder[1]),
+               **extra, **kwargs)
+
+  @classmethod
+  def from_pretrained(cls, folder: str, **kwargs) -> "TextToVideoPipeline":
+    """From a diffusers-layout folder: unet/, vae/, text_encoder/, tokenizer/, scheduler/."""
+    common.check_components(folder, "text-to-video", NEEDS)
+    load = functools.partial(common.load_component, folder)
+    try:
+      tokenizer = tokenizer_lib.CLIPBPETokenizer(os.path.join(folder, "tokenizer"))
+    except (OSError, ValueError) as e:
+      raise common.PipelineError(f"Cannot load the tokenizer/ component of {folder}: {e}") from e
+    return cls.from_components(
+        unet=load("unet", [unet_lib.UNet], NEEDS["unet"]),
+        vae=load("vae", common.VAES, NEEDS["vae"]),
+        text_encoder=load("text_encoder", [clip_lib.CLIPTextModel], NEEDS["text_encoder"]),
+        tokenizer=tokenizer, sampler=common.load_sampler_settings(folder), **kwargs)
+
+  def with_sampler(self, sampler: str, **options) -> "TextToVideoPipeline":
+    """The same models with another sampler (options as in diffusers; see vldm.diffusion)."""
+    return dataclasses.replace(self, sampler=self.sampler.with_sampler(sampler, **options))
+
+  def _check_components(self) -> None:
+    unet, vae, encoder, tokenizer = self.unet, self.vae, self.text_encoder, self.tokenizer
+    if not isinstance(unet, unet_lib.UNet):
+      raise common.PipelineError(f"unet must be a vldm UNet; got {type(unet).__name__}.")
+    if not isinstance(vae, common.VAES):
+      raise common.PipelineError(f"vae must be one of {[c.__name__ for c in common.VAES]}; got "
+                                 f"{type(vae).__name__}.")
+    if not isinstance(encoder, clip_lib.CLIPTextModel):
+      raise common.PipelineError(f"text_encoder must be a CLIPTextModel; got "
+                                 f"{type(encoder).__name__}.")
+    if not isinstance(tokenizer, tokenizer_lib.Tokenizer):
+      raise common.PipelineError(f"tokenizer must be a vldm Tokenizer; got "
+                                 f"{type(tokenizer).__name__}.")
+    c = vae.latent_channels
+    problems = []
+    if unet.in_channels == 2 * c:
+      problems.append(f"the UNet takes {unet.in_channels} input channels = 2 × the VAE's {c} "
+                      "latent channels: it is an image-to-video UNet (use ImageToVideoPipeline)")
+    elif unet.in_channels != c:
+      problems.append(f"the UNet takes {unet.in_channels} input channels, the VAE has {c}")
+    if unet.out_channels != c:
+      problems.append(f"the UNet predicts {unet.out_channels} channels, the VAE has {c}")
+    if unet.context_dim != encoder.hidden_size:
+      problems.append(f"the UNet's cross_attention_dim is {unet.context_dim}, the text encoder's "
+                      f"hidden_size {encoder.hidden_size}")
+    if tokenizer.max_length > encoder.max_position_embeddings:
+      problems.append(f"the tokenizer pads to {tokenizer.max_length} tokens, the text encoder has "
+                      f"{encoder.max_position_embeddings} positions")
+    if tokenizer.vocab_size > encoder.vocab_size:
+      problems.append(f"the tokenizer has {tokenizer.vocab_size} tokens, the text encoder's "
+                      f"vocabulary {encoder.vocab_size}")
+    if not unet.temporal and unet.num_time_ids:
+      problems.append("an image UNet with added time ids is not supported")
+    if self.time_ids is not None and len(self.time_ids) != unet.num_time_ids:
+      problems.append(f"time_ids has {len(self.time_ids)} entries, the UNet takes "
+                      f"{unet.num_time_ids}")
+    if problems:
+      raise common.PipelineError("These components do not fit together: " + "; ".join(problems)
+                                 + ".")
+    if set(self.params) != {"unet", "vae", "text_encoder"}:
+      raise common.PipelineError("params must be {'unet', 'vae', 'text_encoder'}; got "
+                                 f"{sorted(self.params)}.")
+
+  # ---- sampling --------------------------------------------------------------------------
+  @property
+  def trace_count(self) -> int:
+    """How many times a jitted function of this pipeline was traced (compiled) so far."""
+    return self._compiled.traces
+
+  def default_size(self) -> tuple[int, int]:
+    """(height, width) from the UNet config's sample_size × the VAE factor."""
+    size = self.unet.sample_size
+    if size is None:
+      raise ValueError("This UNet's config has no sample_size: pass height and width.")
+    vae_factor, _ = common.size_multiple(self.vae, self.unet)
+    h, w = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
+    return h * vae_factor, w * vae_factor
+
+  def _time_ids(self, batch: int, fps: int, motion_bucket_id: int, time_ids):
+    n = self.unet.num_time_ids
+    if not n:
+      if time_ids is not None:
+        raise ValueError("This UNet takes no added time ids; do not pass time_ids.")
+      return None
+    if time_ids is None:
+      time_ids = self.time_ids
+    if time_ids is None:
+      if n != 3:
+        raise ValueError(f"This UNet takes {n} added time ids: pass time_ids (one value each).")
+      time_ids = (fps - 1, motion_bucket_id, 0.0)
+    if len(time_ids) != n:
+      raise ValueError(f"time_ids has {len(time_ids)} entries; this UNet takes {n}.")
+    return np.tile(np.asarray([time_ids], np.float32), (batch, 1))
+
+  def __call__(self, prompts, *, num_frames: Optional[int] = None, height: Optional[int] = None,
+               width: Optional[int] = None, num_steps: int = 25, guidance_scale: float = 7.5,
+               negative_prompt: str = "", fps: int = 7, motion_bucket_id: int = 127,
+               time_ids: Optional[Sequence[float]] = None,
+               decode_chunk_size: Optional[int] = None, rng=None, noise=None,
+               output: str = "frames") -> np.ndarray:
+    """Frames [B,F,H,W,3] in [0,1], one clip per prompt (or the latents, output='latents').
+
+    num_frames: default the video UNet config's (8 for an image UNet). height, width: default
+    sample_size × the VAE factor; multiples of the VAE × UNet downsampling factor. rng: an int
+    seed, a PRNG key or one key per prompt; noise [B,F,h,w,c] (standard normal) replaces its draw.
+    """
+    if output not in OUTPUTS:
+      raise ValueError(f"Unknown output {output!r}; accepted: {OUTPUTS}.")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+      raise ValueError("prompts must be a string or a non-empty list of strings.")
+    if height is None or width is None:
+      default_h, default_w = self.default_size()
+      height, width = height or default_h, width or default_w
+    common.check_size(height, width, self.vae, self.unet)
+    batch = len(prompts)
+    if num_frames is None:
+      num_frames = self.unet.num_frames if self.unet.temporal else DEFAULT_IMAGE_UNET_FRAMES
+    if not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
+      raise ValueError(f"num_frames must be a positive integer; got {num_frames!r}.")
+    vae_factor, _ = common.size_multiple(self.vae, self.unet)
+    latent_shape = (num_frames, height // vae_factor, width // vae_factor,
+                    self.vae.latent_channels)
+    plan = self.sampler.plan(num_steps)  # validates num_steps and the options on the host
+    keys = None if rng is None else common.example_keys(rng, batch)
+    if keys is None and (noise is None or plan.stochastic):
+      raise ValueError("Pass rng (an int seed or PRNG key), or noise (and rng for the stochastic "
+                       f"sampler {self.sampler.sampler!r}).")
+    noise = (common.draw_normal(keys, latent_shape, 0) if noise is None
+             else common.check_array("noise", noise, (batch,) + latent_shape))
+    sampler_key = jax.random.key(0) if keys is None else common.sampler_key(keys)
+    ids = self.tokenizer(prompts)
+    uncond_ids = self.tokenizer([negative_prompt] * batch)
+    ids_time = self._time_ids(batch, fps, motion_bucket_id, time_ids)
+
+    use_guidance = guidance_scale > 1  # diffusers' do_classifier_free_guidance
+    sample = self._compiled.get(("sample", num_steps, use_guidance), functools.partial(
+        self._sample, num_steps=num_steps, use_guidance=use_guidance))
+    latents = sample(self.params, ids, uncond_ids, ids_time, noise, jnp.float32(guidance_scale),
+                     sampler_key)
+    if output == "latents":
+      return np.asarray(latents)
+    decode = self._compiled.decoder(self.vae, decode_chunk_size)
+    return np.asarray(decode(self.params["vae"], latents))
+
+  def _network(self, unet_params):
+    """network(x [B,F,h,w,c], t [B], cond) → prediction, for the video or the image UNet."""
+    unet = self.unet
+
+    def network(x, t, cond):
+      if unet.temporal:
+        return unet.apply({"params": unet_params}, x, t, cond["context"], cond.get("time_ids"))
+      b, f = x.shape[:2]
+      out = unet.apply({"params": unet_params}, x.reshape((b * f,) + x.shape[2:]),
+                       jnp.repeat(t, f), jnp.repeat(cond["context"], f, axis=0))
+      return out.reshape((b, f) + out.shape[1:])
+
+    return network
+
+  def _sample(self, params, ids, uncond_ids, time_ids, noise, guidance_scale, sampler_key, *,
+              num_steps, use_guidance):
+    """Text encoder + the sampling loop (one jitted function); → latents."""
+    encode = lambda tokens: self.text_encoder.apply({"params": params["text_encoder"]}, tokens)[0]
+    extra = {} if time_ids is None else {"time_ids": time_ids}
+    cond = dict(context=encode(ids), **extra)
+    network = self._network(params["unet"])
+    if use_guidance:
+      uncond = dict(context=encode(uncond_ids), **extra)
+      guided = guidance_lib.classifier_free_guidance(network, cond, uncond, guidance_scale)
+    else:
+      guided = lambda x, t: network(x, t, cond)
+    return common.sample_latents(self.sampler, guided, noise, num_steps, sampler_key)

@@ -1,0 +1,90 @@
+"""From a training workdir to a text-to-video pipeline: the seam between vldm.train and sampling.
+
+A trained stage is a run folder with Orbax checkpoints, `RUN/checkpoints/<step>/` (see
+`vldm.train.checkpoint`). `--workdir DIR` names one run, or a folder of stage runs
+(`DIR/<stage>/checkpoints/<step>/`); the newest stage is the one whose newest checkpoint was written
+last. Turning a stage into modules and params is the training system's job: `restore(stage)`
+returns the components, `pipeline_from_components` builds the pipeline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, Mapping, Optional
+
+from vldm.pipelines import common
+from vldm.pipelines.text_to_video import TextToVideoPipeline
+
+CHECKPOINTS = "checkpoints"
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")  # + optional sampler, time_ids
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedStage:
+  """One run's newest checkpoint: RUN/checkpoints/<step>/."""
+  run_dir: str
+  step: int
+  path: str
+  mtime: float
+
+  @property
+  def name(self) -> str:
+    return os.path.basename(os.path.normpath(self.run_dir))
+
+
+def _newest_checkpoint(run_dir: str) -> Optional[TrainedStage]:
+  directory = os.path.join(run_dir, CHECKPOINTS)
+  if not os.path.isdir(directory):
+    return None
+  # Only finished steps: Orbax writes into temporary names and renames to the bare step number.
+  steps = [int(n) for n in os.listdir(directory)
+           if n.isdigit() and os.path.isdir(os.path.join(directory, n))]
+  if not steps:
+    return None
+  path = os.path.join(directory, str(max(steps)))
+  return TrainedStage(run_dir, max(steps), path, os.path.getmtime(path))
+
+
+def searched_locations(workdir: str) -> list[str]:
+  return [os.path.join(workdir, CHECKPOINTS, "<step>"),
+          os.path.join(workdir, "<stage>", CHECKPOINTS, "<step>")]
+
+
+def find_trained_stages(workdir: str) -> list[TrainedStage]:
+  """The trained stages under `workdir`, newest first (by when their newest step was written)."""
+  if not os.path.isdir(workdir):
+    return []
+  runs = [workdir] + sorted(os.path.join(workdir, n) for n in os.listdir(workdir)
+                            if os.path.isdir(os.path.join(workdir, n)))
+  stages = [s for s in map(_newest_checkpoint, runs) if s is not None]
+  return sorted(stages, key=lambda s: (s.mtime, s.step), reverse=True)
+
+
+def pipeline_from_components(components: Mapping) -> TextToVideoPipeline:
+  """{unet, vae, text_encoder: (module, params), tokenizer, [sampler], [time_ids]} → pipeline."""
+  missing = [name for name in COMPONENTS if name not in components]
+  if missing:
+    raise common.PipelineError(f"A trained stage must provide {', '.join(COMPONENTS)} (and "
+                               f"optionally sampler, time_ids); missing: {', '.join(missing)}.")
+  return TextToVideoPipeline.from_components(**components)
+
+
+def restore_components(stage: TrainedStage) -> Mapping:
+  """The default restorer: the training system has not registered how to rebuild a stage yet."""
+  raise common.PipelineError(
+      f"Found the trained stage {stage.name!r} at {stage.path} (step {stage.step}), but nothing "
+      f"rebuilds its modules and params: pass restore=fn to pipeline_from_workdir, with "
+      f"fn(stage) → {{{', '.join(COMPONENTS)}: (module, params) or the tokenizer, sampler}}.")
+
+
+def pipeline_from_workdir(workdir: str, restore: Optional[Callable[[TrainedStage], Mapping]] = None
+                          ) -> TextToVideoPipeline:
+  """The text-to-video pipeline of the newest trained stage in `workdir`."""
+  stages = find_trained_stages(workdir)
+  if not stages:
+    state = "does not exist" if not os.path.isdir(workdir) else "holds no trained stage"
+    raise common.PipelineError(
+        f"{workdir} {state}: looked for Orbax checkpoints at "
+        f"{' and '.join(searched_locations(workdir))} (written by `python -m vldm.train "
+        f"--workdir …`). Train a stage first, or sample a diffusers folder with --pretrained.")
+  return pipeline_from_components((restore or restore_components)(stages[0]))

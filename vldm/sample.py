@@ -1,0 +1,139 @@
+"""Sample clips: python -m vldm.sample …
+
+  text-to-video from the newest trained stage of a workdir:
+    python -m vldm.sample --workdir DIR --prompt "a red circle moving left" [--prompt …]
+        [--num_samples N] [--seed S] --out OUT
+  image-to-video (Stable Video Diffusion) from a diffusers pipeline folder:
+    python -m vldm.sample --pretrained SVD_DIR --image img.png [--image …] --out OUT
+  text-to-video from a diffusers-layout folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/;
+  a UNet2DConditionModel unet generates each frame as an image of its own):
+    python -m vldm.sample --pretrained DIR --prompt "…" --out OUT
+
+N clips per prompt (or image); clip k (numbered over all prompts) draws its noise from seed S + k
+alone, so `--seed S+k --num_samples 1` reproduces it (to float rounding; a stochastic sampler's
+per-step noise comes from the batch's first seed). Writes OUT/<k>.gif, OUT/<k>.mp4 and
+OUT/samples.json, a list of {file (the GIF), mp4, prompt, seed} (image runs: prompt null, + image).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A training workdir: samples its newest trained stage.")
+flags.DEFINE_string("pretrained", None, "A diffusers pipeline folder (SVD for --image; a "
+                    "text-to-video layout for --prompt).")
+flags.DEFINE_multi_string("prompt", [], "A text prompt (repeat for several).")
+flags.DEFINE_multi_string("image", [], "A conditioning image for image-to-video (repeat for "
+                          "several); needs --pretrained.")
+flags.DEFINE_string("out", None, "Output folder.")
+flags.DEFINE_integer("num_samples", 1, "Clips per prompt or image.")
+flags.DEFINE_integer("seed", 0, "Seed of the first clip; clip k uses seed + k.")
+flags.DEFINE_integer("num_frames", None, "Frames per clip (default: the model's).")
+flags.DEFINE_integer("height", None, "Frame height (default: the model's, or the image's).")
+flags.DEFINE_integer("width", None, "Frame width (default: the model's, or the image's).")
+flags.DEFINE_integer("num_steps", 25, "Sampler steps.")
+flags.DEFINE_string("sampler", None, "Sampler name (default: the model's scheduler).")
+flags.DEFINE_float("guidance_scale", 7.5, "Text-to-video classifier-free guidance (≤ 1: off).")
+flags.DEFINE_string("negative_prompt", "", "Text-to-video unconditional prompt.")
+flags.DEFINE_float("min_guidance_scale", 1.0, "Image-to-video guidance at the first frame.")
+flags.DEFINE_float("max_guidance_scale", 3.0, "Image-to-video guidance at the last frame.")
+flags.DEFINE_integer("fps", 7, "Frames per second of the files; also SVD's fps conditioning.")
+flags.DEFINE_integer("motion_bucket_id", 127, "SVD motion conditioning.")
+flags.DEFINE_float("noise_aug_strength", 0.02, "SVD conditioning-image noise augmentation.")
+flags.DEFINE_integer("decode_chunk_size", None, "Frames decoded at a time (default: all).")
+
+
+def _keys(seeds):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+
+
+def _check_flags() -> None:
+  if not FLAGS.out:
+    raise ValueError("--out is required.")
+  if bool(FLAGS.workdir) == bool(FLAGS.pretrained):
+    raise ValueError("Pass exactly one of --workdir (a trained run) and --pretrained (a diffusers "
+                     "folder).")
+  if FLAGS.image and FLAGS.prompt:
+    raise ValueError("Pass --prompt (text-to-video) or --image (image-to-video), not both.")
+  if not FLAGS.image and not FLAGS.prompt:
+    raise ValueError("Pass at least one --prompt (or --image with --pretrained).")
+  if FLAGS.image and not FLAGS.pretrained:
+    raise ValueError("--image needs --pretrained (a diffusers StableVideoDiffusionPipeline "
+                     "folder).")
+  if FLAGS.num_samples < 1:
+    raise ValueError(f"--num_samples must be ≥ 1; got {FLAGS.num_samples}.")
+
+
+def load_pipeline():
+  """The pipeline the flags ask for."""
+  from vldm import pipelines  # pylint: disable=g-import-not-at-top  # heavy: after parsing
+  if FLAGS.workdir:
+    pipe = pipelines.pipeline_from_workdir(FLAGS.workdir)
+  elif FLAGS.image:
+    pipe = pipelines.ImageToVideoPipeline.from_pretrained(FLAGS.pretrained)
+  else:
+    pipe = pipelines.TextToVideoPipeline.from_pretrained(FLAGS.pretrained)
+  return pipe.with_sampler(FLAGS.sampler) if FLAGS.sampler else pipe
+
+
+def _common_kwargs() -> dict:
+  return dict(num_frames=FLAGS.num_frames, height=FLAGS.height, width=FLAGS.width,
+              num_steps=FLAGS.num_steps, decode_chunk_size=FLAGS.decode_chunk_size)
+
+
+def generate(pipe, out: str) -> list[dict]:
+  """Runs every prompt / image num_samples times, writes the clips; returns samples.json's list."""
+  from vldm import pipelines  # pylint: disable=g-import-not-at-top
+  n, records = FLAGS.num_samples, []
+  conditions = FLAGS.image or FLAGS.prompt
+  for i, condition in enumerate(conditions):
+    seeds = [FLAGS.seed + i * n + j for j in range(n)]
+    start = time.time()
+    if FLAGS.image:
+      frames = pipe([condition] * n, rng=_keys(seeds), fps=FLAGS.fps,
+                    min_guidance_scale=FLAGS.min_guidance_scale,
+                    max_guidance_scale=FLAGS.max_guidance_scale,
+                    motion_bucket_id=FLAGS.motion_bucket_id,
+                    noise_aug_strength=FLAGS.noise_aug_strength, **_common_kwargs())
+    else:
+      frames = pipe([condition] * n, rng=_keys(seeds), fps=FLAGS.fps,
+                    guidance_scale=FLAGS.guidance_scale, negative_prompt=FLAGS.negative_prompt,
+                    motion_bucket_id=FLAGS.motion_bucket_id, **_common_kwargs())
+    names = [str(i * n + j) for j in range(n)]
+    written = pipelines.write_clips(frames, out, names, fps=FLAGS.fps)
+    logging.info("%d clip(s) for %r in %.1f s.", n, condition, time.time() - start)
+    for seed, files in zip(seeds, written):
+      record = dict(file=os.path.basename(files["gif"]), mp4=os.path.basename(files["mp4"]),
+                    prompt=None if FLAGS.image else condition, seed=seed)
+      if FLAGS.image:
+        record["image"] = condition
+      records.append(record)
+  return records
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from vldm.pipelines import PipelineError  # pylint: disable=g-import-not-at-top
+  try:
+    _check_flags()
+    pipe = load_pipeline()
+    records = generate(pipe, FLAGS.out)
+  except (PipelineError, ValueError, FileNotFoundError) as e:
+    sys.exit(f"vldm.sample: error: {e}")
+  with open(os.path.join(FLAGS.out, "samples.json"), "w") as f:
+    json.dump(records, f, indent=2)
+  logging.info("Wrote %d clip(s) and samples.json to %s.", len(records), FLAGS.out)
+
+
+if __name__ == "__main__":
+  app.run(main)
