@@ -29,3 +29,10 @@ def to_nhwc(x):
 def to_nchw(x):
   x = np.asarray(x)
   return np.moveaxis(x, -1, 1)
+
+
+def jit_quick(fn, **kwargs):
+  """jax.jit that skips LLVM's optimisations: for tiny test models they cost more compile time
+  than they save in run time."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0}, **kwargs)

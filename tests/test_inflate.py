@@ -8,7 +8,7 @@ import optax
 import pytest
 from flax import traverse_util
 
-from parity import relative_error
+from parity import jit_quick, relative_error
 from vldm.convert import ConversionError, save_diffusers
 from vldm.models import inflate as inflate_lib
 from vldm.models.unet import UNet
@@ -21,11 +21,6 @@ IMAGE_UNET = UNet(block_out_channels=(32, 64), norm_num_groups=8, cross_attentio
                   num_attention_heads=2, layers_per_block=1,
                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-
-
-def _jit(fn):
-  # Tiny models: LLVM's optimisations cost more compile time than they save.
-  return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})
 
 
 def _random_params(module, seed):
@@ -58,7 +53,7 @@ def setup():
   rng = np.random.default_rng(0)
   return dict(
       image_params=image_params, video=video, video_params=video_params,
-      forward=_jit(lambda params, *args: video.apply({"params": params}, *args)),
+      forward=jit_quick(lambda params, *args: video.apply({"params": params}, *args)),
       sample=rng.standard_normal((B, F, SIZE, SIZE, 4)).astype(np.float32),
       timesteps=np.array([3.0, 700.0], np.float32),
       context=rng.standard_normal((B, L, D)).astype(np.float32))
@@ -96,7 +91,7 @@ def test_labels_mark_exactly_the_new_params(setup):
 def test_inflated_unet_equals_image_unet_per_frame(setup):
   video_params, run = setup["video_params"], setup["forward"]
   sample, timesteps, context = setup["sample"], setup["timesteps"], setup["context"]
-  per_frame = _jit(lambda p, *a: IMAGE_UNET.apply({"params": p}, *a))(
+  per_frame = jit_quick(lambda p, *a: IMAGE_UNET.apply({"params": p}, *a))(
       setup["image_params"], sample.reshape((B * F,) + sample.shape[2:]),
       np.repeat(timesteps, F), np.repeat(context, F, axis=0))
   per_frame = np.asarray(per_frame).reshape(sample.shape)
@@ -125,7 +120,7 @@ def test_fixed_alpha_of_one_is_the_image_unet(setup):
   sample, timesteps, context = setup["sample"], setup["timesteps"], setup["context"]
   images = setup["forward"](setup["video_params"], sample, timesteps, context, None,
                             jnp.ones((B, F)))
-  fixed = _jit(lambda p, *a: video.apply({"params": p}, *a))(video_params, sample, timesteps,
+  fixed = jit_quick(lambda p, *a: video.apply({"params": p}, *a))(video_params, sample, timesteps,
                                                              context)
   assert relative_error(fixed, images) <= 1e-5
 
@@ -162,7 +157,7 @@ def test_gradients_full_and_temporal_only(setup):
     out = module.apply({"params": params}, sample, timesteps, per_frame_context)
     return jnp.mean((out - target) ** 2)
 
-  full_step = _jit(jax.value_and_grad(lambda p: loss_fn(video, p)))
+  full_step = jit_quick(jax.value_and_grad(lambda p: loss_fn(video, p)))
   start = time.perf_counter()
   compiled = full_step.lower(video_params).compile()
   compile_s = time.perf_counter() - start
@@ -184,7 +179,7 @@ def test_gradients_full_and_temporal_only(setup):
   # Temporal only, under remat: no gradient is computed for the frozen spatial layers.
   remat = video.clone(remat_policy="save_conv_and_attention")
   spatial, temporal = inflate_lib.split_params(video_params)
-  temporal_grads = _jit(jax.grad(
+  temporal_grads = jit_quick(jax.grad(
       lambda t: loss_fn(remat, inflate_lib.merge_params(spatial, t))))(temporal)
   _, expected = inflate_lib.split_params(grads)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),

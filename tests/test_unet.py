@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parity import perturb_, relative_error
+from parity import jit_quick, perturb_, relative_error
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -58,8 +58,7 @@ SVD_CONFIGS = {
 
 def _apply(module):
   # Tiny models: LLVM's optimisations cost more compile time than they save.
-  return jax.jit(lambda params, *args: module.apply({"params": params}, *args),
-                 compiler_options={"xla_backend_optimization_level": 0})
+  return jit_quick(lambda params, *args: module.apply({"params": params}, *args))
 
 
 def _run_reference(model, *args):
