@@ -70,11 +70,10 @@ def pipeline_from_components(components: Mapping) -> TextToVideoPipeline:
 
 
 def restore_components(stage: TrainedStage) -> Mapping:
-  """The default restorer: the training system has not registered how to rebuild a stage yet."""
-  raise common.PipelineError(
-      f"Found the trained stage {stage.name!r} at {stage.path} (step {stage.step}), but nothing "
-      f"rebuilds its modules and params: pass restore=fn to pipeline_from_workdir, with "
-      f"fn(stage) → {{{', '.join(COMPONENTS)}: (module, params) or the tokenizer, sampler}}.")
+  """The default restorer: the latent-diffusion stages of `vldm.recipes.ldm` (from the config
+  saved beside the checkpoint)."""
+  from vldm.recipes import ldm  # pylint: disable=g-import-not-at-top  # recipes import pipelines
+  return ldm.restore_stage(stage)
 
 
 def pipeline_from_workdir(workdir: str, restore: Optional[Callable[[TrainedStage], Mapping]] = None

@@ -1,0 +1,153 @@
+"""The shapes recipe: Video LDM's stages on the procedural shapes dataset, sized for a laptop CPU.
+
+Stages, in order (each a `python -m vldm.train` run in ROOT/<stage>; later stages read earlier
+ones through `init_from` and `ldm.vae_workdir`):
+  autoencoder        KL autoencoder + PatchGAN on 32-px frames (32 px → 8×8×4 latents)
+  autoencoder_video  its temporal decoder fine-tuned on 8-frame clips, encoder frozen
+  image              text-to-image LDM on 32-px stills; the text encoder trains with it
+  video              temporal layers inserted (inflation), spatial layers and text frozen;
+                     8-frame 32-px clips
+  hires              the video model fine-tuned on 64-px clips
+
+  python -m vldm.train --config configs/shapes.py:stage=image,root=runs/shapes \
+      --workdir runs/shapes/image
+  python -m vldm.demo --workdir runs/shapes      # every stage, sampling and the oracle's report
+
+Args: stage, root (the folder of stage workdirs), data_dir (TFDS; default ROOT/data when root is
+set), runlocal (tiny models, data and step counts: seconds per stage, for tests).
+"""
+import os
+
+import ml_collections
+from ml_collections import config_dict
+
+from configs import common
+from vldm.data import config as data_config_lib
+
+STAGES = ("autoencoder", "autoencoder_video", "image", "video", "hires")
+TASKS = {
+    "autoencoder": "vldm.recipes.autoencoder:AutoencoderTask",
+    "autoencoder_video": "vldm.recipes.autoencoder:TemporalDecoderTask",
+    "image": "vldm.recipes.ldm:LatentDiffusionTask",
+    "video": "vldm.recipes.ldm:LatentDiffusionTask",
+    "hires": "vldm.recipes.ldm:LatentDiffusionTask",
+}
+# Where each stage starts from (stage, init_from transform); the autoencoder starts from scratch.
+INIT_FROM = {
+    "autoencoder_video": ("autoencoder", "from_kl"),
+    "video": ("image", "inflate"),
+    "hires": ("video", "as_is"),
+}
+# Per stage: steps, batch size, peak learning rate, warmup (full recipe / runlocal).
+SCHEDULE = {
+    "autoencoder": (600, 8, 1e-3, 50),
+    "autoencoder_video": (80, 2, 5e-4, 10),
+    "image": (700, 64, 1e-3, 100),
+    "video": (350, 8, 1e-3, 50),
+    "hires": (100, 4, 2e-4, 20),
+}
+RUNLOCAL_STEPS = 3
+
+
+def stage_resolution(stage, runlocal=False):
+  base = 8 if runlocal else 32
+  return 2 * base if stage == "hires" else base
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, stage="image", root="", data_dir="", runlocal=False)
+  if arg.stage not in STAGES:
+    raise ValueError(f"Unknown stage {arg.stage!r}; the shapes recipe has {STAGES}.")
+  stage, local = arg.stage, arg.runlocal
+  config = common.base_config()
+  config.task = TASKS[stage]
+  config.stage = stage
+  config.host_init = True  # tiny models: initial weights drawn on the host (see recipes.common)
+  steps, batch, lr, warmup = SCHEDULE[stage]
+  config.total_steps = RUNLOCAL_STEPS if local else steps
+  config.batch_size = 2 if local else batch
+  config.log_every = 1 if local else 25
+  config.checkpoint_every = 0  # at the end (and on preemption) only: saves cost seconds here
+  config.keep_checkpoints = 1
+  config.tensorboard = False
+  config.optim.lr = lr
+  config.optim.warmup_steps = 1 if local else warmup
+  config.optim.decay = "cosine"
+  config.optim.end_lr_factor = 0.1
+  # EMA over about the last tenth of the run: with a few hundred steps a fixed 0.9999 would keep
+  # mostly the initial weights (the trainer's EMA starts from them).
+  config.ema_decay = 0.0 if stage.startswith("autoencoder") or local else 1 - 10 / steps
+
+  root = arg.root
+  data_dir = arg.data_dir or (os.path.join(root, "data") if root else None)
+  if stage in INIT_FROM:
+    source, transform = INIT_FROM[stage]
+    if root:
+      config.init_from.workdir = os.path.join(root, source)
+    config.init_from.transform = transform
+
+  resolution = stage_resolution(stage, local)
+  kind = "image" if stage in ("autoencoder", "image") else "video"
+  config.data = data_config_lib.data_config(
+      "shapes", kind=kind, resolution=resolution, frames=8, batch_size=config.batch_size,
+      caption_dropout=0.1 if stage in ("image", "video", "hires") else 0.0,
+      num_train_examples=64 if local else (4000 if resolution > 32 else 10_000),
+      num_validation_examples=18 if local else 72, num_workers=2, prefetch=2)
+  config.data.data_dir = data_dir
+
+  config.autoencoder = autoencoder_config(local)
+  if stage.startswith("autoencoder"):
+    return config
+
+  config.ldm = ldm_config(stage, local)
+  if root:
+    config.ldm.vae_workdir = os.path.join(root, "autoencoder_video")
+  return config
+
+
+def autoencoder_config(local):
+  c = ml_collections.ConfigDict()
+  c.vae = ml_collections.ConfigDict(dict(
+      block_out_channels=(32, 32) if local else (32, 64, 64), layers_per_block=1,
+      latent_channels=4, norm_num_groups=32, use_post_quant_conv=False,
+      sample_size=stage_resolution("autoencoder", local), scaling_factor=1.0))
+  c.discriminator = ml_collections.ConfigDict(dict(
+      features=16 if local else 32, num_layers=1 if local else 2, norm_num_groups=8))
+  c.l2_weight = 1.0         # reconstruction: L1 + l2_weight · L2 (L1 alone averages colors)
+  c.kl_weight = 1e-5        # on the KL summed over latents (LDM's convention: per pixel value)
+  c.disc_weight = 0.5       # × the adaptive weight
+  c.disc_start = 1 if local else 400
+  c.temporal_weight = 1.0   # temporal decoder: L1 on frame differences (flicker)
+  return c
+
+
+def ldm_config(stage, local):
+  c = ml_collections.ConfigDict()
+  c.kind = "image" if stage == "image" else "video"
+  c.vae_workdir = config_dict.placeholder(str)
+  c.max_length = 8  # "a red circle moving left" + bos + eos = 7 tokens
+  levels = 1 if local else 2  # runlocal: one level, the least to compile
+  c.unet = ml_collections.ConfigDict(dict(
+      in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D",) * levels,
+      mid_block_type="UNetMidBlock2DCrossAttn", up_block_types=("CrossAttnUpBlock2D",) * levels,
+      block_out_channels=(16,) if local else (32, 64), layers_per_block=1,
+      num_attention_heads=(2,) if local else (2, 4), cross_attention_dim=32 if local else 64,
+      norm_num_groups=8, sample_size=4 if local else 8))
+  c.text = ml_collections.ConfigDict(dict(
+      hidden_size=32 if local else 64, intermediate_size=64 if local else 128,
+      num_hidden_layers=1 if local else 2, num_attention_heads=2))
+  c.temporal = ml_collections.ConfigDict(dict(merge_factor=0.5,
+                                              merge_strategy="learned_with_images", num_frames=8))
+  c.train = "all" if stage in ("image", "hires") else "temporal"
+  c.train_text_encoder = stage == "image"
+  c.prediction_type = "v_prediction"
+  c.weighting = "min_snr"
+  c.min_snr_gamma = 5.0
+  c.schedule = ml_collections.ConfigDict(dict(
+      num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+      rescale_betas_zero_snr=True))
+  c.sampler = ml_collections.ConfigDict(dict(
+      name="ddim", options=dict(timestep_spacing="trailing"), num_steps=2 if local else 12,
+      guidance_scale=4.0))
+  c.sample_prompts = ("a red circle moving right", "a yellow triangle moving up")
+  return c

@@ -1,0 +1,195 @@
+"""The shapes recipe: stage configs, the tasks' parts, and the whole recipe at runlocal size."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from vldm import demo
+from vldm.data import pipeline as pipeline_lib
+from vldm.models import inflate
+from vldm.pipelines import workdir as workdir_lib
+from vldm.recipes import autoencoder as autoencoder_recipe
+from vldm.recipes import common
+from vldm.recipes import ldm
+from vldm.train import config_lib
+from vldm.train import tasks as tasks_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPES = os.path.join(REPO, "configs", "shapes.py")
+config_lib.ensure_importable(SHAPES)
+from configs import shapes as shapes_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def load(stage, root="", runlocal=True):
+  return config_lib.load_config(f"{SHAPES}:stage={stage},root={root},runlocal={runlocal}")
+
+
+@pytest.fixture(autouse=True)
+def rbg_keys():
+  """The recipe's random-number implementation, restored afterwards for the other tests."""
+  previous = jax.config.jax_default_prng_impl
+  jax.config.update("jax_default_prng_impl", "rbg")
+  yield
+  jax.config.update("jax_default_prng_impl", previous)
+
+
+def test_stage_configs_are_wired():
+  for stage in shapes_config.STAGES:
+    for runlocal in (True, False):
+      config = load(stage, "/runs/x", runlocal)
+      assert config.task == shapes_config.TASKS[stage]
+      if stage in shapes_config.INIT_FROM:
+        source, transform = shapes_config.INIT_FROM[stage]
+        assert config.init_from.workdir == f"/runs/x/{source}"
+        assert config.init_from.transform == transform
+      else:
+        assert config.init_from.workdir is None
+      assert config.data.data_dir == "/runs/x/data"
+      if stage in ("image", "video", "hires"):
+        assert config.ldm.vae_workdir == "/runs/x/autoencoder_video"
+  full = {s: load(s, runlocal=False) for s in shapes_config.STAGES}
+  assert full["video"].data.resolution == 32 and full["video"].data.frames == 8
+  assert full["hires"].data.resolution == 64 and full["hires"].ldm.train == "all"
+  assert full["video"].ldm.train == "temporal" and not full["video"].ldm.train_text_encoder
+  assert full["image"].ldm.train_text_encoder and full["image"].data.caption_dropout > 0
+  with pytest.raises(ValueError, match="Unknown stage 'vidoe'"):
+    load("vidoe")
+
+
+def test_host_init_follows_flax_defaults():
+  abstract = {"dense": {"kernel": jax.ShapeDtypeStruct((400, 300), jnp.float32),
+                        "bias": jax.ShapeDtypeStruct((300,), jnp.float32)},
+              "norm": {"scale": jax.ShapeDtypeStruct((8,), jnp.float32)},
+              "embed": {"embedding": jax.ShapeDtypeStruct((50, 64), jnp.float32)},
+              "time_mixer": {"mix_factor": jax.ShapeDtypeStruct((1,), jnp.float32)}}
+  params = common.host_init(abstract, seed=3, constants={"mix_factor": 0.5})
+  np.testing.assert_allclose(np.std(params["dense"]["kernel"]), 1 / np.sqrt(400), rtol=0.02)
+  assert np.abs(params["dense"]["kernel"]).max() <= 2 / 0.8796 / np.sqrt(400) + 1e-6
+  np.testing.assert_allclose(np.std(params["embed"]["embedding"]), 1 / 8, rtol=0.05)
+  assert (params["dense"]["bias"] == 0).all() and (params["norm"]["scale"] == 1).all()
+  assert params["time_mixer"]["mix_factor"][0] == 0.5
+  again = common.host_init(abstract, seed=3)
+  np.testing.assert_array_equal(again["dense"]["kernel"], params["dense"]["kernel"])
+
+
+def test_captioned_data_tokenizes_counts_steps_and_resumes():
+  source = [dict(image=np.full((8, 8, 3), i, np.uint8), caption=f"a red circle") for i in range(8)]
+  make = lambda: common.CaptionedData(pipeline_lib.Pipeline(
+      source, global_batch_size=2, kind="image", caption_dropout=0.5, seed=1, num_workers=1,
+      prefetch=1), common.shapes_tokenizer())
+  data = make()
+  batches = [next(data) for _ in range(6)]
+  assert set(batches[0]) == {"image", "input_ids", "step"}
+  assert [int(b["step"][0]) for b in batches] == list(range(6))  # over two epochs
+  tokenizer = common.shapes_tokenizer()
+  ids = np.concatenate([b["input_ids"] for b in batches])
+  full, empty = tokenizer(["a red circle"])[0], tokenizer([""])[0]
+  assert all((row == full).all() or (row == empty).all() for row in ids)
+  assert any((row == empty).all() for row in ids)  # caption dropout for guidance
+  resumed = make()
+  fresh = make()
+  for _ in range(3):
+    next(fresh)
+  resumed.set_state(fresh.get_state())
+  np.testing.assert_array_equal(next(resumed)["image"], batches[3]["image"])
+  assert int(next(resumed)["step"][0]) == 4
+  assert len(common.all_prompts()) == 72 and tokenizer.vocab_size == 19  # 15 words + pad, bos, unk, eos
+
+
+def test_adversarial_and_reconstruction_gradients_are_separated():
+  config = load("autoencoder")
+  task = autoencoder_recipe.AutoencoderTask(config)
+  params = task.init_params(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.uniform(-1, 1, (2, 8, 8, 3)), jnp.float32),
+           "step": jnp.full((2,), config.autoencoder.disc_start, jnp.int32)}
+  loss_fn = lambda p: task.loss_fn(p, {}, batch, jax.random.key(1))
+
+  @jax.jit
+  def gradients(p):
+    total = jax.grad(lambda q: loss_fn(q)[0])(p)
+    critic = jax.grad(lambda q: loss_fn(q)[1]["d_loss"])(p)
+    return total, critic, loss_fn(p)[1]
+
+  total, critic, metrics = gradients(params)
+  norm = lambda tree: float(sum(jnp.sum(x**2) for x in jax.tree.leaves(tree)))
+  assert norm(critic["vae"]) == 0  # the critic's loss never moves the autoencoder
+  assert norm(critic["discriminator"]) > 0 and norm(total["vae"]) > 0
+  # The critic's whole gradient is its own loss's: the generator terms do not reach it.
+  for a, b in zip(jax.tree.leaves(total["discriminator"]),
+                  jax.tree.leaves(critic["discriminator"])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
+  assert metrics["disc_started"] == 1 and 0 < metrics["d_weight"] < 1e4
+  assert metrics["g_loss"] != 0
+
+
+def test_temporal_decoder_starts_frame_by_frame_with_the_kl_encoder():
+  config = load("autoencoder_video")
+  kl = autoencoder_recipe.AutoencoderTask(load("autoencoder"))
+  kl_params = kl.init_params(jax.random.key(0))
+  task = autoencoder_recipe.TemporalDecoderTask(config)
+  target = task.init_params(jax.random.key(1))
+  params = autoencoder_recipe.from_kl(kl_params, target)
+  flat_kl = traverse_util.flatten_dict(kl_params["vae"])
+  for path, value in traverse_util.flatten_dict(params).items():
+    if path[0] != "decoder":
+      np.testing.assert_array_equal(value, flat_kl[path])
+  labels = traverse_util.flatten_dict(task.trainable_labels(params))
+  assert {k[0] for k, v in labels.items() if v == tasks_lib.TRAIN} == {"decoder"}
+  latents = jnp.asarray(np.random.default_rng(0).normal(size=(1, 3, 4, 4, 4)), jnp.float32)
+  decode = jax.jit(lambda p, z: task.vae.apply({"params": p}, z, method="decode"))
+  clip = decode(params, latents)
+  frames = jnp.concatenate([decode(params, latents[:, i:i + 1]) for i in range(3)], axis=1)
+  np.testing.assert_allclose(clip, frames, atol=1e-5)  # the temporal layers start as identity
+
+
+def test_inflation_starts_from_the_image_model_and_trains_temporal_layers_only():
+  image_task = ldm.LatentDiffusionTask(load("image"))
+  video_task = ldm.LatentDiffusionTask(load("video"))
+  image_params = image_task.init_params(jax.random.key(0))
+  video_params = ldm.inflate_transform(image_params, video_task.init_params(jax.random.key(1)))
+  labels = traverse_util.flatten_dict(video_task.trainable_labels(video_params))
+  trained = {k for k, v in labels.items() if v == tasks_lib.TRAIN}
+  assert trained and all(k[0] == "unet" and inflate.is_temporal(k) for k in trained)
+  assert all(v == tasks_lib.TRAIN for v in traverse_util.flatten_dict(
+      image_task.trainable_labels(image_params)).values())
+  rng = np.random.default_rng(0)
+  clip = jnp.asarray(rng.normal(size=(2, 3, 4, 4, 4)), jnp.float32)
+  context = jnp.asarray(rng.normal(size=(2, 8, 32)), jnp.float32)
+  t = jnp.asarray([10.0, 500.0])
+  video = video_task.unet.apply({"params": video_params["unet"]}, clip, t, context)
+  frames = image_task.unet.apply({"params": image_params["unet"]}, clip.reshape(6, 4, 4, 4),
+                                 jnp.repeat(t, 3), jnp.repeat(context, 3, axis=0))
+  np.testing.assert_allclose(video, frames.reshape(video.shape), atol=1e-4)
+
+
+def test_recipe_end_to_end_at_runlocal_size(tmp_path):
+  root = str(tmp_path / "run")
+  summaries = demo.run(root, runlocal=True, num_samples=1, batch_size=72)
+  assert set(summaries) == {"hires"} and summaries["hires"]["overall"]["clips"] == 72
+  report = open(os.path.join(root, "report.md")).read()
+  assert "| held-out | 12 |" in report and "| seen | 60 |" in report
+  for stage in shapes_config.STAGES:
+    assert f"| {stage} | 3 × 2 |" in report
+  samples = os.path.join(root, "samples")
+  entries = json.load(open(os.path.join(samples, "samples.json")))
+  assert len(entries) == 72 and len({e["prompt"] for e in entries}) == 72
+  for entry in entries[:3]:
+    assert os.path.getsize(os.path.join(samples, entry["file"])) > 0
+    assert os.path.getsize(os.path.join(samples, entry["mp4"])) > 0
+  assert os.path.exists(os.path.join(samples, "grid.gif"))
+  timings = json.load(open(os.path.join(root, "timings.json")))
+  assert set(timings) == set(shapes_config.STAGES)
+
+  # A second run finds every stage finished and trains nothing.
+  assert demo.train_stages(root, runlocal=True) == timings
+
+  # `python -m vldm.sample --workdir` can rebuild the newest stage from its saved config.
+  stage = workdir_lib.find_trained_stages(root)[0]
+  assert stage.name == "hires"
+  pipe = workdir_lib.pipeline_from_workdir(root)  # the default restorer: recipes.ldm
+  assert pipe.unet.temporal and pipe.vae.scaling_factor > 0

@@ -1,0 +1,270 @@
+"""The shapes recipe's latent diffusion stages: image LDM, video LDM (inflated), high resolution.
+
+One task, `LatentDiffusionTask`, configured by `config.ldm`:
+  image   a text-conditioned image UNet on stills; the CLIP text encoder (small, from scratch, over
+          the file-free WordTokenizer) trains jointly with it. Caption dropout in the data gives
+          the unconditional branch for classifier-free guidance.
+  video   the image UNet inflated (`vldm.models.inflate`): temporal layers inserted, their output
+          layers zero-initialised so the video UNet starts as the image UNet frame by frame; the
+          spatial layers and the text encoder are frozen (`trainable_labels`), only the temporal
+          layers learn, on clips.
+  hires   the video model fine-tuned at a higher resolution (`train='all'` or 'temporal').
+The VAE is frozen: the temporal-decoder autoencoder of the autoencoder stages
+(`config.ldm.vae_workdir`); its latents are scaled by 1/std, measured on fixed rendered frames
+(`latent_scale`), so every stage and the sampler agree on the scale without storing it.
+
+Why the text encoder trains in the image stage and is frozen afterwards: there is no pretrained
+encoder for a 19-token vocabulary, so it has to be learned, and the image stage is where captions
+and appearance are learned together; freezing it afterwards keeps the context that the frozen
+spatial layers were trained on (CLIP's causal mask makes the hidden states of "a {color} {shape}"
+identical inside "a {color} {shape} moving {direction}"), so held-out compositions keep their
+appearance, and the temporal layers learn to read the direction tokens from a fixed encoding.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from vldm.data import shapes
+from vldm.diffusion import losses
+from vldm.diffusion.schedules import DiscreteSchedule
+from vldm.models import clip as clip_lib
+from vldm.models import inflate
+from vldm.models import unet as unet_lib
+from vldm.pipelines import common as pipeline_common
+from vldm.pipelines import text_to_video
+from vldm.recipes import autoencoder as autoencoder_recipe
+from vldm.recipes import common
+from vldm.train import tasks as tasks_lib
+
+KINDS = ("image", "video")
+TRAIN_CHOICES = ("all", "temporal")
+# Output layers of the temporal branches: zero at init, so inflation starts from the image model.
+_ZERO_INIT = re.compile(r"(temporal_res_block/conv2|temporal_transformer_blocks_\d+/(ff_in|ff)/"
+                        r"net_2|temporal_transformer_blocks_\d+/attn[12]/to_out_0|"
+                        r"time_pos_embed/linear_2)/")
+SCALE_EXAMPLES = 64  # rendered 32-px frames whose latent std sets the scaling factor
+
+
+def image_unet(config) -> unet_lib.UNet:
+  return unet_lib.UNet(**config.ldm.unet.to_dict())
+
+
+def make_unet(config) -> unet_lib.UNet:
+  """The stage's UNet: the image UNet, or its inflated video version."""
+  unet = image_unet(config)
+  if config.ldm.kind == "video":
+    unet = inflate.video_config_from_image(unet, **config.ldm.temporal.to_dict())
+  return unet
+
+
+def make_text_encoder(config, tokenizer) -> clip_lib.CLIPTextModel:
+  return clip_lib.CLIPTextModel(**config.ldm.text.to_dict(), **tokenizer.text_model_config())
+
+
+def make_schedule(config) -> DiscreteSchedule:
+  return DiscreteSchedule(**config.ldm.schedule.to_dict())
+
+
+def sampler_settings(config) -> pipeline_common.SamplerSettings:
+  s = config.ldm.sampler
+  return pipeline_common.SamplerSettings(s.name, make_schedule(config), dict(s.options),
+                                         config.ldm.prediction_type)
+
+
+def latent_scale(vae, vae_params, size: int = 32) -> float:
+  """1 / std of the VAE's latent means on fixed rendered frames (LDM's scale_factor), `size` the
+  autoencoder's training resolution: the same value for every stage, whatever its resolution."""
+  images = np.stack([shapes.make_example("image", "train", i, size=size)["image"]
+                     for i in range(SCALE_EXAMPLES)]).astype(np.float32) / 127.5 - 1.0
+  encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode").mean)
+  return float(1.0 / np.std(np.asarray(encode(vae_params, images))))
+
+
+def inflate_transform(source, target):
+  """Image stage → video stage: spatial layers and text encoder from the image stage, temporal
+  layers as initialised in the target (zero output layers)."""
+  return dict(target, unet=inflate.transplant_temporal(target["unet"], source["unet"]),
+              text_encoder=tasks_lib.as_is(source["text_encoder"], target["text_encoder"]))
+
+
+class LatentDiffusionTask(tasks_lib.Task):
+  """Text-to-image / text-to-video latent diffusion on shapes (see the module docstring).
+
+  Parameters: {'unet', 'text_encoder'}; frozen: {'vae', 'scale'}.
+  """
+
+  def __init__(self, config):
+    super().__init__(config)
+    c = config.ldm
+    if c.kind not in KINDS:
+      raise ValueError(f"ldm.kind must be one of {KINDS}, got {c.kind!r}.")
+    if c.train not in TRAIN_CHOICES:
+      raise ValueError(f"ldm.train must be one of {TRAIN_CHOICES}, got {c.train!r}.")
+    if c.kind != config.data.kind:
+      raise ValueError(f"ldm.kind {c.kind!r} needs data.kind {c.kind!r}, got "
+                       f"{config.data.kind!r}.")
+    self.tokenizer = common.shapes_tokenizer(c.max_length)
+    self.unet = make_unet(config)
+    self.text_encoder = make_text_encoder(config, self.tokenizer)
+    self.vae = autoencoder_recipe.temporal_decoder(config)
+    self.schedule = make_schedule(config)
+    self.size, self.frames = config.data.resolution, config.data.frames
+    self._pipeline = None
+
+  @property
+  def video(self) -> bool:
+    return self.config.ldm.kind == "video"
+
+  # ---- parameters -----------------------------------------------------------------------------
+  def init_params(self, rng):
+    ids = jnp.zeros((1, self.tokenizer.max_length), jnp.int32)
+    frames = (self.frames,) if self.video else ()
+    latent = jnp.zeros((1,) + frames + (8, 8, self.unet.in_channels))
+    context = jnp.zeros((1, self.tokenizer.max_length, self.text_encoder.hidden_size))
+
+    def init(key):
+      unet_key, text_key = jax.random.split(key)
+      return {"unet": self.unet.init(unet_key, latent, jnp.zeros((1,)), context)["params"],
+              "text_encoder": self.text_encoder.init(text_key, ids)["params"]}
+
+    if self.config.host_init:
+      mix = self.config.ldm.temporal.merge_factor
+      params = common.host_init(jax.eval_shape(init, rng), self.config.seed, {"mix_factor": mix})
+    else:
+      params = init(rng)
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict(
+        {k: jnp.zeros_like(v) if _ZERO_INIT.search("/".join(k)) else v for k, v in flat.items()})
+
+  def trainable_labels(self, params):
+    c = self.config.ldm
+    temporal_only = self.video and c.train == "temporal"
+
+    def label(path):
+      if path[0] == "text_encoder":
+        return tasks_lib.TRAIN if c.train_text_encoder else tasks_lib.FREEZE
+      if temporal_only and not inflate.is_temporal(path):
+        return tasks_lib.FREEZE
+      return tasks_lib.TRAIN
+
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({k: label(k) for k in flat})
+
+  def init_transforms(self):
+    return {"inflate": inflate_transform}
+
+  def init_frozen(self, mesh):
+    vae_params = common.load_stage_params(self.config.ldm.vae_workdir, mesh)
+    scale = latent_scale(self.vae, vae_params, self.config.autoencoder.vae.sample_size)
+    return {"vae": vae_params, "scale": np.float32(scale)}
+
+  # ---- training -------------------------------------------------------------------------------
+  def make_data(self, sharding, process_index, process_count):
+    return common.make_data(self.config.data, sharding, process_index, process_count,
+                            self.tokenizer)
+
+  def encode(self, frozen, pixels, rng):
+    """Pixels [B, (F,) H, W, 3] in [-1, 1] → scaled latents [B, (F,) h, w, c]."""
+    lead = pixels.shape[:-3]
+    flat = pixels.reshape((-1,) + pixels.shape[-3:])
+    posterior = self.vae.apply({"params": frozen["vae"]}, flat, method="encode")
+    latents = posterior.sample(rng) * frozen["scale"]
+    return latents.reshape(lead + latents.shape[1:])
+
+  def loss_fn(self, params, frozen, batch, rng):
+    c = self.config.ldm
+    encode_rng, loss_rng = jax.random.split(rng)
+    pixels = batch["video" if self.video else "image"]
+    x0 = jax.lax.stop_gradient(self.encode(frozen, pixels, encode_rng))
+    context = self.text_encoder.apply({"params": params["text_encoder"]}, batch["input_ids"])[0]
+    network = lambda x, t: self.unet.apply({"params": params["unet"]}, x, t, context)
+    loss, aux = losses.diffusion_loss(network, x0, loss_rng, parameterization=c.prediction_type,
+                                      schedule=self.schedule, weighting=c.weighting,
+                                      min_snr_gamma=c.min_snr_gamma)
+    return jnp.mean(loss), dict(mse=jnp.mean(aux["mse"]), latent_std=jnp.std(x0))
+
+  # ---- sampling -------------------------------------------------------------------------------
+  def pipeline(self, params, frozen) -> text_to_video.TextToVideoPipeline:
+    """The text-to-video pipeline of these parameters (compiled functions kept across calls)."""
+    components = dict(unet=(self.unet, params["unet"]),
+                      vae=(self.vae.clone(scaling_factor=float(frozen["scale"])), frozen["vae"]),
+                      text_encoder=(self.text_encoder, params["text_encoder"]))
+    if self._pipeline is None or self._pipeline.vae.scaling_factor != float(frozen["scale"]):
+      self._pipeline = text_to_video.TextToVideoPipeline.from_components(
+          **components, tokenizer=self.tokenizer, sampler=sampler_settings(self.config))
+    else:  # same modules: keep the compiled functions, swap the parameters
+      self._pipeline.params = {k: v[1] for k, v in components.items()}
+    return self._pipeline
+
+  def generate(self, params, frozen, prompts: Sequence[str], rng, *,
+               num_frames: Optional[int] = None, size: Optional[int] = None,
+               num_steps: Optional[int] = None, guidance_scale: Optional[float] = None):
+    """Clips [B, F, H, W, 3] in [0, 1], one per prompt (still frames for the image stage)."""
+    s = self.config.ldm.sampler
+    size = size or self.size
+    return self.pipeline(params, frozen)(
+        list(prompts), num_frames=num_frames or (self.frames if self.video else 1), height=size,
+        width=size, num_steps=num_steps or s.num_steps,
+        guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale, rng=rng)
+
+  def sample_fn(self, params, frozen, rng):
+    prompts = self.config.ldm.sample_prompts
+    clips = self.generate(params, frozen, prompts, rng)
+    return {f"prompt_{i}": clip for i, clip in enumerate(clips)}
+
+
+def components(task: LatentDiffusionTask, params, frozen) -> dict:
+  """{unet, vae, text_encoder: (module, params), tokenizer, sampler} for
+  `vldm.pipelines.pipeline_from_components`."""
+  pipe = task.pipeline(params, frozen)
+  return dict(unet=(pipe.unet, params["unet"]), vae=(pipe.vae, frozen["vae"]),
+              text_encoder=(pipe.text_encoder, params["text_encoder"]), tokenizer=pipe.tokenizer,
+              sampler=pipe.sampler)
+
+
+def restore(config: ml_collections.ConfigDict, workdir: str):
+  """(task, params, frozen) of a trained diffusion stage: its newest (EMA) parameters."""
+  task = tasks_lib.get_task(config)
+  if not isinstance(task, LatentDiffusionTask):
+    raise ValueError(f"{workdir} holds a {type(task).__name__} stage, not a diffusion stage.")
+  params = common.load_stage_params(workdir)
+  return task, params, task.init_frozen(None)
+
+
+
+def _tuples(value):
+  """JSON lists back to tuples (module fields and config values are tuples in the recipe)."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def saved_config(checkpoint_path: str) -> ml_collections.ConfigDict:
+  """The config a run saved beside its checkpoint (`<run>/checkpoints/<step>/config`)."""
+  path = os.path.join(checkpoint_path, "config", "metadata")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{checkpoint_path} has no saved config ({path}).")
+  with open(path) as f:
+    return ml_collections.ConfigDict(_tuples(json.load(f)))
+
+
+def restore_stage(stage) -> dict:
+  """A trained shapes diffusion stage (`vldm.pipelines.TrainedStage`) → pipeline components.
+
+  For `vldm.pipelines.pipeline_from_workdir(workdir, restore=restore_stage)`, which is how
+  `python -m vldm.sample --workdir DIR` can sample a shapes run.
+  """
+  config = saved_config(stage.path)
+  task, params, frozen = restore(config, stage.run_dir)
+  return components(task, params, frozen)
