@@ -73,7 +73,13 @@ def restore_components(stage: TrainedStage) -> Mapping:
   """The default restorer: the latent-diffusion stages of `vldm.recipes.ldm` (from the config
   saved beside the checkpoint)."""
   from vldm.recipes import ldm  # pylint: disable=g-import-not-at-top  # recipes import pipelines
-  return ldm.restore_stage(stage)
+  try:
+    return ldm.restore_stage(stage)
+  except (FileNotFoundError, KeyError, ValueError) as e:
+    raise common.PipelineError(
+        f"Found the trained stage {stage.name!r} at {stage.path} (step {stage.step}), but cannot "
+        f"rebuild its modules and params: {e} Pass restore=fn to pipeline_from_workdir for "
+        f"stages other than vldm.recipes' latent-diffusion ones.") from e
 
 
 def pipeline_from_workdir(workdir: str, restore: Optional[Callable[[TrainedStage], Mapping]] = None
