@@ -140,12 +140,63 @@ class FeedForward(nn.Module):
     return nn.Dense(self.dim_out or dim, name="net_2", **kw)(h)
 
 
+def conv_as_matmul(height: int, width: int, kernel: int, stride: int = 1, pad: int = 0) -> bool:
+  """Whether `Conv2D` runs this convolution as one matmul over im2col patches.
+
+  It does when the input or the output is narrower than the kernel (the lowest levels of a UNet
+  on small latents, 2×2 or 1×1): XLA:CPU's convolution library does not take those and its
+  fallback is ~20× slower than the matmul (measured: 5.6 ms vs 0.26 ms for 16×2×2×256→128).
+  The matmul computes the same sums, padding taps included, on every backend.
+  """
+  out_h, out_w = (height + 2 * pad - kernel) // stride + 1, (width + 2 * pad - kernel) // stride + 1
+  return kernel > 1 and min(height, width, out_h, out_w) < kernel
+
+
+class Conv2D(nn.Module):
+  """A square 2-D convolution with PyTorch's symmetric padding, named and initialised like
+  `nn.Conv` (params `kernel` (k, k, C_in, C_out) and `bias`). Inputs are (..., H, W, C).
+
+  Small inputs run as an im2col matmul (see `conv_as_matmul`), the rest as a convolution.
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k, s, p = self.kernel_size, self.stride, self.padding
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    leading, (height, width, channels) = x.shape[:-3], x.shape[-3:]
+    x = x.reshape((-1, height, width, channels))
+    if conv_as_matmul(height, width, k, s, p):
+      out_h, out_w = (height + 2 * p - k) // s + 1, (width + 2 * p - k) // s + 1
+      xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+      patches = jnp.concatenate(
+          [xp[:, i:i + s * (out_h - 1) + 1:s, j:j + s * (out_w - 1) + 1:s]
+           for i in range(k) for j in range(k)], axis=-1)  # taps in the kernel's (i, j, c) order
+      y = jnp.einsum("nhwk,ko->nhwo", patches, kernel.reshape(k * k * channels, self.features))
+    else:
+      y = jax.lax.conv_general_dilated(x, kernel, (s, s), ((p, p), (p, p)),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if bias is not None:
+      y = y + bias
+    return y.reshape(leading + y.shape[1:])
+
+
 def conv(features: int, kernel: int, *, stride: int = 1, padding: Optional[int] = None, name: str,
-         dtype: Dtype, param_dtype: Dtype, use_bias: bool = True) -> nn.Conv:
+         dtype: Dtype, param_dtype: Dtype, use_bias: bool = True) -> Conv2D:
   """A square 2-D convolution with PyTorch's symmetric padding (default: kernel // 2)."""
   pad = kernel // 2 if padding is None else padding
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                 use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
+  return Conv2D(features, kernel, stride=stride, padding=pad, use_bias=use_bias, dtype=dtype,
+                param_dtype=param_dtype, name=name)
 
 
 class ResnetBlock2D(nn.Module):
