@@ -42,11 +42,16 @@ INIT_FROM = {
 SCHEDULE = {
     "autoencoder": (600, 8, 1e-3, 50),
     "autoencoder_video": (80, 2, 5e-4, 10),
-    "image": (700, 64, 1e-3, 100),
+    "image": (1400, 64, 1e-3, 100),
     "video": (350, 8, 1e-3, 50),
     "hires": (100, 4, 2e-4, 20),
 }
 RUNLOCAL_STEPS = 3
+# Rendered training examples per stage. The diffusion stages cache their latents (the VAE encoder
+# runs once per example), so a video stage renders about what it trains on: caching 10,000 clips
+# would cost more than encoding the clips of 350 steps. The video stages share one dataset.
+TRAIN_EXAMPLES = {"autoencoder": 10_000, "autoencoder_video": 2_000, "image": 10_000,
+                  "video": 2_000, "hires": 400}
 
 
 def stage_resolution(stage, runlocal=False):
@@ -91,7 +96,7 @@ def get_config(arg=None):
   config.data = data_config_lib.data_config(
       "shapes", kind=kind, resolution=resolution, frames=8, batch_size=config.batch_size,
       caption_dropout=0.1 if stage in ("image", "video", "hires") else 0.0,
-      num_train_examples=64 if local else (4000 if resolution > 32 else 10_000),
+      num_train_examples=64 if local else TRAIN_EXAMPLES[stage],
       num_validation_examples=18 if local else 72, num_workers=2, prefetch=2)
   config.data.data_dir = data_dir
 
@@ -102,6 +107,7 @@ def get_config(arg=None):
   config.ldm = ldm_config(stage, local)
   if root:
     config.ldm.vae_workdir = os.path.join(root, "autoencoder_video")
+    config.ldm.latent_cache_dir = os.path.join(root, stage, "latents")
   return config
 
 
@@ -125,6 +131,9 @@ def ldm_config(stage, local):
   c = ml_collections.ConfigDict()
   c.kind = "image" if stage == "image" else "video"
   c.vae_workdir = config_dict.placeholder(str)
+  # Where the frozen VAE's posterior of every training example is cached (built at the stage's
+  # start, reused on resume): the encoder then runs once per example, not once per step.
+  c.latent_cache_dir = config_dict.placeholder(str)
   c.max_length = 8  # "a red circle moving left" + bos + eos = 7 tokens
   levels = 1 if local else 2  # runlocal: one level, the least to compile
   c.unet = ml_collections.ConfigDict(dict(
@@ -143,6 +152,8 @@ def ldm_config(stage, local):
   c.prediction_type = "v_prediction"
   c.weighting = "min_snr"
   c.min_snr_gamma = 5.0
+  c.noise_sampling = "uniform"  # or 'lognormal': σ ~ exp(p_mean + p_std·n), mapped to timesteps
+  c.p_mean, c.p_std = -1.2, 1.2
   c.schedule = ml_collections.ConfigDict(dict(
       num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
       rescale_betas_zero_snr=True))

@@ -167,6 +167,33 @@ def test_inflation_starts_from_the_image_model_and_trains_temporal_layers_only()
   np.testing.assert_allclose(video, frames.reshape(video.shape), atol=1e-4)
 
 
+def test_latent_cache_holds_the_vae_posterior_and_feeds_the_same_loss(tmp_path):
+  config = load("video")
+  config.data.data_dir = str(tmp_path / "data")
+  config.data.num_train_examples = 6
+  task = ldm.LatentDiffusionTask(config)
+  vae_params = common.host_init(jax.eval_shape(
+      lambda: task.vae.init(jax.random.key(0), jnp.zeros((1, 2, 8, 8, 3)))["params"]), 0)
+  cache_dir = str(tmp_path / "latents")
+  ldm.build_latent_cache(config.data, cache_dir, task.vae, vae_params, 0, 1)
+  config.data.name, config.data.cache_dir = "latent_cache", cache_dir
+  cached = next(common.make_data(config.data, None, 0, 1, task.tokenizer))
+  assert set(cached) == {"latent_mean", "latent_std", "input_ids", "step"}
+
+  config.data.name = "shapes"
+  pixels = next(common.make_data(config.data, None, 0, 1, task.tokenizer))
+  np.testing.assert_array_equal(cached["input_ids"], pixels["input_ids"])
+  posterior = task.vae.apply({"params": vae_params}, pixels["video"].reshape(-1, 8, 8, 3),
+                             method="encode")
+  np.testing.assert_allclose(cached["latent_mean"].reshape(posterior.mean.shape), posterior.mean,
+                             atol=1e-5)
+  # The loss draws the same posterior sample from the moments as from the pixels.
+  frozen = {"vae": vae_params, "scale": np.float32(0.7)}
+  key = jax.random.key(3)
+  np.testing.assert_allclose(task.latents(frozen, cached, key), task.latents(frozen, pixels, key),
+                             atol=1e-5)
+
+
 def test_recipe_end_to_end_at_runlocal_size(tmp_path):
   root = str(tmp_path / "run")
   summaries = demo.run(root, runlocal=True, num_samples=1, batch_size=72)
@@ -184,6 +211,8 @@ def test_recipe_end_to_end_at_runlocal_size(tmp_path):
   assert os.path.exists(os.path.join(samples, "grid.gif"))
   timings = json.load(open(os.path.join(root, "timings.json")))
   assert set(timings) == set(shapes_config.STAGES)
+  for stage in ("image", "video", "hires"):  # the diffusion stages trained on cached latents
+    assert os.path.exists(os.path.join(root, stage, "latents", "train", "index.p0.json"))
 
   # A second run finds every stage finished and trains nothing.
   assert demo.train_stages(root, runlocal=True) == timings

@@ -73,6 +73,9 @@ def all_prompts() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------- data
+_METADATA = ("fps", "index", "held_out")
+
+
 class CaptionedData:
   """A data Pipeline whose batches hold only global arrays: the pixels ('image' or 'video'),
   'input_ids' (the tokenized captions; '' where dropped for guidance) and 'step', the index of
@@ -91,7 +94,8 @@ class CaptionedData:
     step = state["epoch"] * p.steps_per_epoch + state["position"]
     batch = next(p)
     captions = batch.pop("caption")
-    out = {p.kind: batch[p.kind]}
+    # Pixels, or a latent cache's fields (whatever the batch holds besides its metadata).
+    out = {k: v for k, v in batch.items() if k not in _METADATA}
     local = len(captions)
     if self.tokenizer is not None:
       out["input_ids"] = self._global(self.tokenizer(captions))

@@ -11,7 +11,10 @@ One task, `LatentDiffusionTask`, configured by `config.ldm`:
   hires   the video model fine-tuned at a higher resolution (`train='all'` or 'temporal').
 The VAE is frozen: the temporal-decoder autoencoder of the autoencoder stages
 (`config.ldm.vae_workdir`); its latents are scaled by 1/std, measured on fixed rendered frames
-(`latent_scale`), so every stage and the sampler agree on the scale without storing it.
+(`latent_scale`), so every stage and the sampler agree on the scale without storing it. With
+`config.ldm.latent_cache_dir` set, a stage first writes the VAE posterior (mean, std) of every
+training example there and trains on it, sampling the posterior each step: the encoder runs once
+per example instead of once per step (a resumed stage reuses the cache).
 
 Why the text encoder trains in the image stage and is frozen afterwards: there is no pretrained
 encoder for a 19-token vocabulary, so it has to be learned, and the image stage is where captions
@@ -32,8 +35,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import traverse_util
+from jax.experimental import multihost_utils
 
 from vldm.data import shapes
+from vldm.data import sources
 from vldm.diffusion import losses
 from vldm.diffusion.schedules import DiscreteSchedule
 from vldm.models import clip as clip_lib
@@ -119,6 +124,7 @@ class LatentDiffusionTask(tasks_lib.Task):
     self.schedule = make_schedule(config)
     self.size, self.frames = config.data.resolution, config.data.frames
     self._pipeline = None
+    self._frozen_vae = None
 
   @property
   def video(self) -> bool:
@@ -165,12 +171,21 @@ class LatentDiffusionTask(tasks_lib.Task):
   def init_frozen(self, mesh):
     vae_params = common.load_stage_params(self.config.ldm.vae_workdir, mesh)
     scale = latent_scale(self.vae, vae_params, self.config.autoencoder.vae.sample_size)
+    self._frozen_vae = vae_params
     return {"vae": vae_params, "scale": np.float32(scale)}
 
   # ---- training -------------------------------------------------------------------------------
   def make_data(self, sharding, process_index, process_count):
-    return common.make_data(self.config.data, sharding, process_index, process_count,
-                            self.tokenizer)
+    data = self.config.data
+    cache_dir = self.config.ldm.latent_cache_dir
+    if cache_dir:  # encode the frozen VAE once per example instead of once per step
+      if not self._frozen_vae:
+        raise RuntimeError("make_data needs the frozen VAE: call init_frozen first.")
+      build_latent_cache(data, cache_dir, self.vae, self._frozen_vae, process_index,
+                         process_count)
+      data = data.copy_and_resolve_references()
+      data.name, data.cache_dir = "latent_cache", cache_dir
+    return common.make_data(data, sharding, process_index, process_count, self.tokenizer)
 
   def encode(self, frozen, pixels, rng):
     """Pixels [B, (F,) H, W, 3] in [-1, 1] → scaled latents [B, (F,) h, w, c]."""
@@ -180,15 +195,22 @@ class LatentDiffusionTask(tasks_lib.Task):
     latents = posterior.sample(rng) * frozen["scale"]
     return latents.reshape(lead + latents.shape[1:])
 
+  def latents(self, frozen, batch, rng):
+    """Scaled latents of a batch of pixels, or a posterior sample of its cached moments."""
+    if "latent_mean" in batch:
+      mean, std = batch["latent_mean"], batch["latent_std"]
+      return (mean + std * jax.random.normal(rng, mean.shape, mean.dtype)) * frozen["scale"]
+    return self.encode(frozen, batch["video" if self.video else "image"], rng)
+
   def loss_fn(self, params, frozen, batch, rng):
     c = self.config.ldm
     encode_rng, loss_rng = jax.random.split(rng)
-    pixels = batch["video" if self.video else "image"]
-    x0 = jax.lax.stop_gradient(self.encode(frozen, pixels, encode_rng))
+    x0 = jax.lax.stop_gradient(self.latents(frozen, batch, encode_rng))
     context = self.text_encoder.apply({"params": params["text_encoder"]}, batch["input_ids"])[0]
     network = lambda x, t: self.unet.apply({"params": params["unet"]}, x, t, context)
     loss, aux = losses.diffusion_loss(network, x0, loss_rng, parameterization=c.prediction_type,
-                                      schedule=self.schedule, weighting=c.weighting,
+                                      schedule=self.schedule, noise_sampling=c.noise_sampling,
+                                      p_mean=c.p_mean, p_std=c.p_std, weighting=c.weighting,
                                       min_snr_gamma=c.min_snr_gamma)
     return jnp.mean(loss), dict(mse=jnp.mean(aux["mse"]), latent_std=jnp.std(x0))
 
@@ -220,6 +242,29 @@ class LatentDiffusionTask(tasks_lib.Task):
     prompts = self.config.ldm.sample_prompts
     clips = self.generate(params, frozen, prompts, rng)
     return {f"prompt_{i}": clip for i, clip in enumerate(clips)}
+
+
+def build_latent_cache(data_config, cache_dir, vae, vae_params, process_index, process_count):
+  """Writes the VAE posterior moments {latent_mean, latent_std} of every training example of
+  `data_config` to cache_dir/<train split> unless a complete cache is there (a resumed stage
+  reuses it). Unscaled: the stage applies its scale, and samples the posterior every step."""
+  directory = os.path.join(cache_dir, data_config.train_split)
+  if os.path.exists(os.path.join(directory, f"index.p{process_index}.json")):
+    return
+
+  @jax.jit
+  def moments(pixels):
+    lead = pixels.shape[:-3]
+    posterior = vae.apply({"params": vae_params}, pixels.reshape((-1,) + pixels.shape[-3:]),
+                          method="encode")
+    reshape = lambda x: x.reshape(lead + x.shape[1:])
+    return {"latent_mean": reshape(posterior.mean), "latent_std": reshape(posterior.std)}
+
+  sources.build_cache(data_config, data_config.train_split, cache_dir,
+                      lambda pixels: jax.device_get(moments(pixels)), lambda captions: {},
+                      batch_size=64, process_index=process_index, process_count=process_count)
+  if process_count > 1:  # every process reads every process's rows
+    multihost_utils.sync_global_devices(f"latent cache {directory}")
 
 
 def components(task: LatentDiffusionTask, params, frozen) -> dict:
