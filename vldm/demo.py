@@ -15,7 +15,6 @@ from the final stage, judges them with the shapes oracle (`vldm.eval`) and write
 from __future__ import annotations
 
 import json
-import logging as std_logging
 import os
 import sys
 import time
@@ -207,19 +206,13 @@ def _run(workdir, runlocal, num_samples, seed, batch_size, eval_stages, data_dir
   return {stage: e[0] for stage, e in evaluations.items()}
 
 
-class _QuietLibraries:
-  """Drops the INFO chatter of Orbax (a few lines per array and save) from the log."""
-
-  def filter(self, record):
-    return record.levelno > std_logging.INFO or "/orbax/" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir:
     sys.exit("vldm.demo: error: --workdir is required.")
-  logging.get_absl_logger().addFilter(_QuietLibraries())
+  from vldm.train import metrics as train_metrics  # pylint: disable=g-import-not-at-top
+  logging.get_absl_logger().addFilter(train_metrics.QuietOrbax())
   try:
     run(FLAGS.workdir, FLAGS.runlocal, FLAGS.num_samples, FLAGS.seed, FLAGS.batch_size,
         FLAGS.eval_stages, FLAGS.data_dir)

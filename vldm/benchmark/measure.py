@@ -49,12 +49,16 @@ def median(times: Sequence[float]) -> Optional[float]:
 # the caching allocator (CUDA) or the profiler's allocation events (CPU) for torch.
 
 
+def _memory_analysis(compiled):
+  try:
+    return compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend implements it
+    return None
+
+
 def jax_work_bytes(compiled) -> Optional[int]:
   """Temporaries + outputs − outputs aliased to donated inputs of a compiled program."""
-  try:
-    m = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
+  m = _memory_analysis(compiled)
   if m is None:
     return None
   return int(m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
@@ -62,10 +66,7 @@ def jax_work_bytes(compiled) -> Optional[int]:
 
 def jax_total_bytes(compiled) -> Optional[int]:
   """Everything the program holds at once: arguments + temporaries + outputs − aliased."""
-  try:
-    m = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
+  m = _memory_analysis(compiled)
   if m is None:
     return None
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes

@@ -1,5 +1,4 @@
 """python -m vldm.train --config configs/FILE.py[:args] --workdir DIR [--config.KEY=VALUE ...]"""
-import logging as std_logging
 from absl import app
 from absl import flags
 from absl import logging
@@ -15,17 +14,11 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and samples go;
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries:
-  """Drops the INFO chatter of Orbax (a few lines per array and save) from the run's log."""
-
-  def filter(self, record):
-    return record.levelno > std_logging.INFO or "/orbax/" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_logger().addFilter(_QuietLibraries())
+  from vldm.train import metrics  # pylint: disable=g-import-not-at-top
+  logging.get_absl_logger().addFilter(metrics.QuietOrbax())
   from vldm.train import distributed  # pylint: disable=g-import-not-at-top
   distributed.maybe_initialize()
   from vldm.train import trainer  # pylint: disable=g-import-not-at-top  # heavy: after parsing

@@ -8,6 +8,7 @@ imported on first use and kept off the accelerators.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Mapping
@@ -80,3 +81,10 @@ def read_metrics(workdir: str) -> list[dict]:
   """The records of `WORKDIR/metrics.jsonl` (for tests and notebooks)."""
   text = (epath.Path(workdir) / "metrics.jsonl").read_text()
   return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+class QuietOrbax(logging.Filter):
+  """Drops Orbax's INFO chatter (a few lines per array and save) from a run's log."""
+
+  def filter(self, record):
+    return record.levelno > logging.INFO or "/orbax/" not in record.pathname
