@@ -175,7 +175,7 @@ def test_latent_cache_holds_the_vae_posterior_and_feeds_the_same_loss(tmp_path):
   vae_params = common.host_init(jax.eval_shape(
       lambda: task.vae.init(jax.random.key(0), jnp.zeros((1, 2, 8, 8, 3)))["params"]), 0)
   cache_dir = str(tmp_path / "latents")
-  ldm.build_latent_cache(config.data, cache_dir, task.vae, vae_params, 0, 1)
+  ldm.build_latent_cache(task, config.data, cache_dir, vae_params, 0, 1)
   config.data.name, config.data.cache_dir = "latent_cache", cache_dir
   cached = next(common.make_data(config.data, None, 0, 1, task.tokenizer))
   assert set(cached) == {"latent_mean", "latent_std", "input_ids", "step"}

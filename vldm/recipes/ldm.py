@@ -181,26 +181,26 @@ class LatentDiffusionTask(tasks_lib.Task):
     if cache_dir:  # encode the frozen VAE once per example instead of once per step
       if not self._frozen_vae:
         raise RuntimeError("make_data needs the frozen VAE: call init_frozen first.")
-      build_latent_cache(data, cache_dir, self.vae, self._frozen_vae, process_index,
-                         process_count)
+      build_latent_cache(self, data, cache_dir, self._frozen_vae, process_index, process_count)
       data = data.copy_and_resolve_references()
       data.name, data.cache_dir = "latent_cache", cache_dir
     return common.make_data(data, sharding, process_index, process_count, self.tokenizer)
 
-  def encode(self, frozen, pixels, rng):
-    """Pixels [B, (F,) H, W, 3] in [-1, 1] → scaled latents [B, (F,) h, w, c]."""
+  def posterior(self, vae_params, pixels):
+    """VAE posterior (mean, std) of pixels [B, (F,) H, W, 3] in [-1, 1], unscaled, shaped
+    [B, (F,) h, w, c]: what the latent cache stores."""
     lead = pixels.shape[:-3]
-    flat = pixels.reshape((-1,) + pixels.shape[-3:])
-    posterior = self.vae.apply({"params": frozen["vae"]}, flat, method="encode")
-    latents = posterior.sample(rng) * frozen["scale"]
-    return latents.reshape(lead + latents.shape[1:])
+    posterior = self.vae.apply({"params": vae_params}, pixels.reshape((-1,) + pixels.shape[-3:]),
+                               method="encode")
+    return tuple(x.reshape(lead + x.shape[1:]) for x in (posterior.mean, posterior.std))
 
   def latents(self, frozen, batch, rng):
-    """Scaled latents of a batch of pixels, or a posterior sample of its cached moments."""
+    """Scaled posterior sample of a batch: from its cached moments, or by encoding its pixels."""
     if "latent_mean" in batch:
       mean, std = batch["latent_mean"], batch["latent_std"]
-      return (mean + std * jax.random.normal(rng, mean.shape, mean.dtype)) * frozen["scale"]
-    return self.encode(frozen, batch["video" if self.video else "image"], rng)
+    else:
+      mean, std = self.posterior(frozen["vae"], batch["video" if self.video else "image"])
+    return (mean + std * jax.random.normal(rng, mean.shape, mean.dtype)) * frozen["scale"]
 
   def loss_fn(self, params, frozen, batch, rng):
     c = self.config.ldm
@@ -244,24 +244,22 @@ class LatentDiffusionTask(tasks_lib.Task):
     return {f"prompt_{i}": clip for i, clip in enumerate(clips)}
 
 
-def build_latent_cache(data_config, cache_dir, vae, vae_params, process_index, process_count):
+def build_latent_cache(task: LatentDiffusionTask, data_config, cache_dir, vae_params,
+                       process_index, process_count):
   """Writes the VAE posterior moments {latent_mean, latent_std} of every training example of
   `data_config` to cache_dir/<train split> unless a complete cache is there (a resumed stage
   reuses it). Unscaled: the stage applies its scale, and samples the posterior every step."""
   directory = os.path.join(cache_dir, data_config.train_split)
   if os.path.exists(os.path.join(directory, f"index.p{process_index}.json")):
     return
+  posterior = jax.jit(task.posterior)
 
-  @jax.jit
   def moments(pixels):
-    lead = pixels.shape[:-3]
-    posterior = vae.apply({"params": vae_params}, pixels.reshape((-1,) + pixels.shape[-3:]),
-                          method="encode")
-    reshape = lambda x: x.reshape(lead + x.shape[1:])
-    return {"latent_mean": reshape(posterior.mean), "latent_std": reshape(posterior.std)}
+    mean, std = jax.device_get(posterior(vae_params, pixels))
+    return {"latent_mean": mean, "latent_std": std}
 
   sources.build_cache(data_config, data_config.train_split, cache_dir,
-                      lambda pixels: jax.device_get(moments(pixels)), lambda captions: {},
+                      moments, lambda captions: {},
                       batch_size=64, process_index=process_index, process_count=process_count)
   if process_count > 1:  # every process reads every process's rows
     multihost_utils.sync_global_devices(f"latent cache {directory}")
