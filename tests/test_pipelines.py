@@ -285,6 +285,37 @@ def test_text_to_video_per_frame_matches_stable_diffusion(tmp_path):
   print(f"per-frame text-to-video vs StableDiffusionPipeline: {error:.2e}")
   assert error <= TOLERANCE
 
+  # Video-to-video (SDEdit) = StableDiffusionImg2ImgPipeline on every frame. diffusers encodes with
+  # a posterior *sample*: a VAE whose posterior std is e^-15 makes that the mode vldm takes.
+  with torch.no_grad():
+    logvar = slice(vae.config.latent_channels, None)
+    vae.quant_conv.weight[logvar] = 0
+    vae.quant_conv.bias[logvar] = -100.0  # clamped to -30 by DiagonalGaussianDistribution
+  img2img = diffusers.StableDiffusionImg2ImgPipeline(**reference.components)
+  img2img.set_progress_bar_config(disable=True)
+  img2img.save_pretrained(folder)
+  video = np.random.default_rng(1).uniform(size=(frames, 16, 16, 3)).astype(np.float32)
+  steps, strength = 6, 0.5
+  generator = torch.Generator().manual_seed(3)
+  expected = img2img("a red circle", image=video, strength=strength, num_inference_steps=steps,
+                     guidance_scale=scale, num_images_per_prompt=frames, generator=generator,
+                     output_type="np").images
+  draws = torch.Generator().manual_seed(3)
+  torch.randn((frames, 4, 8, 8), generator=draws)  # the posterior sample's draw
+  noise = torch.randn((frames, 4, 8, 8), generator=draws).permute(0, 2, 3, 1).numpy()[None]
+  pipe = TextToVideoPipeline.from_pretrained(folder)
+  actual = pipe("a red circle", video=video[None], strength=strength, num_steps=steps,
+                guidance_scale=scale, noise=noise)
+  error = relative_error(actual[0], expected)
+  print(f"per-frame video-to-video vs StableDiffusionImg2ImgPipeline: {error:.2e}")
+  assert error <= TOLERANCE
+  with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
+    pipe("a red circle", video=video[None], strength=0.1, num_steps=steps, noise=noise)
+  with pytest.raises(ValueError, match=r"video must be clips \[B=2, F, H, W, 3\]"):
+    pipe(["a", "b"], video=video[None], num_steps=steps, rng=0)
+  with pytest.raises(ValueError, match="height=32 disagrees with the video's 16"):
+    pipe("a red circle", video=video[None], height=32, num_steps=steps, rng=0)
+
 
 # ----------------------------------------------------------------------------------- workdir
 def test_pipeline_from_workdir_errors(tmp_path):

@@ -132,6 +132,60 @@ def test_sampler_matches_diffusers(case):
   assert max(relative_error(a, b) for a, b in zip(trajectory, single)) < 1e-5
 
 
+# (id, sampler, diffusers class, config, steps, strength)
+PARTIAL_CASES = [
+    ("ddim-zero-snr-trailing", "ddim", "DDIMScheduler",
+     dict(SD, clip_sample=False, timestep_spacing="trailing", rescale_betas_zero_snr=True,
+          prediction_type="v_prediction"), 12, 0.5),
+    ("ddim-eps-leading", "ddim", "DDIMScheduler",
+     dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1), 25, 0.3),
+    ("euler-karras-v", "euler", "EulerDiscreteScheduler",
+     dict(SD, prediction_type="v_prediction", use_karras_sigmas=True), 20, 0.75),
+    ("euler-svd", "euler", "EulerDiscreteScheduler", SVD_EULER, 25, 0.6),
+]
+
+
+@pytest.mark.parametrize("case", PARTIAL_CASES, ids=[c[0] for c in PARTIAL_CASES])
+def test_partial_run_matches_diffusers_img2img(case):
+  """SDEdit as diffusers' img2img pipelines run it: `get_timesteps` keeps the last
+  ⌊N·strength⌋ steps, `add_noise` noises the clean input to the first of them."""
+  _, name, cls_name, config, steps, strength = case
+  ref = getattr(diffusers, cls_name)(**config)
+  sampler, schedule, options, prediction_type = samplers.from_scheduler_config(
+      dict(ref.config, _class_name=cls_name))
+  plan = samplers.partial_plan(samplers.make_plan(sampler, schedule, steps, **options), strength)
+  rng = np.random.default_rng(4)
+  x0, noise = (rng.standard_normal(SHAPE).astype(np.float32) for _ in range(2))
+  run = jax.jit(lambda x0, n: samplers.run(plan, Denoiser(network_jax, prediction_type), n,
+                                           start=samplers.noise_to_start(plan, x0, n)))
+  final = run(jnp.asarray(x0), jnp.asarray(noise))
+
+  ref.set_timesteps(steps)  # StableDiffusionImg2ImgPipeline.get_timesteps + prepare_latents
+  t_start = max(steps - min(int(steps * strength), steps), 0)
+  timesteps = ref.timesteps[t_start * ref.order:]
+  if hasattr(ref, "set_begin_index"):
+    ref.set_begin_index(t_start * ref.order)
+  x = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), timesteps[:1])
+  assert len(timesteps) == plan.num_model_calls
+  for t in timesteps:
+    x = ref.step(network_torch(ref.scale_model_input(x, t), t.float()), t, x).prev_sample
+  assert relative_error(final, x.numpy()) < 1e-5
+
+
+def test_partial_plan_inputs():
+  schedule = DiscreteSchedule(**SD)
+  plan = samplers.make_plan("ddim", schedule, 10)
+  assert samplers.partial_plan(plan, 1.0).num_model_calls == 10
+  assert samplers.partial_plan(plan, 0.35).num_model_calls == 3
+  np.testing.assert_array_equal(samplers.partial_plan(plan, 0.35).timesteps, plan.timesteps[7:])
+  for strength in (0.0, 0.05, 1.5, -1):
+    with pytest.raises(ValueError, match=r"strength must be in \(0, 1\].*≥ 0.1"):
+      samplers.partial_plan(plan, strength)
+  for name in ("heun", "dpmpp_2m"):
+    with pytest.raises(ValueError, match=f"Sampler '{name}' cannot start part-way"):
+      samplers.partial_plan(samplers.make_plan(name, schedule, 10), 0.5)
+
+
 def test_sample_equals_run_of_plan_and_is_deterministic_per_key():
   schedule = DiscreteSchedule(**SD)
   denoiser = Denoiser(network_jax, "epsilon")

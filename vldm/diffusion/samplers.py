@@ -13,6 +13,10 @@ that diffusers runs on the VP sample (DDPM, DDIM, DPM-Solver++) keep their state
 denoiser x_vp·√(σ²+1). Option names and defaults are those of the diffusers scheduler classes
 (timestep_spacing, steps_offset, use_karras_sigmas, …), except `clip_sample`, off by default for
 latent diffusion.
+
+SDEdit (diffusers' image-to-image / video-to-video): `partial_plan(plan, strength)` keeps the last
+⌊N·strength⌋ steps and `run(..., start=noise_to_start(plan, x0, noise))` denoises clean latents x0
+noised to the first of them.
 """
 from __future__ import annotations
 
@@ -390,16 +394,57 @@ def make_plan(sampler: str, schedule: DiscreteSchedule, num_steps: int, **option
               float(init), arrays, resolved, bool(entry.stochastic(resolved)))
 
 
+# ---- partial runs: SDEdit (diffusers' image-to-image and video-to-video pipelines) -------------
+# Samplers whose plan is one model call per step with no state beyond x: any suffix of the plan is
+# itself a plan.
+PARTIAL_SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral")
+
+
+def partial_plan(plan: Plan, strength: float) -> Plan:
+  """The last min(⌊N·strength⌋, N) of the plan's N steps, as diffusers' img2img `get_timesteps`
+  keeps them: a clean sample noised to the first kept step (`noise_to_start`) is denoised from
+  there. strength 1 keeps the whole plan; small strengths stay close to the input."""
+  if plan.sampler not in PARTIAL_SAMPLERS:
+    raise ValueError(f"Sampler {plan.sampler!r} cannot start part-way; samplers that can: "
+                     f"{PARTIAL_SAMPLERS}.")
+  steps = plan.num_model_calls
+  keep = min(int(steps * strength), steps) if 0 < strength <= 1 else 0
+  if keep < 1:
+    raise ValueError(f"strength must be in (0, 1] and keep at least one of the {steps} steps "
+                     f"(strength ≥ {1 / steps:.3g}); got {strength!r}.")
+  start = steps - keep
+  return dataclasses.replace(
+      plan, timesteps=plan.timesteps[start:], sigmas=plan.sigmas[start:],
+      arrays={k: v[start:] for k, v in plan.arrays.items()})
+
+
+def noise_to_start(plan: Plan, x0, noise):
+  """Clean latents x0 noised to the plan's first step, in the sampler's own state (diffusers'
+  `scheduler.add_noise`): √ᾱ·x0 + √(1−ᾱ)·noise for DDPM/DDIM, x0 + σ·noise for the Euler family."""
+  if plan.sampler not in PARTIAL_SAMPLERS:
+    raise ValueError(f"Sampler {plan.sampler!r} cannot start part-way; samplers that can: "
+                     f"{PARTIAL_SAMPLERS}.")
+  x0, noise = jnp.asarray(x0, jnp.float32), jnp.asarray(noise, jnp.float32)
+  if "alpha_bar" in plan.arrays:
+    alpha_bar = float(plan.arrays["alpha_bar"][0])
+    return alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * noise
+  return x0 + float(plan.sigmas[0]) * noise
+
+
 def run(plan: Plan, denoise_fn: DenoiseFn, noise, rng=None, *, step_noise=None,
-        return_trajectory: bool = False):
+        return_trajectory: bool = False, start=None):
   """Runs a plan from standard-normal `noise`; returns the final latents (float32).
 
   Stochastic samplers draw one normal per model call from `rng` (split per step), or take the
   draws from `step_noise` [M, *noise.shape] (to replay a reference implementation's noise).
   With `return_trajectory`, also returns the state after every model call, [M, *noise.shape].
+  `start`: the initial state instead of noise × init_noise_sigma (a partial plan's
+  `noise_to_start`; `noise` then only gives the shape).
   """
   entry = get_sampler(plan.sampler)
-  x = jnp.asarray(noise, jnp.float32) * plan.init_noise_sigma
+  x = jnp.asarray(noise if start is None else start, jnp.float32)
+  if start is None:
+    x = x * plan.init_noise_sigma
   calls = plan.num_model_calls
   xs = {k: jnp.asarray(v) for k, v in plan.arrays.items()}
   xs["t"] = jnp.asarray(plan.timesteps)

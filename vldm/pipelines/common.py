@@ -86,11 +86,17 @@ def as_sampler_settings(sampler) -> SamplerSettings:
 
 
 def sample_latents(settings: SamplerSettings, network_fn: Callable, noise, num_steps: int,
-                   rng=None):
+                   rng=None, *, init_latents=None, strength: float = 1.0):
   """Runs the sampler from standard-normal `noise` with `network_fn(x, t) -> prediction` (the
-  guided network); returns the final latents. Traceable."""
+  guided network); returns the final latents. With `init_latents`, SDEdit: they are noised to the
+  step where the last ⌊num_steps·strength⌋ steps begin, and only those run. Traceable."""
   denoiser = Denoiser(network_fn, settings.prediction_type, settings.schedule)
-  return samplers.run(settings.plan(num_steps), denoiser, noise, rng)
+  plan = settings.plan(num_steps)
+  if init_latents is None:
+    return samplers.run(plan, denoiser, noise, rng)
+  plan = samplers.partial_plan(plan, strength)
+  start = samplers.noise_to_start(plan, init_latents, noise)
+  return samplers.run(plan, denoiser, noise, rng, start=start)
 
 
 # ------------------------------------------------------------------------------------- folders
@@ -207,7 +213,19 @@ def check_size(height: int, width: int, vae: nn.Module, unet: nn.Module) -> None
           f"and the UNet by {multiple // vae_factor} more); got height={height}, width={width}.")
 
 
-# ------------------------------------------------------------------------------------ decoding
+# ------------------------------------------------------------------------- encoding, decoding
+def encode_frames(vae: nn.Module, vae_params, frames):
+  """Frames [B,F,H,W,3] in [0,1] → latents [B,F,h,w,c] as the sampler sees them: the posterior
+  mode (minus shift_factor) × scaling_factor, the inverse of `decode_latents`. Traceable."""
+  b, f = frames.shape[:2]
+  pixels = frames.reshape((b * f,) + frames.shape[2:]).astype(jnp.float32) * 2 - 1
+  latents = vae.apply({"params": vae_params}, pixels, method="encode").mode()
+  shift = getattr(vae, "shift_factor", None)
+  if shift is not None:
+    latents = latents - shift
+  return (latents * vae.scaling_factor).reshape((b, f) + latents.shape[1:])
+
+
 def decode_latents(vae: nn.Module, vae_params, latents, decode_chunk_size: Optional[int] = None):
   """Video latents [B,F,h,w,c] (as sampled, i.e. × scaling_factor) → frames [B,F,H,W,3] in [0,1].
 

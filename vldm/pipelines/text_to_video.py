@@ -15,6 +15,8 @@ As diffusers' text-to-image pipelines do: prompts and the negative prompt ("" by
 tokenized padded to max_length, the context is the text encoder's last hidden state, guidance is
 classifier-free with the unconditional branch first and is off when guidance_scale ≤ 1; the
 sampler starts from noise · init_noise_sigma and latents are ÷ scaling_factor before decoding.
+With `video=` clips and a `strength`, it is video-to-video (SDEdit) as diffusers' img2img
+pipelines run it, each frame encoded to its posterior mode.
 A video UNet with added time ids (SVD-style micro-conditioning) gets `time_ids`, by default
 [fps − 1, motion_bucket_id, 0] when it takes three (SVD's order, with no conditioning image).
 """
@@ -31,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vldm.diffusion import guidance as guidance_lib
+from vldm.diffusion import samplers
 from vldm.models import clip as clip_lib
 from vldm.models import tokenizer as tokenizer_lib
 from vldm.models import unet as unet_lib
@@ -177,18 +180,24 @@ class TextToVideoPipeline:
                negative_prompt: str = "", fps: int = 7, motion_bucket_id: int = 127,
                time_ids: Optional[Sequence[float]] = None,
                decode_chunk_size: Optional[int] = None, rng=None, noise=None,
-               output: str = "frames") -> np.ndarray:
+               video=None, strength: float = 0.6, output: str = "frames") -> np.ndarray:
     """Frames [B,F,H,W,3] in [0,1], one clip per prompt (or the latents, output='latents').
 
     num_frames: default the video UNet config's (8 for an image UNet). height, width: default
     sample_size × the VAE factor; multiples of the VAE × UNet downsampling factor. rng: an int
     seed, a PRNG key or one key per prompt; noise [B,F,h,w,c] (standard normal) replaces its draw.
+    video: clips [B,F,H,W,3] in [0,1] to start from (video-to-video, SDEdit, as diffusers'
+    VideoToVideoSDPipeline): encoded (posterior mode), noised to where the last
+    ⌊num_steps·strength⌋ steps begin, and denoised by those; they set num_frames, height, width.
     """
     if output not in OUTPUTS:
       raise ValueError(f"Unknown output {output!r}; accepted: {OUTPUTS}.")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
       raise ValueError("prompts must be a string or a non-empty list of strings.")
+    if video is not None:
+      video = self._check_video(video, len(prompts), num_frames, height, width)
+      num_frames, height, width = video.shape[1:4]
     if height is None or width is None:
       default_h, default_w = self.default_size()
       height, width = height or default_h, width or default_w
@@ -202,6 +211,8 @@ class TextToVideoPipeline:
     latent_shape = (num_frames, height // vae_factor, width // vae_factor,
                     self.vae.latent_channels)
     plan = self.sampler.plan(num_steps)  # validates num_steps and the options on the host
+    if video is not None:
+      plan = samplers.partial_plan(plan, strength)  # validates the sampler and strength
     keys = None if rng is None else common.example_keys(rng, batch)
     if keys is None and (noise is None or plan.stochastic):
       raise ValueError("Pass rng (an int seed or PRNG key), or noise (and rng for the stochastic "
@@ -214,10 +225,11 @@ class TextToVideoPipeline:
     ids_time = self._time_ids(batch, fps, motion_bucket_id, time_ids)
 
     use_guidance = guidance_scale > 1  # diffusers' do_classifier_free_guidance
-    sample = self._compiled.get(("sample", num_steps, use_guidance), functools.partial(
-        self._sample, num_steps=num_steps, use_guidance=use_guidance))
+    strength = None if video is None else float(strength)
+    sample = self._compiled.get(("sample", num_steps, use_guidance, strength), functools.partial(
+        self._sample, num_steps=num_steps, use_guidance=use_guidance, strength=strength))
     latents = sample(self.params, ids, uncond_ids, ids_time, noise, jnp.float32(guidance_scale),
-                     sampler_key)
+                     sampler_key, video)
     if output == "latents":
       return np.asarray(latents)
     decode = self._compiled.decoder(self.vae, decode_chunk_size)
@@ -237,9 +249,21 @@ class TextToVideoPipeline:
 
     return network
 
-  def _sample(self, params, ids, uncond_ids, time_ids, noise, guidance_scale, sampler_key, *,
-              num_steps, use_guidance):
-    """Text encoder + the sampling loop (one jitted function); → latents."""
+  def _check_video(self, video, batch, num_frames, height, width) -> np.ndarray:
+    video = np.asarray(video)
+    if video.ndim != 5 or video.shape[0] != batch or video.shape[-1] != 3:
+      raise ValueError(f"video must be clips [B={batch}, F, H, W, 3] in [0, 1], one per prompt; got "
+                       f"shape {video.shape}.")
+    for name, given, actual in (("num_frames", num_frames, video.shape[1]),
+                                ("height", height, video.shape[2]), ("width", width, video.shape[3])):
+      if given is not None and given != actual:
+        raise ValueError(f"{name}={given} disagrees with the video's {actual}; leave it unset.")
+    return video.astype(np.float32)
+
+  def _sample(self, params, ids, uncond_ids, time_ids, noise, guidance_scale, sampler_key, video,
+              *, num_steps, use_guidance, strength):
+    """Text encoder (+ the video's encoding) + the sampling loop (one jitted function); →
+    latents."""
     encode = lambda tokens: self.text_encoder.apply({"params": params["text_encoder"]}, tokens)[0]
     extra = {} if time_ids is None else {"time_ids": time_ids}
     cond = dict(context=encode(ids), **extra)
@@ -249,4 +273,6 @@ class TextToVideoPipeline:
       guided = guidance_lib.classifier_free_guidance(network, cond, uncond, guidance_scale)
     else:
       guided = lambda x, t: network(x, t, cond)
-    return common.sample_latents(self.sampler, guided, noise, num_steps, sampler_key)
+    init = None if video is None else common.encode_frames(self.vae, params["vae"], video)
+    return common.sample_latents(self.sampler, guided, noise, num_steps, sampler_key,
+                                 init_latents=init, strength=strength)
