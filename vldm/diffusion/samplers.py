@@ -400,13 +400,17 @@ def make_plan(sampler: str, schedule: DiscreteSchedule, num_steps: int, **option
 PARTIAL_SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral")
 
 
+def _check_partial(plan: Plan) -> None:
+  if plan.sampler not in PARTIAL_SAMPLERS:
+    raise ValueError(f"Sampler {plan.sampler!r} cannot start part-way; samplers that can: "
+                     f"{PARTIAL_SAMPLERS}.")
+
+
 def partial_plan(plan: Plan, strength: float) -> Plan:
   """The last min(⌊N·strength⌋, N) of the plan's N steps, as diffusers' img2img `get_timesteps`
   keeps them: a clean sample noised to the first kept step (`noise_to_start`) is denoised from
   there. strength 1 keeps the whole plan; small strengths stay close to the input."""
-  if plan.sampler not in PARTIAL_SAMPLERS:
-    raise ValueError(f"Sampler {plan.sampler!r} cannot start part-way; samplers that can: "
-                     f"{PARTIAL_SAMPLERS}.")
+  _check_partial(plan)
   steps = plan.num_model_calls
   keep = min(int(steps * strength), steps) if 0 < strength <= 1 else 0
   if keep < 1:
@@ -421,9 +425,7 @@ def partial_plan(plan: Plan, strength: float) -> Plan:
 def noise_to_start(plan: Plan, x0, noise):
   """Clean latents x0 noised to the plan's first step, in the sampler's own state (diffusers'
   `scheduler.add_noise`): √ᾱ·x0 + √(1−ᾱ)·noise for DDPM/DDIM, x0 + σ·noise for the Euler family."""
-  if plan.sampler not in PARTIAL_SAMPLERS:
-    raise ValueError(f"Sampler {plan.sampler!r} cannot start part-way; samplers that can: "
-                     f"{PARTIAL_SAMPLERS}.")
+  _check_partial(plan)
   x0, noise = jnp.asarray(x0, jnp.float32), jnp.asarray(noise, jnp.float32)
   if "alpha_bar" in plan.arrays:
     alpha_bar = float(plan.arrays["alpha_bar"][0])
