@@ -226,6 +226,13 @@ def test_text_to_video_shapes_determinism_and_guidance(t2v):
   per_key = jax.vmap(jax.random.key)(np.array([5, 5], np.uint32))
   same_noise = t2v(prompts, rng=per_key, guidance_scale=4.0, **kwargs)
   assert np.abs(same_noise[0] - same_noise[1]).max() > 1e-3
+  # Video-to-video through the video UNet: the clips set the size; strength changes the result.
+  start = np.random.default_rng(2).uniform(size=frames.shape).astype(np.float32)
+  v2v = lambda strength: t2v(prompts, rng=0, guidance_scale=4.0, video=start, strength=strength,
+                             num_steps=4, decode_chunk_size=2)
+  light, heavy = v2v(0.25), v2v(1.0)
+  assert light.shape == heavy.shape == start.shape and np.isfinite(light).all()
+  assert np.abs(light - heavy).max() > 1e-3
 
 
 def test_text_to_video_bad_input(t2v):
