@@ -145,15 +145,22 @@ def ldm_config(stage, local):
   c.text = ml_collections.ConfigDict(dict(
       hidden_size=32 if local else 64, intermediate_size=64 if local else 128,
       num_hidden_layers=1 if local else 2, num_attention_heads=2))
-  c.temporal = ml_collections.ConfigDict(dict(merge_factor=0.5,
-                                              merge_strategy="learned_with_images", num_frames=8))
+  c.temporal = ml_collections.ConfigDict(dict(
+      merge_factor=0.5, merge_strategy="learned_with_images", num_frames=8,
+      text_motion_embedding=True))
   c.train = "all" if stage in ("image", "hires") else "temporal"
-  c.train_text_encoder = stage == "image"
+  # Image captions have no direction words: the video stage is where the encoder learns them.
+  c.train_text_encoder = stage in ("image", "video")
   c.prediction_type = "v_prediction"
-  c.weighting = "min_snr"
+  if stage == "image":
+    c.weighting, c.noise_sampling = "min_snr", "uniform"
+  else:
+    # The direction is decided at high noise (t ≳ 700 of 1000), where min-SNR weighting of the
+    # v-loss goes to 0 with the SNR: plain v-loss, noise levels lognormal (median t ≈ 700).
+    c.weighting, c.noise_sampling = "uniform", "lognormal"
   c.min_snr_gamma = 5.0
-  c.noise_sampling = "uniform"  # or 'lognormal': σ ~ exp(p_mean + p_std·n), mapped to timesteps
-  c.p_mean, c.p_std = -1.2, 1.2
+  # 'lognormal': σ ~ exp(p_mean + p_std·n), mapped to timesteps.
+  c.p_mean, c.p_std = 1.5, 1.6
   c.schedule = ml_collections.ConfigDict(dict(
       num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
       rescale_betas_zero_snr=True))

@@ -131,6 +131,8 @@ MODELS = {
                                      2, 3, 16, 8, 2),
     "video_unet_per_frame_context": lambda: _unet_case(_video_unet(), 1, 2, 8, 8, 3,
                                                        per_frame=True),
+    "video_unet_text_motion": lambda: _unet_case(_video_unet(text_motion_embedding=True),
+                                                 2, 3, 8, 8, 2),
     "vae": lambda: _vae_case(autoencoder.AutoencoderKL(block_out_channels=(32, 64),
                                                        norm_num_groups=8, layers_per_block=2),
                              2, 1, 16, "both"),

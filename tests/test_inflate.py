@@ -11,6 +11,7 @@ from flax import traverse_util
 from parity import jit_quick, relative_error
 from vldm.convert import ConversionError, save_diffusers
 from vldm.models import inflate as inflate_lib
+from vldm.models import layers, transformer
 from vldm.models.unet import UNet
 from vldm.models.unet_blocks import REMAT_POLICIES
 
@@ -202,3 +203,46 @@ def test_every_remat_policy_differentiates(setup):
     grads = jax.eval_shape(jax.grad(loss), setup["image_params"])  # traces the remat policies
     assert jax.tree_util.tree_structure(grads) == \
         jax.tree_util.tree_structure(setup["image_params"])
+
+
+def test_text_motion_embedding_is_temporal_and_trilinear(setup, tmp_path):
+  video = inflate_lib.video_config_from_image(IMAGE_UNET, text_motion_embedding=True)
+  params = inflate_lib.inflate(setup["image_params"], video, jax.random.key(4))
+  labels = traverse_util.flatten_dict(inflate_lib.label_params(params))
+  motion = [p for p in labels if "text_motion_embed" in p]
+  assert motion and all(labels[p] == "temporal" for p in motion)
+  # Image-only frames skip the temporal path, embedding included: still the image UNet.
+  sample, timesteps, context = setup["sample"], setup["timesteps"], setup["context"]
+  forward = jit_quick(lambda p, *a: video.apply({"params": p}, *a))
+  np.testing.assert_allclose(
+      forward(params, sample, timesteps, context, None, jnp.ones((B, F))),
+      setup["forward"](setup["video_params"], sample, timesteps, context, None, jnp.ones((B, F))),
+      rtol=1e-5, atol=1e-5)
+  with pytest.raises(ConversionError, match="text_motion_embedding"):
+    save_diffusers(video.clone(use_linear_projection=True), params, str(tmp_path))
+  with pytest.raises(ValueError, match="text_motion_embedding is an option of the video UNet"):
+    IMAGE_UNET.clone(text_motion_embedding=True).check_config()
+
+
+def test_text_motion_embedding_definition():
+  """Σ W[i,j,d,c]·frame[f,i]·space[s,j]·text[b,d] + Σ V[i,d,c]·frame[f,i]·text[b,d], any size."""
+  module = transformer.TextMotionEmbedding(6)
+  text = np.random.default_rng(0).standard_normal((2, 5)).astype(np.float32)
+  params = module.init(jax.random.key(0), text, 3, 4, 2)["params"]
+  assert all(not np.asarray(v).any() for v in jax.tree_util.tree_leaves(params))  # zero at init
+  params = _perturb(params, 5, scale=1.0)
+  out = np.asarray(module.apply({"params": params}, text, 3, 4, 2))
+  assert out.shape == (2, 3, 4 * 2, 6)
+  frame = np.asarray(layers.timestep_embedding(jnp.arange(3), 8))
+  rows, cols = np.meshgrid((np.arange(4) + 0.5) / 4, (np.arange(2) + 0.5) / 2, indexing="ij")
+  angles = [np.pi * cols, np.pi * rows, 2 * np.pi * cols, 2 * np.pi * rows]
+  space = np.stack([np.sin(a) for a in angles] + [np.cos(a) for a in angles], -1).reshape(8, 8)
+  want = np.zeros_like(out)
+  w, v = np.asarray(params["frame_space_text"]), np.asarray(params["frame_text"])
+  for b, f, s in np.ndindex(2, 3, 8):
+    want[b, f, s] = (np.einsum("i,j,d,ijdc->c", frame[f], space[s], text[b], w)
+                     + np.einsum("i,d,idc->c", frame[f], text[b], v))
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+  assert np.abs(out[:, 0] - out[:, 1]).max() > 0.1 and np.abs(out[0] - out[1]).max() > 0.1
+  # The same weights serve a 2× larger canvas (the hires stage).
+  assert module.apply({"params": params}, text, 3, 8, 4).shape == (2, 3, 32, 6)

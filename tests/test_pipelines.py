@@ -78,7 +78,10 @@ SVD_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", SVD_CASES)
+# The chunked case (37 s on 2 cores) runs with -m slow; chunked decoding itself has its own parity
+# test in test_autoencoder.
+@pytest.mark.parametrize("case", [pytest.param(name, marks=pytest.mark.slow) if "chunked" in name
+                                  else name for name in SVD_CASES])
 def test_image_to_video_matches_diffusers(svd, case):
   folder, reference, pipe = svd
   c = SVD_CASES[case]

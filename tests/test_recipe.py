@@ -54,7 +54,10 @@ def test_stage_configs_are_wired():
   full = {s: load(s, runlocal=False) for s in shapes_config.STAGES}
   assert full["video"].data.resolution == 32 and full["video"].data.frames == 8
   assert full["hires"].data.resolution == 64 and full["hires"].ldm.train == "all"
-  assert full["video"].ldm.train == "temporal" and not full["video"].ldm.train_text_encoder
+  # Video: spatial layers frozen; the text encoder learns the direction words (image captions
+  # have none) and the temporal transformers get the text-dependent motion embedding.
+  assert full["video"].ldm.train == "temporal" and full["video"].ldm.train_text_encoder
+  assert full["video"].ldm.temporal.text_motion_embedding and not full["hires"].ldm.train_text_encoder
   assert full["image"].ldm.train_text_encoder and full["image"].data.caption_dropout > 0
   with pytest.raises(ValueError, match="Unknown stage 'vidoe'"):
     load("vidoe")
@@ -147,14 +150,17 @@ def test_temporal_decoder_starts_frame_by_frame_with_the_kl_encoder():
   np.testing.assert_allclose(clip, frames, atol=1e-5)  # the temporal layers start as identity
 
 
-def test_inflation_starts_from_the_image_model_and_trains_temporal_layers_only():
+def test_inflation_starts_from_the_image_model_and_freezes_the_spatial_layers():
   image_task = ldm.LatentDiffusionTask(load("image"))
   video_task = ldm.LatentDiffusionTask(load("video"))
   image_params = image_task.init_params(jax.random.key(0))
   video_params = ldm.inflate_transform(image_params, video_task.init_params(jax.random.key(1)))
   labels = traverse_util.flatten_dict(video_task.trainable_labels(video_params))
   trained = {k for k, v in labels.items() if v == tasks_lib.TRAIN}
-  assert trained and all(k[0] == "unet" and inflate.is_temporal(k) for k in trained)
+  # The UNet's temporal layers and the text encoder (it learns the direction words here).
+  assert {k for k in trained if k[0] == "unet"} == {
+      k for k in labels if k[0] == "unet" and inflate.is_temporal(k)}
+  assert {k for k in trained if k[0] != "unet"} == {k for k in labels if k[0] == "text_encoder"}
   assert all(v == tasks_lib.TRAIN for v in traverse_util.flatten_dict(
       image_task.trainable_labels(image_params)).values())
   rng = np.random.default_rng(0)

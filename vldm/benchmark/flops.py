@@ -182,6 +182,11 @@ def _unet_transformer(c: _Counter, unet, batch: int, frames: int, h: int, w: int
   if unet.temporal:  # frame position MLP, on the F frame indices
     c.dense("temporal_attention", frames, width, 4 * width)
     c.dense("temporal_attention", frames, 4 * width, width)
+  if unet.text_motion_embedding:  # text contracted per clip, then frame, then the H·W positions
+    dims = 8 * 8  # frame_dim × space sinusoids of transformer.TextMotionEmbedding
+    c.dense("temporal_attention", batch, context_dim, (dims + 8) * channels)
+    c.dense("temporal_attention", batch * frames, dims + 8, channels)
+    c.dense("temporal_attention", batch * frames * tokens, 8, channels)
   for _ in range(num_layers):
     if only_cross:
       c.attention_layer("spatial_attention", n, tokens, width, ctx_rows, context_length,

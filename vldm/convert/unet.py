@@ -126,6 +126,8 @@ def _svd_to_config(module: unet_lib.UNet) -> dict:
       value = any(value)
     if value != want:
       problems.append(f"{key}={value!r} (needs {want!r})")
+  if module.text_motion_embedding:
+    problems.append("text_motion_embedding=True (vldm's own layer; the diffusers class has none)")
   if module.addition_time_embed_dim is None:
     problems.append("addition_time_embed_dim=None (the diffusers class always has added-time-ids "
                     "conditioning)")

@@ -28,13 +28,15 @@ SPATIAL, TEMPORAL = "spatial", "temporal"
 
 # Options a video UNet may set beyond its image UNet's (the spatial layers stay as they are).
 TEMPORAL_OPTIONS = ("merge_factor", "merge_strategy", "temporal_conv_implementation",
+                    "text_motion_embedding",
                     "addition_time_embed_dim", "projection_class_embeddings_input_dim",
                     "num_frames", "attention_implementation", "remat_policy", "dtype",
                     "param_dtype")
 
 # Module names that exist only in the video UNet.
 _TEMPORAL_NAMES = re.compile(
-    r"temporal_res_block|time_mixer|time_pos_embed|temporal_transformer_blocks_\d+|add_embedding")
+    r"temporal_res_block|time_mixer|time_pos_embed|temporal_transformer_blocks_\d+|add_embedding|"
+    r"text_motion_embed")
 _RESNET = re.compile(r"resnets_\d+")
 _SPATIAL_RES_BLOCK = "spatial_res_block"
 

@@ -16,6 +16,7 @@ from typing import Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from vldm.models import layers
@@ -107,6 +108,50 @@ class TemporalBasicTransformerBlock(nn.Module):
     return x.reshape(batch_frames, tokens, channels)
 
 
+class TextMotionEmbedding(nn.Module):
+  """A per-clip position embedding of (frame, x, y) that depends on the text: (B, F, H·W, C).
+
+  Trilinear in sinusoid(frame) ⊗ sinusoid(x, y) ⊗ text (plus a frame ⊗ text term), with text the
+  context's last token (causal CLIP's last token has seen the whole prompt; SVD's context is one
+  token). Why: a prompt such as "moving left" decides *where* the object is at *which* frame. The
+  frame and position embeddings alone make that a product the temporal blocks must learn from
+  separate factors, and at the start of training the gradient toward any one factor is zero (the
+  text-free mean clip does not depend on the frame); this term is the product itself. Zero at
+  init, like every non-kernel leaf of the recipes' host init: it grows from the data once the
+  temporal blocks' zero-initialised outputs do. vldm's own option: diffusers'
+  TransformerSpatioTemporalModel has no counterpart.
+  """
+  features: int
+  frame_dim: int = 8
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, text, frames: int, height: int, width: int):
+    text_dim = text.shape[-1]
+    frame = layers.timestep_embedding(jnp.arange(frames), self.frame_dim, flip_sin_to_cos=True)
+    space = _space_sinusoids(height, width)
+    frame_text = self.param("frame_text", nn.initializers.zeros,
+                            (self.frame_dim, text_dim, self.features), self.param_dtype)
+    frame_space_text = self.param("frame_space_text", nn.initializers.zeros,
+                                  (self.frame_dim, space.shape[-1], text_dim, self.features),
+                                  self.param_dtype)
+    text, frame, space, frame_text, frame_space_text = nn.dtypes.promote_dtype(
+        text, frame, space, frame_text, frame_space_text, dtype=self.dtype)
+    # Contract the text first: the (F, H·W) grid then meets a (B, frame_dim, 8, C) tensor.
+    per_clip = jnp.einsum("bd,fsdc->bfsc", text, frame_space_text)
+    out = jnp.einsum("if,js,bfsc->bijc", frame, space, per_clip)
+    return out + jnp.einsum("if,bd,fdc->bic", frame, text, frame_text)[:, :, None, :]
+
+
+def _space_sinusoids(height: int, width: int):
+  """sin and cos of π·x and 2π·x for x, y in (0, 1) at pixel centres: (H·W, 8), any resolution."""
+  y, x = np.meshgrid((np.arange(height) + 0.5) / height, (np.arange(width) + 0.5) / width,
+                     indexing="ij")
+  angles = np.stack([np.pi * x, np.pi * y, 2 * np.pi * x, 2 * np.pi * y], -1).reshape(-1, 4)
+  return jnp.asarray(np.concatenate([np.sin(angles), np.cos(angles)], -1), jnp.float32)
+
+
 class Transformer2D(nn.Module):
   """diffusers Transformer2DModel; with `temporal=True`, TransformerSpatioTemporalModel.
 
@@ -114,6 +159,7 @@ class Transformer2D(nn.Module):
   proj_out → + residual. Heads: `num_attention_heads` of width C // heads.
   Temporal: after each spatial block k, x_mix = x + time_pos_embed(frame index);
   x_mix = temporal_transformer_blocks.k(x_mix); x = time_mixer(x, x_mix) (one α for all layers).
+  `text_motion_embedding` adds `TextMotionEmbedding` to x_mix's frame position embedding.
 
   Call: `(x[N, H, W, C], context[M, L, D], image_only_indicator[B, F] or None)` with N = B·F; the
   context is per image (M = N) or per clip (M = B).
@@ -126,6 +172,7 @@ class Transformer2D(nn.Module):
   temporal: bool = False
   merge_factor: float = 0.5
   merge_strategy: str = "learned_with_images"
+  text_motion_embedding: bool = False
   attention_implementation: Optional[str] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -161,6 +208,10 @@ class Transformer2D(nn.Module):
       time_context = context
       if context.shape[0] == n:
         time_context = context.reshape((batch, frames) + context.shape[1:])[:, 0]
+      if self.text_motion_embedding:
+        motion = TextMotionEmbedding(channels, name="text_motion_embed", **kw)(
+            time_context[:, -1], frames, height, width)
+        positions = positions + motion.reshape(n, height * width, channels)
       mixer = layers.AlphaBlender(self.merge_factor, merge_strategy=self.merge_strategy,
                                   name="time_mixer")
     for k in range(self.num_layers):

@@ -85,6 +85,8 @@ class UNet(nn.Module):
   `temporal_conv_implementation`, and the added-time-ids micro-conditioning
   (`addition_time_embed_dim`: sinusoidal width per id, None = off;
   `projection_class_embeddings_input_dim` = number of ids × that width).
+  `text_motion_embedding` (vldm's, off in diffusers' configs): each temporal transformer's frame
+  position embedding gets a text-dependent (frame, x, y) term (`transformer.TextMotionEmbedding`).
   `remat_policy`: one of `unet_blocks.REMAT_POLICIES`, applied to each res block and transformer.
   """
   in_channels: int = 4
@@ -118,6 +120,7 @@ class UNet(nn.Module):
   merge_factor: float = 0.5
   merge_strategy: str = "learned_with_images"
   temporal_conv_implementation: str = "shifted_matmul"
+  text_motion_embedding: bool = False
   num_frames: int = 25  # the reference config's nominal clip length; any length runs
   # Computation.
   attention_implementation: Optional[str] = None
@@ -200,6 +203,8 @@ class UNet(nn.Module):
         raise ValueError(f"Unknown temporal_conv_implementation "
                          f"{self.temporal_conv_implementation!r}; accepted: "
                          f"{layers.TEMPORAL_CONV_IMPLEMENTATIONS}.")
+    elif self.text_motion_embedding:
+      raise ValueError("text_motion_embedding is an option of the video UNet (temporal=True).")
     unet_blocks.check_remat_policy(self.remat_policy)
     _ = self.context_dim, self.num_time_ids
 
@@ -223,6 +228,7 @@ class UNet(nn.Module):
         use_linear_projection=self.use_linear_projection, merge_factor=self.merge_factor,
         merge_strategy=self.merge_strategy,
         temporal_conv_implementation=self.temporal_conv_implementation,
+        text_motion_embedding=self.text_motion_embedding,
         attention_implementation=self.attention_implementation, remat_policy=self.remat_policy,
         dtype=self.dtype, param_dtype=self.param_dtype)
 

@@ -62,6 +62,7 @@ class BlockOptions:
   merge_factor: float = 0.5
   merge_strategy: str = "learned_with_images"
   temporal_conv_implementation: str = "shifted_matmul"
+  text_motion_embedding: bool = False
   attention_implementation: Optional[str] = None
   remat_policy: str = "none"
   dtype: Dtype = jnp.float32
@@ -91,6 +92,7 @@ class BlockOptions:
         use_linear_projection=self.use_linear_projection,
         only_cross_attention=only_cross_attention, temporal=self.temporal,
         merge_factor=self.merge_factor, merge_strategy=self.merge_strategy,
+        text_motion_embedding=self.text_motion_embedding,
         attention_implementation=self.attention_implementation, dtype=self.dtype,
         param_dtype=self.param_dtype, name=name)
 
