@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from vldm.models import layers
+from vldm.models import transformer
 from vldm.models import unet as unet_lib
 
 # Forward + backward (two matmuls per forward one) ≈ 3 × the forward's FLOPs.
@@ -183,10 +184,10 @@ def _unet_transformer(c: _Counter, unet, batch: int, frames: int, h: int, w: int
     c.dense("temporal_attention", frames, width, 4 * width)
     c.dense("temporal_attention", frames, 4 * width, width)
   if unet.text_motion_embedding:  # text contracted per clip, then frame, then the H·W positions
-    dims = 8 * 8  # frame_dim × space sinusoids of transformer.TextMotionEmbedding
-    c.dense("temporal_attention", batch, context_dim, (dims + 8) * channels)
-    c.dense("temporal_attention", batch * frames, dims + 8, channels)
-    c.dense("temporal_attention", batch * frames * tokens, 8, channels)
+    fdim, sdim = transformer.MOTION_FRAME_DIM, transformer.MOTION_SPACE_DIM
+    c.dense("temporal_attention", batch, context_dim, fdim * (sdim + 1) * channels)
+    c.dense("temporal_attention", batch * frames, fdim * (sdim + 1), channels)
+    c.dense("temporal_attention", batch * frames * tokens, sdim, channels)
   for _ in range(num_layers):
     if only_cross:
       c.attention_layer("spatial_attention", n, tokens, width, ctx_rows, context_length,

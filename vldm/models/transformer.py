@@ -23,6 +23,9 @@ from vldm.models import layers
 
 Dtype = layers.Dtype
 
+# TextMotionEmbedding's sinusoid widths: of the frame index, and of the (x, y) position.
+MOTION_FRAME_DIM, MOTION_SPACE_DIM = 8, 8
+
 # Name given (jax.ad_checkpoint.checkpoint_name) to attention outputs, for remat policies.
 ATTENTION_CHECKPOINT_NAME = "attention"
 
@@ -122,7 +125,7 @@ class TextMotionEmbedding(nn.Module):
   TransformerSpatioTemporalModel has no counterpart.
   """
   features: int
-  frame_dim: int = 8
+  frame_dim: int = MOTION_FRAME_DIM
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -138,14 +141,14 @@ class TextMotionEmbedding(nn.Module):
                                   self.param_dtype)
     text, frame, space, frame_text, frame_space_text = nn.dtypes.promote_dtype(
         text, frame, space, frame_text, frame_space_text, dtype=self.dtype)
-    # Contract the text first: the (F, H·W) grid then meets a (B, frame_dim, 8, C) tensor.
+    # Contract the text first: the (F, H·W) grid then meets a (B, frame_dim, space, C) tensor.
     per_clip = jnp.einsum("bd,fsdc->bfsc", text, frame_space_text)
     out = jnp.einsum("if,js,bfsc->bijc", frame, space, per_clip)
     return out + jnp.einsum("if,bd,fdc->bic", frame, text, frame_text)[:, :, None, :]
 
 
 def _space_sinusoids(height: int, width: int):
-  """sin and cos of π·x and 2π·x for x, y in (0, 1) at pixel centres: (H·W, 8), any resolution."""
+  """sin and cos of π·x and 2π·x for x, y in (0, 1) at pixel centres: (H·W, MOTION_SPACE_DIM)."""
   y, x = np.meshgrid((np.arange(height) + 0.5) / height, (np.arange(width) + 0.5) / width,
                      indexing="ij")
   angles = np.stack([np.pi * x, np.pi * y, 2 * np.pi * x, 2 * np.pi * y], -1).reshape(-1, 4)
