@@ -124,7 +124,7 @@ def autoencoder_config(local):
   c.l2_weight = 1.0         # reconstruction: L1 + l2_weight · L2 (L1 alone averages colors)
   c.kl_weight = 1e-5        # on the KL summed over latents (LDM's convention: per pixel value)
   c.disc_weight = 0.5       # × the adaptive weight
-  c.disc_start = 1 if local else 800  # the last third of the steps
+  c.disc_start = 1 if local else 2 * SCHEDULE["autoencoder"][0] // 3  # the last third
   c.temporal_weight = 1.0   # temporal decoder: L1 on frame differences (flicker)
   return c
 
