@@ -147,6 +147,7 @@ def test_sd1_video_unet_is_not_an_svd_checkpoint(setup, tmp_path):
     save_diffusers(setup["video"], setup["video_params"], str(tmp_path))
 
 
+@pytest.mark.slow  # ≈ 1 min on 2 cores: keeps the default suite under 15 min
 def test_gradients_full_and_temporal_only(setup):
   video, video_params = setup["video"], setup["video_params"]
   sample, timesteps, context = setup["sample"], setup["timesteps"], setup["context"]

@@ -16,8 +16,9 @@ from PIL import Image
 from parity import perturb_, relative_error
 from vldm.models import autoencoder, clip, unet as unet_lib
 from vldm.models import tokenizer as tokenizer_lib
-from vldm.pipelines import (ImageToVideoPipeline, PipelineError, SamplerSettings,
+from vldm.pipelines import (CascadePipeline, ImageToVideoPipeline, PipelineError, SamplerSettings,
                             TextToVideoPipeline, find_trained_stages, pipeline_from_workdir)
+from vldm.pipelines.common import low_res_condition
 
 TOLERANCE = 1e-3
 SVD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -236,6 +237,47 @@ def test_text_to_video_shapes_determinism_and_guidance(t2v):
   light, heavy = v2v(0.25), v2v(1.0)
   assert light.shape == heavy.shape == start.shape and np.isfinite(light).all()
   assert np.abs(light - heavy).max() > 1e-3
+
+
+def test_cascade_upsamples_the_base_latents(t2v):
+  """Video LDM's cascade: the base samples 8-px latents, the upsampler (its UNet taking them as 4
+  more input channels) samples the 16-px clip conditioned on them."""
+  unet = t2v.unet.clone(in_channels=8)
+  components = dict(unet=(unet, _random_params(unet, *unet.example_inputs(1, 2))),
+                    vae=(t2v.vae, t2v.params["vae"]),
+                    text_encoder=(t2v.text_encoder, t2v.params["text_encoder"]),
+                    tokenizer=t2v.tokenizer, sampler=t2v.sampler)
+  upsampler = TextToVideoPipeline.from_components(low_res_factor=2, low_res_noise_level=100,
+                                                  **components)
+  cascade = CascadePipeline(base=t2v, upsampler=upsampler, upsampler_num_steps=2)
+  prompts = ["a red circle", "a circle"]
+  frames = cascade(prompts, num_frames=3, num_steps=2, guidance_scale=2.0, rng=0)
+  assert frames.shape == (2, 3, 16, 16, 3) and np.isfinite(frames).all()
+  np.testing.assert_array_equal(frames, cascade(prompts, num_frames=3, num_steps=2,
+                                                guidance_scale=2.0, rng=0))
+  # The upsampler's conditioning: the low-res latents, noise-augmented, ×2 nearest.
+  low = np.random.default_rng(0).normal(size=(2, 3, 4, 4, 4)).astype(np.float32)
+  noise = np.random.default_rng(1).normal(size=low.shape).astype(np.float32)
+  condition = np.asarray(low_res_condition(low, noise, 0.81, 2))
+  np.testing.assert_allclose(condition[:, :, ::2, 1::2], 0.9 * low + np.sqrt(0.19) * noise,
+                             rtol=1e-5, atol=1e-6)
+  up = lambda latents: upsampler(prompts, low_res_latents=latents, num_steps=2,
+                                 guidance_scale=1.0, rng=0)  # compiled by the cascade's call
+  upsampled = up(low)
+  assert upsampled.shape == frames.shape and np.abs(upsampled - up(2 * low)).max() > 1e-3
+  with pytest.raises(ValueError, match="pass low_res_latents"):
+    upsampler(prompts, num_steps=2, rng=0)
+  with pytest.raises(ValueError, match=r"height=32 disagrees with the low_res_latents' 16"):
+    upsampler(prompts, low_res_latents=low, height=32, num_steps=2, rng=0)
+  with pytest.raises(ValueError, match="low_res_latents is for a latent upsampler"):
+    t2v(prompts, low_res_latents=low, num_steps=2, rng=0)
+  with pytest.raises(ValueError, match="height must be a positive multiple of 8"):
+    cascade(prompts, height=12, width=16, rng=0)
+  with pytest.raises(PipelineError, match="takes 2 × the VAE's 4 latent channels"):
+    TextToVideoPipeline.from_components(**dict(components, unet=(t2v.unet, t2v.params["unet"])),
+                                        low_res_factor=2)
+  with pytest.raises(PipelineError, match="upsampler must be a latent upsampler"):
+    CascadePipeline(base=t2v, upsampler=t2v)
 
 
 def test_text_to_video_bad_input(t2v):

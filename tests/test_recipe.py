@@ -11,6 +11,7 @@ from flax import traverse_util
 from vldm import demo
 from vldm.data import pipeline as pipeline_lib
 from vldm.models import inflate
+from vldm.pipelines import CascadePipeline
 from vldm.pipelines import workdir as workdir_lib
 from vldm.recipes import autoencoder as autoencoder_recipe
 from vldm.recipes import common
@@ -173,10 +174,12 @@ def test_inflation_starts_from_the_image_model_and_freezes_the_spatial_layers():
   np.testing.assert_allclose(video, frames.reshape(video.shape), atol=1e-4)
 
 
-def test_latent_cache_holds_the_vae_posterior_and_feeds_the_same_loss(tmp_path):
-  config = load("video")
+def cache_and_render(stage, tmp_path, num_examples):
+  """(task, vae_params, cached, rendered): a stage's first batch from a latent cache built with a
+  random VAE, and the same batch rendered."""
+  config = load(stage)
   config.data.data_dir = str(tmp_path / "data")
-  config.data.num_train_examples = 6
+  config.data.num_train_examples = num_examples
   task = ldm.LatentDiffusionTask(config)
   vae_params = common.host_init(jax.eval_shape(
       lambda: task.vae.init(jax.random.key(0), jnp.zeros((1, 2, 8, 8, 3)))["params"]), 0)
@@ -184,10 +187,13 @@ def test_latent_cache_holds_the_vae_posterior_and_feeds_the_same_loss(tmp_path):
   ldm.build_latent_cache(task, config.data, cache_dir, vae_params, 0, 1)
   config.data.name, config.data.cache_dir = "latent_cache", cache_dir
   cached = next(common.make_data(config.data, None, 0, 1, task.tokenizer))
-  assert set(cached) == {"latent_mean", "latent_std", "input_ids", "step"}
-
   config.data.name = "shapes"
-  pixels = next(common.make_data(config.data, None, 0, 1, task.tokenizer))
+  return task, vae_params, cached, next(common.make_data(config.data, None, 0, 1, task.tokenizer))
+
+
+def test_latent_cache_holds_the_vae_posterior_and_feeds_the_same_loss(tmp_path):
+  task, vae_params, cached, pixels = cache_and_render("video", tmp_path, 6)
+  assert set(cached) == {"latent_mean", "latent_std", "input_ids", "step"}
   np.testing.assert_array_equal(cached["input_ids"], pixels["input_ids"])
   posterior = task.vae.apply({"params": vae_params}, pixels["video"].reshape(-1, 8, 8, 3),
                              method="encode")
@@ -196,8 +202,48 @@ def test_latent_cache_holds_the_vae_posterior_and_feeds_the_same_loss(tmp_path):
   # The loss draws the same posterior sample from the moments as from the pixels.
   frozen = {"vae": vae_params, "scale": np.float32(0.7)}
   key = jax.random.key(3)
-  np.testing.assert_allclose(task.latents(frozen, cached, key), task.latents(frozen, pixels, key),
+  np.testing.assert_allclose(task.latents(frozen, cached, key)["latent"],
+                             task.latents(frozen, pixels, key)["latent"], atol=1e-5)
+
+
+def test_upsampler_cache_holds_the_low_resolution_posterior(tmp_path):
+  task, vae_params, cached, rendered = cache_and_render("hires", tmp_path, 4)
+  clips = rendered["video"]  # 16 px
+  assert cached["latent_mean"].shape[2:4] == (8, 8) and cached["low_res_mean"].shape[2:4] == (4, 4)
+  # The base stage's resolution: the clip area-downsampled ×2, then encoded.
+  low = clips.reshape(2, 8, 8, 2, 8, 2, 3).mean(axis=(3, 5)).reshape(-1, 8, 8, 3)
+  posterior = task.vae.apply({"params": vae_params}, low, method="encode")
+  np.testing.assert_allclose(cached["low_res_mean"].reshape(posterior.mean.shape), posterior.mean,
                              atol=1e-5)
+  np.testing.assert_allclose(cached["low_res_std"].reshape(posterior.std.shape), posterior.std,
+                             atol=1e-5)
+
+
+def test_upsampler_starts_as_the_video_model_and_checks_its_channels():
+  video_task = ldm.LatentDiffusionTask(load("video"))
+  up_task = ldm.LatentDiffusionTask(load("hires"))
+  video_params = video_task.init_params(jax.random.key(0))
+  up_params = ldm.widen_input_transform(video_params, up_task.init_params(jax.random.key(1)))
+  assert up_task.unet.in_channels == 8 and up_task.base_unet.in_channels == 4
+  # Every parameter is the video model's; the input conv's conditioning channels weigh zero, so
+  # the upsampler's output starts as the video model's whatever the conditioning.
+  video_flat = traverse_util.flatten_dict(video_params)
+  up_flat = traverse_util.flatten_dict(up_params)
+  assert set(video_flat) == set(up_flat)
+  kernel = ("unet", "conv_in", "kernel")
+  for key in video_flat:
+    if key != kernel:
+      np.testing.assert_array_equal(up_flat[key], video_flat[key])
+  np.testing.assert_array_equal(up_flat[kernel][..., :4, :], video_flat[kernel])
+  assert up_flat[kernel].shape[-2] == 8 and not np.any(up_flat[kernel][..., 4:, :])
+  assert all(v == tasks_lib.TRAIN for v in traverse_util.flatten_dict(
+      up_task.trainable_labels(up_params)["unet"]).values())
+  with pytest.raises(tasks_lib.CheckpointMismatchError, match="widen_input"):
+    ldm.widen_input_transform(up_params, video_params)
+  config = load("hires")
+  config.ldm.unet.in_channels = 4
+  with pytest.raises(ValueError, match="latent upsampler .* needs 2 × the VAE's 4 latent channels"):
+    ldm.LatentDiffusionTask(config)
 
 
 def test_recipe_end_to_end_at_runlocal_size(tmp_path):
@@ -227,4 +273,8 @@ def test_recipe_end_to_end_at_runlocal_size(tmp_path):
   stage = workdir_lib.find_trained_stages(root)[0]
   assert stage.name == "hires"
   pipe = workdir_lib.pipeline_from_workdir(root)  # the default restorer: recipes.ldm
-  assert pipe.unet.temporal and pipe.vae.scaling_factor > 0
+  # hires is a latent upsampler: the video stage samples, hires upsamples ×2.
+  assert isinstance(pipe, CascadePipeline) and pipe.upsampler.low_res_factor == 2
+  assert pipe.base.unet.in_channels == 4 and pipe.upsampler.unet.in_channels == 8
+  assert pipe.upsampler.unet.temporal and pipe.upsampler.vae.scaling_factor > 0
+  assert pipe.default_size() == (16, 16)  # the hires stage's size, not the base's

@@ -144,8 +144,14 @@ def report(root: str, timings: dict, evaluations: dict, num_samples: int, runloc
     lines += [f"## Oracle on the `{stage}` stage ({config.data.resolution} px, "
               f"{config.data.frames} frames)", "",
               f"Sampler {s.name} ({dict(s.options)}), {s.num_steps} steps, guidance scale "
-              f"{s.guidance_scale}; sampling and judging took {seconds:.0f} s.", "",
-              metrics.markdown_table(summary), "",
+              f"{s.guidance_scale}; sampling and judging took {seconds:.0f} s.", ""]
+    up = config.ldm.upsampler
+    if up.factor:
+      lines += [f"A latent upsampler (×{up.factor}): the `video` stage samples with the settings "
+                f"above, this stage then samples in {up.num_steps} steps, guidance scale "
+                f"{up.guidance_scale}, conditioned on the video stage's latents (noise level "
+                f"{up.noise_level} of {config.ldm.schedule.num_train_timesteps}).", ""]
+    lines += [metrics.markdown_table(summary), "",
               "All-attribute accuracy: a clip counts when color, shape and direction all match "
               "its prompt. Consistency: mean motion-compensated soft IoU of consecutive frames' "
               "foreground (see `vldm/eval/oracle.py`; rendered clips score ≥ 0.95).", ""]

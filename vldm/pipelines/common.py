@@ -24,6 +24,7 @@ from vldm.diffusion import samplers
 from vldm.diffusion.parameterization import Denoiser, Parameterization
 from vldm.diffusion.schedules import DiscreteSchedule
 from vldm.models import autoencoder as autoencoder_lib
+from vldm.models import layers
 
 Component = tuple  # (flax module, params)
 SCHEDULER_CONFIG = "scheduler_config.json"
@@ -252,6 +253,16 @@ def decode_latents(vae: nn.Module, vae_params, latents, decode_chunk_size: Optio
     video = images.reshape((b, f) + images.shape[1:])
   # diffusers' postprocess: denormalise from [-1, 1] and clamp.
   return jnp.clip(video.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+# --------------------------------------------------------------------- low-res conditioning
+def low_res_condition(latents, noise, alpha_bar, factor: int):
+  """A Video LDM upsampler's conditioning: low-resolution latents [B,F,h,w,c] (scaled, as a
+  sampler returns them) noised to ᾱ — conditioning augmentation, so that the upsampler learns not
+  to copy the low-resolution model's small errors — and nearest-upsampled ×factor to the
+  resolution it samples. Concatenated to the UNet input channels. Traceable."""
+  noisy = jnp.sqrt(alpha_bar) * latents + jnp.sqrt(1 - alpha_bar) * noise
+  return layers.upsample_nearest(noisy, factor)
 
 
 # ------------------------------------------------------------------------------- compile cache

@@ -19,6 +19,10 @@ With `video=` clips and a `strength`, it is video-to-video (SDEdit) as diffusers
 pipelines run it, each frame encoded to its posterior mode.
 A video UNet with added time ids (SVD-style micro-conditioning) gets `time_ids`, by default
 [fps − 1, motion_bucket_id, 0] when it takes three (SVD's order, with no conditioning image).
+With `low_res_factor` set, the UNet is a Video LDM latent upsampler (2 × the latent channels in):
+each call takes `low_res_latents` [B,F,h,w,c] (a base model's sampled latents), noises them to
+`low_res_noise_level` (a training timestep: conditioning augmentation) and concatenates them,
+nearest-upsampled ×factor, to the UNet input; `vldm.pipelines.CascadePipeline` chains the two.
 """
 from __future__ import annotations
 
@@ -56,7 +60,8 @@ class TextToVideoPipeline:
 
   params: {'unet': …, 'vae': …, 'text_encoder': …}. `tokenizer`: a `vldm.models.tokenizer`
   Tokenizer. `sampler`: sampler, schedule and prediction type. `time_ids`: the added time ids
-  passed to a micro-conditioned video UNet (None: see the module docstring).
+  passed to a micro-conditioned video UNet (None: see the module docstring). `low_res_factor`
+  (0: none), `low_res_noise_level`: the latent upsampler's (see the module docstring).
   """
   unet: unet_lib.UNet
   vae: nn.Module
@@ -65,6 +70,8 @@ class TextToVideoPipeline:
   params: dict
   sampler: common.SamplerSettings = common.SamplerSettings()
   time_ids: Optional[Sequence[float]] = None
+  low_res_factor: int = 0
+  low_res_noise_level: int = 0
   _compiled: common.CompiledCache = common.compiled_cache_field()
 
   def __post_init__(self):
@@ -116,9 +123,21 @@ class TextToVideoPipeline:
                                  f"{type(tokenizer).__name__}.")
     c = vae.latent_channels
     problems = []
-    if unet.in_channels == 2 * c:
+    if self.low_res_factor:
+      if unet.in_channels != 2 * c:
+        problems.append(f"a latent upsampler (low_res_factor={self.low_res_factor}) takes 2 × the "
+                        f"VAE's {c} latent channels; this UNet takes {unet.in_channels}")
+      if not isinstance(self.low_res_factor, (int, np.integer)) or self.low_res_factor < 2:
+        problems.append(f"low_res_factor must be an integer ≥ 2 (or 0: no upsampler); got "
+                        f"{self.low_res_factor!r}")
+      if not 0 <= self.low_res_noise_level < self.sampler.schedule.num_train_timesteps:
+        problems.append(f"low_res_noise_level must be a training timestep in [0, "
+                        f"{self.sampler.schedule.num_train_timesteps}); got "
+                        f"{self.low_res_noise_level}")
+    elif unet.in_channels == 2 * c:
       problems.append(f"the UNet takes {unet.in_channels} input channels = 2 × the VAE's {c} "
-                      "latent channels: it is an image-to-video UNet (use ImageToVideoPipeline)")
+                      "latent channels: it is an image-to-video UNet (use ImageToVideoPipeline) or "
+                      "a latent upsampler (set low_res_factor)")
     elif unet.in_channels != c:
       problems.append(f"the UNet takes {unet.in_channels} input channels, the VAE has {c}")
     if unet.out_channels != c:
@@ -180,7 +199,8 @@ class TextToVideoPipeline:
                negative_prompt: str = "", fps: int = 7, motion_bucket_id: int = 127,
                time_ids: Optional[Sequence[float]] = None,
                decode_chunk_size: Optional[int] = None, rng=None, noise=None,
-               video=None, strength: float = 0.6, output: str = "frames") -> np.ndarray:
+               video=None, strength: float = 0.6, low_res_latents=None,
+               output: str = "frames") -> np.ndarray:
     """Frames [B,F,H,W,3] in [0,1], one clip per prompt (or the latents, output='latents').
 
     num_frames: default the video UNet config's (8 for an image UNet). height, width: default
@@ -189,6 +209,8 @@ class TextToVideoPipeline:
     video: clips [B,F,H,W,3] in [0,1] to start from (video-to-video, SDEdit, as diffusers'
     VideoToVideoSDPipeline): encoded (posterior mode), noised to where the last
     ⌊num_steps·strength⌋ steps begin, and denoised by those; they set num_frames, height, width.
+    low_res_latents: [B,F,h,w,c], required by (and only by) a latent upsampler; they set
+    num_frames, and height, width = factor × theirs in pixels.
     """
     if output not in OUTPUTS:
       raise ValueError(f"Unknown output {output!r}; accepted: {OUTPUTS}.")
@@ -198,6 +220,11 @@ class TextToVideoPipeline:
     if video is not None:
       video = self._check_video(video, len(prompts), num_frames, height, width)
       num_frames, height, width = video.shape[1:4]
+    if self.low_res_factor or low_res_latents is not None:
+      low_res_latents = self._check_low_res(low_res_latents, len(prompts), num_frames, height,
+                                            width)
+      num_frames = low_res_latents.shape[1]
+      height, width = (self._low_res_pixels() * n for n in low_res_latents.shape[2:4])
     if height is None or width is None:
       default_h, default_w = self.default_size()
       height, width = height or default_h, width or default_w
@@ -228,8 +255,15 @@ class TextToVideoPipeline:
     strength = None if video is None else float(strength)
     sample = self._compiled.get(("sample", num_steps, use_guidance, strength), functools.partial(
         self._sample, num_steps=num_steps, use_guidance=use_guidance, strength=strength))
+    low_res = None
+    if low_res_latents is not None:
+      if keys is None:
+        raise ValueError("A latent upsampler needs rng: its conditioning augmentation draws noise.")
+      alpha_bar = self.sampler.schedule.alphas_cumprod[self.low_res_noise_level]
+      low_res = common.low_res_condition(low_res_latents, common.draw_normal(
+          keys, low_res_latents.shape[1:], 1), alpha_bar, self.low_res_factor)
     latents = sample(self.params, ids, uncond_ids, ids_time, noise, jnp.float32(guidance_scale),
-                     sampler_key, video)
+                     sampler_key, video, low_res)
     if output == "latents":
       return np.asarray(latents)
     decode = self._compiled.decoder(self.vae, decode_chunk_size)
@@ -240,6 +274,8 @@ class TextToVideoPipeline:
     unet = self.unet
 
     def network(x, t, cond):
+      if "low_res" in cond:  # a latent upsampler: the conditioning after the input scaling
+        x = jnp.concatenate([x, cond["low_res"].astype(x.dtype)], axis=-1)
       if unet.temporal:
         return unet.apply({"params": unet_params}, x, t, cond["context"], cond.get("time_ids"))
       b, f = x.shape[:2]
@@ -260,12 +296,40 @@ class TextToVideoPipeline:
         raise ValueError(f"{name}={given} disagrees with the video's {actual}; leave it unset.")
     return video.astype(np.float32)
 
+  def _low_res_pixels(self) -> int:
+    """Output pixels per low-resolution latent: the VAE factor × low_res_factor."""
+    return common.size_multiple(self.vae, self.unet)[0] * self.low_res_factor
+
+  def _check_low_res(self, latents, batch, num_frames, height, width):
+    if not self.low_res_factor:
+      raise ValueError("low_res_latents is for a latent upsampler (low_res_factor set); this "
+                       "pipeline's UNet is a plain text-to-video one.")
+    expected = f"[B={batch}, F, h, w, {self.vae.latent_channels}]"
+    if latents is None:
+      raise ValueError(f"This pipeline is a latent upsampler (×{self.low_res_factor}): pass "
+                       f"low_res_latents {expected}, e.g. a base pipeline's output='latents'.")
+    latents = jnp.asarray(latents, jnp.float32)
+    if (latents.ndim != 5 or latents.shape[0] != batch
+        or latents.shape[-1] != self.vae.latent_channels):
+      raise ValueError(f"low_res_latents must be {expected}, one clip per prompt; got shape "
+                       f"{latents.shape}.")
+    unit = self._low_res_pixels()
+    for name, given, actual in (("num_frames", num_frames, latents.shape[1]),
+                                ("height", height, latents.shape[2] * unit),
+                                ("width", width, latents.shape[3] * unit)):
+      if given is not None and given != actual:
+        raise ValueError(f"{name}={given} disagrees with the low_res_latents' {actual} "
+                         f"(×{self.low_res_factor}); leave it unset.")
+    return latents
+
   def _sample(self, params, ids, uncond_ids, time_ids, noise, guidance_scale, sampler_key, video,
-              *, num_steps, use_guidance, strength):
+              low_res, *, num_steps, use_guidance, strength):
     """Text encoder (+ the video's encoding) + the sampling loop (one jitted function); →
     latents."""
     encode = lambda tokens: self.text_encoder.apply({"params": params["text_encoder"]}, tokens)[0]
     extra = {} if time_ids is None else {"time_ids": time_ids}
+    if low_res is not None:  # both guidance branches see it (as diffusers' upscaler pipelines)
+      extra["low_res"] = low_res
     cond = dict(context=encode(ids), **extra)
     network = self._network(params["unet"])
     if use_guidance:

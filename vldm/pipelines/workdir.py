@@ -13,10 +13,12 @@ import os
 from typing import Callable, Mapping, Optional
 
 from vldm.pipelines import common
+from vldm.pipelines.cascade import CascadePipeline
 from vldm.pipelines.text_to_video import TextToVideoPipeline
 
 CHECKPOINTS = "checkpoints"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")  # + optional sampler, time_ids
+CASCADE_OPTIONS = ("upsampler_num_steps", "upsampler_guidance_scale")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +62,22 @@ def find_trained_stages(workdir: str) -> list[TrainedStage]:
   return sorted(stages, key=lambda s: (s.mtime, s.step), reverse=True)
 
 
-def pipeline_from_components(components: Mapping) -> TextToVideoPipeline:
-  """{unet, vae, text_encoder: (module, params), tokenizer, [sampler], [time_ids]} → pipeline."""
+def pipeline_from_components(components: Mapping):
+  """{unet, vae, text_encoder: (module, params), tokenizer, [sampler], [time_ids]} → a
+  TextToVideoPipeline. A latent upsampler's components add low_res_factor, low_res_noise_level,
+  `low_res` (its base stage's components) and optionally upsampler_num_steps and
+  upsampler_guidance_scale → a CascadePipeline."""
+  components = dict(components)
+  base = components.pop("low_res", None)
+  cascade = {k: components.pop(k) for k in CASCADE_OPTIONS if k in components}
   missing = [name for name in COMPONENTS if name not in components]
   if missing:
     raise common.PipelineError(f"A trained stage must provide {', '.join(COMPONENTS)} (and "
                                f"optionally sampler, time_ids); missing: {', '.join(missing)}.")
-  return TextToVideoPipeline.from_components(**components)
+  pipe = TextToVideoPipeline.from_components(**components)
+  if base is None:
+    return pipe
+  return CascadePipeline(base=pipeline_from_components(base), upsampler=pipe, **cascade)
 
 
 def restore_components(stage: TrainedStage) -> Mapping:
@@ -83,8 +94,9 @@ def restore_components(stage: TrainedStage) -> Mapping:
 
 
 def pipeline_from_workdir(workdir: str, restore: Optional[Callable[[TrainedStage], Mapping]] = None
-                          ) -> TextToVideoPipeline:
-  """The text-to-video pipeline of the newest trained stage in `workdir`."""
+                          ):
+  """The text-to-video pipeline of the newest trained stage in `workdir` (a CascadePipeline for
+  a latent upsampler stage)."""
   stages = find_trained_stages(workdir)
   if not stages:
     state = "does not exist" if not os.path.isdir(workdir) else "holds no trained stage"

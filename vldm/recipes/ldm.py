@@ -8,7 +8,11 @@ One task, `LatentDiffusionTask`, configured by `config.ldm`:
           layers zero-initialised so the video UNet starts as the image UNet frame by frame; the
           spatial layers are frozen (`train='temporal'`, `trainable_labels`); the temporal layers
           and (`train_text_encoder`) the text encoder learn, on clips.
-  hires   the video model fine-tuned at a higher resolution (`train='all'` or 'temporal').
+  hires   the video model fine-tuned at a higher resolution (`train='all'` or 'temporal'); with
+          `ldm.upsampler.factor` set, as Video LDM's latent upsampler: its UNet also takes the
+          low-resolution clip's latents (noise-augmented, upsampled, concatenated; the input conv
+          widened with zero weights, `widen_input`) and samples after the base stage
+          (`ldm.upsampler.low_res_workdir`, frozen), so shape and motion come from the base.
 The VAE is frozen: the temporal-decoder autoencoder of the autoencoder stages
 (`config.ldm.vae_workdir`); its latents are scaled by 1/std, measured on fixed rendered frames
 (`latent_scale`), so every stage and the sampler agree on the scale without storing it. With
@@ -45,7 +49,7 @@ from vldm.models import clip as clip_lib
 from vldm.models import inflate
 from vldm.models import unet as unet_lib
 from vldm.pipelines import common as pipeline_common
-from vldm.pipelines import text_to_video
+from vldm.pipelines import workdir as pipeline_workdir
 from vldm.recipes import autoencoder as autoencoder_recipe
 from vldm.recipes import common
 from vldm.train import tasks as tasks_lib
@@ -96,6 +100,22 @@ def latent_scale(vae, vae_params, size: int = 32) -> float:
   return float(1.0 / np.std(np.asarray(encode(vae_params, images))))
 
 
+def widen_input_transform(source, target):
+  """Video stage → its latent upsampler: every parameter as is, and the UNet's input conv widened
+  to the upsampler's input channels with zero weights on the new (conditioning) ones, so the
+  upsampler starts as the video model."""
+  widened = {k: v for k, v in source["unet"].items() if k != "conv_in"}
+  kernel = source["unet"]["conv_in"]["kernel"]
+  new_in = target["unet"]["conv_in"]["kernel"].shape[-2] - kernel.shape[-2]
+  if new_in < 0:
+    raise tasks_lib.CheckpointMismatchError(
+        f"widen_input: the source UNet takes {kernel.shape[-2]} input channels, more than the "
+        f"target's {target['unet']['conv_in']['kernel'].shape[-2]}.")
+  pad = [(0, 0)] * (kernel.ndim - 2) + [(0, new_in), (0, 0)]
+  widened["conv_in"] = dict(source["unet"]["conv_in"], kernel=jnp.pad(kernel, pad))
+  return tasks_lib.as_is(dict(source, unet=widened), target)
+
+
 def inflate_transform(source, target):
   """Image stage → video stage: spatial layers and text encoder from the image stage, temporal
   layers as initialised in the target (zero output layers)."""
@@ -119,13 +139,30 @@ class LatentDiffusionTask(tasks_lib.Task):
     if c.kind != config.data.kind:
       raise ValueError(f"ldm.kind {c.kind!r} needs data.kind {c.kind!r}, got "
                        f"{config.data.kind!r}.")
+    self.upsample = c.upsampler.factor if "upsampler" in c else 0  # configs saved before it: 0
+    latent_channels = config.autoencoder.vae.latent_channels
+    wanted = latent_channels * (2 if self.upsample else 1)
+    if c.unet.in_channels != wanted:
+      what = (f"a latent upsampler (ldm.upsampler.factor={self.upsample}) needs 2 × the VAE's "
+              if self.upsample else "the UNet denoises the VAE's ")
+      raise ValueError(f"ldm.unet.in_channels is {c.unet.in_channels}; {what}{latent_channels} "
+                       f"latent channels = {wanted}.")
     self.tokenizer = common.shapes_tokenizer(c.max_length)
     self.unet = make_unet(config)
+    # The upsampler's base stage: the same video UNet, without the conditioning channels.
+    self.base_unet = self.unet.clone(in_channels=latent_channels) if self.upsample else None
     self.text_encoder = make_text_encoder(config, self.tokenizer)
     self.vae = autoencoder_recipe.temporal_decoder(config)
+    if self.upsample:
+      multiple = pipeline_common.size_multiple(self.vae, self.unet)[1] * self.upsample
+      if c.kind != "video" or self.upsample < 2 or config.data.resolution % multiple:
+        raise ValueError(f"ldm.upsampler.factor={self.upsample} needs kind 'video', a factor ≥ 2 "
+                         f"and a data resolution divisible by {multiple} (the base samples at "
+                         f"1/factor); got kind {c.kind!r}, resolution {config.data.resolution}.")
     self.schedule = make_schedule(config)
     self.size, self.frames = config.data.resolution, config.data.frames
     self._pipeline = None
+    self._pipeline_scale = None
     self._frozen_vae = None
 
   @property
@@ -168,13 +205,17 @@ class LatentDiffusionTask(tasks_lib.Task):
     return traverse_util.unflatten_dict({k: label(k) for k in flat})
 
   def init_transforms(self):
-    return {"inflate": inflate_transform}
+    return {"inflate": inflate_transform, "widen_input": widen_input_transform}
 
   def init_frozen(self, mesh):
     vae_params = common.load_stage_params(self.config.ldm.vae_workdir, mesh)
     scale = latent_scale(self.vae, vae_params, self.config.autoencoder.vae.sample_size)
     self._frozen_vae = vae_params
-    return {"vae": vae_params, "scale": np.float32(scale)}
+    frozen = {"vae": vae_params, "scale": np.float32(scale)}
+    if self.upsample:  # the base stage samples what the upsampler is conditioned on
+      low_res = common.load_stage_params(self.config.ldm.upsampler.low_res_workdir, mesh)
+      frozen["low_res"] = {k: low_res[k] for k in ("unet", "text_encoder")}
+    return frozen
 
   # ---- training -------------------------------------------------------------------------------
   def make_data(self, sharding, process_index, process_count):
@@ -190,26 +231,53 @@ class LatentDiffusionTask(tasks_lib.Task):
 
   def posterior(self, vae_params, pixels):
     """VAE posterior (mean, std) of pixels [B, (F,) H, W, 3] in [-1, 1], unscaled, shaped
-    [B, (F,) h, w, c]: what the latent cache stores."""
+    [B, (F,) h, w, c]."""
     lead = pixels.shape[:-3]
     posterior = self.vae.apply({"params": vae_params}, pixels.reshape((-1,) + pixels.shape[-3:]),
                                method="encode")
     return tuple(x.reshape(lead + x.shape[1:]) for x in (posterior.mean, posterior.std))
 
-  def latents(self, frozen, batch, rng):
-    """Scaled posterior sample of a batch: from its cached moments, or by encoding its pixels."""
-    if "latent_mean" in batch:
-      mean, std = batch["latent_mean"], batch["latent_std"]
-    else:
-      mean, std = self.posterior(frozen["vae"], batch["video" if self.video else "image"])
-    return (mean + std * jax.random.normal(rng, mean.shape, mean.dtype)) * frozen["scale"]
+  def moments(self, vae_params, pixels) -> dict:
+    """What the latent cache stores per example: the posterior {latent_mean, latent_std}, and for
+    an upsampler {low_res_mean, low_res_std}, the posterior of the clip area-downsampled by the
+    factor (what the base stage's latents stand for)."""
+    mean, std = self.posterior(vae_params, pixels)
+    out = {"latent_mean": mean, "latent_std": std}
+    if self.upsample:
+      f = self.upsample
+      *lead, h, w, ch = pixels.shape
+      low = pixels.reshape(tuple(lead) + (h // f, f, w // f, f, ch)).mean(axis=(-4, -2))
+      out["low_res_mean"], out["low_res_std"] = self.posterior(vae_params, low)
+    return out
+
+  def latents(self, frozen, batch, rng) -> dict:
+    """Scaled posterior samples of a batch, {latent[, low_res]}: from its cached moments, or by
+    encoding its pixels."""
+    if "latent_mean" not in batch:
+      batch = self.moments(frozen["vae"], batch["video" if self.video else "image"])
+    names, keys = (("latent", "low_res"), jax.random.split(rng)) if self.upsample else (
+        ("latent",), [rng])
+    out = {}
+    for name, key in zip(names, keys):
+      mean, std = batch[f"{name}_mean"], batch[f"{name}_std"]
+      out[name] = (mean + std * jax.random.normal(key, mean.shape, mean.dtype)) * frozen["scale"]
+    return out
 
   def loss_fn(self, params, frozen, batch, rng):
     c = self.config.ldm
     encode_rng, loss_rng = jax.random.split(rng)
-    x0 = jax.lax.stop_gradient(self.latents(frozen, batch, encode_rng))
+    latents = jax.lax.stop_gradient(self.latents(frozen, batch, encode_rng))
+    x0 = latents["latent"]
     context = self.text_encoder.apply({"params": params["text_encoder"]}, batch["input_ids"])[0]
     network = lambda x, t: self.unet.apply({"params": params["unet"]}, x, t, context)
+    if self.upsample:  # as the pipeline conditions it: see pipelines.common.low_res_condition
+      low_res = latents["low_res"]
+      alpha_bar = self.schedule.alphas_cumprod[c.upsampler.noise_level]
+      condition = pipeline_common.low_res_condition(
+          low_res, jax.random.normal(jax.random.fold_in(encode_rng, 1), low_res.shape), alpha_bar,
+          self.upsample)
+      network = lambda x, t: self.unet.apply({"params": params["unet"]},
+                                             jnp.concatenate([x, condition], axis=-1), t, context)
     loss, aux = losses.diffusion_loss(network, x0, loss_rng, parameterization=c.prediction_type,
                                       schedule=self.schedule, noise_sampling=c.noise_sampling,
                                       p_mean=c.p_mean, p_std=c.p_std, weighting=c.weighting,
@@ -217,16 +285,37 @@ class LatentDiffusionTask(tasks_lib.Task):
     return jnp.mean(loss), dict(mse=jnp.mean(aux["mse"]), latent_std=jnp.std(x0))
 
   # ---- sampling -------------------------------------------------------------------------------
-  def pipeline(self, params, frozen) -> text_to_video.TextToVideoPipeline:
-    """The text-to-video pipeline of these parameters (compiled functions kept across calls)."""
-    components = dict(unet=(self.unet, params["unet"]),
-                      vae=(self.vae.clone(scaling_factor=float(frozen["scale"])), frozen["vae"]),
-                      text_encoder=(self.text_encoder, params["text_encoder"]))
-    if self._pipeline is None or self._pipeline.vae.scaling_factor != float(frozen["scale"]):
-      self._pipeline = text_to_video.TextToVideoPipeline.from_components(
-          **components, tokenizer=self.tokenizer, sampler=sampler_settings(self.config))
+  def components(self, params, frozen) -> dict:
+    """{unet, vae, text_encoder: (module, params), tokenizer, sampler} for
+    `vldm.pipelines.pipeline_from_components`; an upsampler adds its base stage's (`low_res`) and
+    its own sampling settings (the config's `ldm.sampler` is then the base's)."""
+    out = dict(unet=(self.unet, params["unet"]),
+               vae=(self.vae.clone(scaling_factor=float(frozen["scale"])), frozen["vae"]),
+               text_encoder=(self.text_encoder, params["text_encoder"]),
+               tokenizer=self.tokenizer, sampler=sampler_settings(self.config))
+    if self.upsample:
+      up, base = self.config.ldm.upsampler, frozen["low_res"]
+      out.update(low_res=dict(out, unet=(self.base_unet, base["unet"]),
+                              text_encoder=(self.text_encoder, base["text_encoder"])),
+                 low_res_factor=up.factor, low_res_noise_level=up.noise_level,
+                 upsampler_num_steps=up.num_steps, upsampler_guidance_scale=up.guidance_scale)
+    return out
+
+  def pipeline(self, params, frozen):
+    """The pipeline of these parameters (a CascadePipeline for an upsampler), its compiled
+    functions kept across calls."""
+    components = self.components(params, frozen)
+    scale = float(frozen["scale"])
+    if self._pipeline is None or self._pipeline_scale != scale:
+      self._pipeline = pipeline_workdir.pipeline_from_components(components)
+      self._pipeline_scale = scale
     else:  # same modules: keep the compiled functions, swap the parameters
-      self._pipeline.params = {k: v[1] for k, v in components.items()}
+      pipes = [(self._pipeline, components)]
+      if self.upsample:
+        pipes = [(self._pipeline.upsampler, components),
+                 (self._pipeline.base, components["low_res"])]
+      for pipe, parts in pipes:
+        pipe.params = {k: parts[k][1] for k in ("unet", "vae", "text_encoder")}
     return self._pipeline
 
   def generate(self, params, frozen, prompts: Sequence[str], rng, *,
@@ -248,32 +337,20 @@ class LatentDiffusionTask(tasks_lib.Task):
 
 def build_latent_cache(task: LatentDiffusionTask, data_config, cache_dir, vae_params,
                        process_index, process_count):
-  """Writes the VAE posterior moments {latent_mean, latent_std} of every training example of
+  """Writes the VAE posterior moments (`LatentDiffusionTask.moments`) of every training example of
   `data_config` to cache_dir/<train split> unless a complete cache is there (a resumed stage
   reuses it). Unscaled: the stage applies its scale, and samples the posterior every step."""
   directory = os.path.join(cache_dir, data_config.train_split)
   if os.path.exists(os.path.join(directory, f"index.p{process_index}.json")):
     return
-  posterior = jax.jit(task.posterior)
-
-  def moments(pixels):
-    mean, std = jax.device_get(posterior(vae_params, pixels))
-    return {"latent_mean": mean, "latent_std": std}
+  moments_fn = jax.jit(task.moments)
+  moments = lambda pixels: jax.device_get(moments_fn(vae_params, pixels))
 
   sources.build_cache(data_config, data_config.train_split, cache_dir,
                       moments, lambda captions: {},
                       batch_size=64, process_index=process_index, process_count=process_count)
   if process_count > 1:  # every process reads every process's rows
     multihost_utils.sync_global_devices(f"latent cache {directory}")
-
-
-def components(task: LatentDiffusionTask, params, frozen) -> dict:
-  """{unet, vae, text_encoder: (module, params), tokenizer, sampler} for
-  `vldm.pipelines.pipeline_from_components`."""
-  pipe = task.pipeline(params, frozen)
-  return dict(unet=(pipe.unet, params["unet"]), vae=(pipe.vae, frozen["vae"]),
-              text_encoder=(pipe.text_encoder, params["text_encoder"]), tokenizer=pipe.tokenizer,
-              sampler=pipe.sampler)
 
 
 def restore(config: ml_collections.ConfigDict, workdir: str):
@@ -312,4 +389,4 @@ def restore_stage(stage) -> dict:
   """
   config = saved_config(stage.path)
   task, params, frozen = restore(config, stage.run_dir)
-  return components(task, params, frozen)
+  return task.components(params, frozen)
