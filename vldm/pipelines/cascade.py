@@ -65,11 +65,7 @@ class CascadePipeline:
     if height is None or width is None:
       default_h, default_w = self.default_size()
       height, width = height or default_h, width or default_w
-    multiple = factor * common.size_multiple(self.base.vae, self.base.unet)[1]
-    for name, value in (("height", height), ("width", width)):
-      if not isinstance(value, (int, np.integer)) or value <= 0 or value % multiple:
-        raise ValueError(f"{name} must be a positive multiple of {multiple} (the base samples at "
-                         f"1/{factor} of it); got height={height}, width={width}.")
+    common.check_size(height, width, self.base.vae, self.base.unet, low_res_factor=factor)
     keys = common.example_keys(rng, len(prompts))
     low_res = self.base(prompts, num_frames=num_frames, height=height // factor,
                         width=width // factor, num_steps=num_steps,

@@ -205,13 +205,19 @@ def size_multiple(vae: nn.Module, unet: nn.Module) -> tuple[int, int]:
   return vae_factor, vae_factor * 2 ** (len(unet.block_out_channels) - 1)
 
 
-def check_size(height: int, width: int, vae: nn.Module, unet: nn.Module) -> None:
+def check_size(height: int, width: int, vae: nn.Module, unet: nn.Module,
+               low_res_factor: int = 1) -> None:
+  """H and W fit the VAE × UNet downsampling (× low_res_factor: a cascade whose base samples at
+  1/low_res_factor of them)."""
   vae_factor, multiple = size_multiple(vae, unet)
+  base = f" at 1/{low_res_factor} of the size" if low_res_factor > 1 else ""
+  multiple *= low_res_factor
   for name, value in (("height", height), ("width", width)):
     if not isinstance(value, (int, np.integer)) or value <= 0 or value % multiple:
       raise ValueError(
           f"{name} must be a positive multiple of {multiple} (the VAE downsamples by {vae_factor} "
-          f"and the UNet by {multiple // vae_factor} more); got height={height}, width={width}.")
+          f"and the UNet by {multiple // vae_factor // low_res_factor} more{base}); got "
+          f"height={height}, width={width}.")
 
 
 # ------------------------------------------------------------------------- encoding, decoding
