@@ -246,6 +246,29 @@ def test_upsampler_starts_as_the_video_model_and_checks_its_channels():
     ldm.LatentDiffusionTask(config)
 
 
+def test_upsampler_windows_keep_latents_and_low_res_latents_aligned():
+  low = jax.random.normal(jax.random.key(0), (8, 2, 6, 6, 4))  # [B, F, h, w, C]
+  upsample = lambda x: jnp.repeat(jnp.repeat(x, 2, axis=-3), 2, axis=-2)
+  windows, low_windows = ldm.random_windows(upsample(low), low, 4, 2, jax.random.key(1))
+  assert windows.shape == (8, 2, 4, 4, 4) and low_windows.shape == (8, 2, 2, 2, 4)
+  np.testing.assert_array_equal(windows, upsample(low_windows))  # the same window, at ×2
+  offsets = set()
+  for example, window in zip(np.asarray(low), np.asarray(low_windows)):
+    found = [(y, x) for y in range(5) for x in range(5)
+             if np.array_equal(example[:, y:y + 2, x:x + 2], window)]
+    assert len(found) == 1
+    offsets.add(found[0])
+  assert len(offsets) > 1  # each example draws its own window
+
+  config = load("hires")  # runlocal: 8 × 8 latents, windows on the ×2 grid
+  for crop in (3, 10):
+    config.ldm.upsampler.train_crop = crop
+    with pytest.raises(ValueError, match=f"train_crop is {crop}; .* ≤ the latent size 8 divisible by 2"):
+      ldm.LatentDiffusionTask(config)
+  config.ldm.upsampler.train_crop = 4
+  assert ldm.LatentDiffusionTask(config).train_crop == 4
+
+
 def test_recipe_end_to_end_at_runlocal_size(tmp_path):
   root = str(tmp_path / "run")
   summaries = demo.run(root, runlocal=True, num_samples=1, batch_size=72)

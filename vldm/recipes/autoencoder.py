@@ -110,9 +110,7 @@ class AutoencoderTask(tasks_lib.Task):
       return {"vae": self.vae.init(vae_key, image)["params"],
               "discriminator": self.discriminator.init(disc_key, image)["params"]}
 
-    if not self.config.host_init:
-      return init(rng)
-    return common.host_init(jax.eval_shape(init, rng), self.config.seed)
+    return common.task_init(self, init, rng)
 
   def make_data(self, sharding, process_index, process_count):
     return common.make_data(self.config.data, sharding, process_index, process_count)
@@ -220,8 +218,7 @@ class TemporalDecoderTask(tasks_lib.Task):
 
   def init_params(self, rng):
     video = jnp.zeros((1, self.frames, self.size, self.size, 3))
-    return common.init_params(self.vae, rng, video, use_host_init=self.config.host_init,
-                              seed=self.config.seed)
+    return common.task_init(self, lambda key: self.vae.init(key, video)["params"], rng)
 
   def trainable_labels(self, params):
     flat = traverse_util.flatten_dict(params)

@@ -1,9 +1,8 @@
 """What the shapes recipe's tasks share: host initialisation, captioned data, frozen sub-models."""
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,13 +48,17 @@ def host_init(abstract_params, seed: int, constants: Optional[Mapping[str, float
   return traverse_util.unflatten_dict(flat)
 
 
-def init_params(module: nn.Module, rng, *inputs, use_host_init: bool = True, seed: int = 0,
-                constants=None, **kwargs):
-  """`module.init(rng, *inputs)['params']`, or the same tree from `host_init`."""
-  init = lambda key: module.init(key, *inputs, **kwargs)["params"]
-  if not use_host_init:
+def task_init(task, init: Callable, rng, constants: Optional[Mapping[str, float]] = None):
+  """`init(rng)`, or with `task.config.host_init` the same tree drawn by `host_init`.
+
+  The shapes are traced once per task: the trainer traces `init_params` twice (the shardings'
+  `eval_shape`, then the jitted init) and tracing a UNet's init costs seconds on CPU.
+  """
+  if not task.config.host_init:
     return init(rng)
-  return host_init(jax.eval_shape(init, rng), seed, constants)
+  if getattr(task, "_param_shapes", None) is None:
+    task._param_shapes = jax.eval_shape(init, rng)
+  return host_init(task._param_shapes, task.config.seed, constants)
 
 
 # ------------------------------------------------------------------------------------- text

@@ -100,6 +100,25 @@ def latent_scale(vae, vae_params, size: int = 32) -> float:
   return float(1.0 / np.std(np.asarray(encode(vae_params, images))))
 
 
+def random_windows(latent, low_res, size: int, factor: int, rng):
+  """The same random size × size window of each example's latents [B, (F,) H, W, C] and, at
+  1/factor, of its low-resolution latents; windows start on the low-resolution grid."""
+  low_size = size // factor
+  height, width = low_res.shape[-3:-1]
+  y_key, x_key = jax.random.split(rng)
+  batch = latent.shape[0]
+  top = jax.random.randint(y_key, (batch,), 0, height - low_size + 1)
+  left = jax.random.randint(x_key, (batch,), 0, width - low_size + 1)
+
+  def window(x, y, x0, scale, extent):
+    start = (0,) * (x.ndim - 3) + (y * scale, x0 * scale, 0)
+    return jax.lax.dynamic_slice(x, start, x.shape[:-3] + (extent, extent, x.shape[-1]))
+
+  latent = jax.vmap(lambda x, y, x0: window(x, y, x0, factor, size))(latent, top, left)
+  low_res = jax.vmap(lambda x, y, x0: window(x, y, x0, 1, low_size))(low_res, top, left)
+  return latent, low_res
+
+
 def widen_input_transform(source, target):
   """Video stage → its latent upsampler: every parameter as is, and the UNet's input conv widened
   to the upsampler's input channels with zero weights on the new (conditioning) ones, so the
@@ -140,6 +159,7 @@ class LatentDiffusionTask(tasks_lib.Task):
       raise ValueError(f"ldm.kind {c.kind!r} needs data.kind {c.kind!r}, got "
                        f"{config.data.kind!r}.")
     self.upsample = c.upsampler.factor if "upsampler" in c else 0  # configs saved before it: 0
+    self.train_crop = 0
     latent_channels = config.autoencoder.vae.latent_channels
     wanted = latent_channels * (2 if self.upsample else 1)
     if c.unet.in_channels != wanted:
@@ -159,6 +179,16 @@ class LatentDiffusionTask(tasks_lib.Task):
         raise ValueError(f"ldm.upsampler.factor={self.upsample} needs kind 'video', a factor ≥ 2 "
                          f"and a data resolution divisible by {multiple} (the base samples at "
                          f"1/factor); got kind {c.kind!r}, resolution {config.data.resolution}.")
+      # Train on the same random window of the latents and their low-res latents (0: whole).
+      self.train_crop = c.upsampler.get("train_crop", 0)  # configs saved before it: 0
+      vae_factor, pixel_multiple = pipeline_common.size_multiple(self.vae, self.unet)
+      window_multiple = pixel_multiple // vae_factor * self.upsample
+      latent_size = config.data.resolution // vae_factor
+      if self.train_crop and (self.train_crop % window_multiple or self.train_crop > latent_size):
+        raise ValueError(
+            f"ldm.upsampler.train_crop is {self.train_crop}; it must be 0 (whole latents) or a "
+            f"window ≤ the latent size {latent_size} divisible by {window_multiple} (the UNet's "
+            f"size multiple × the factor: the low-resolution window must be whole too).")
     self.schedule = make_schedule(config)
     self.size, self.frames = config.data.resolution, config.data.frames
     self._pipeline = None
@@ -181,11 +211,7 @@ class LatentDiffusionTask(tasks_lib.Task):
       return {"unet": self.unet.init(unet_key, latent, jnp.zeros((1,)), context)["params"],
               "text_encoder": self.text_encoder.init(text_key, ids)["params"]}
 
-    if self.config.host_init:
-      mix = self.config.ldm.temporal.merge_factor
-      params = common.host_init(jax.eval_shape(init, rng), self.config.seed, {"mix_factor": mix})
-    else:
-      params = init(rng)
+    params = common.task_init(self, init, rng, {"mix_factor": self.config.ldm.temporal.merge_factor})
     flat = traverse_util.flatten_dict(params)
     return traverse_util.unflatten_dict(
         {k: jnp.zeros_like(v) if _ZERO_INIT.search("/".join(k)) else v for k, v in flat.items()})
@@ -272,6 +298,9 @@ class LatentDiffusionTask(tasks_lib.Task):
     network = lambda x, t: self.unet.apply({"params": params["unet"]}, x, t, context)
     if self.upsample:  # as the pipeline conditions it: see pipelines.common.low_res_condition
       low_res = latents["low_res"]
+      if self.train_crop:
+        x0, low_res = random_windows(x0, low_res, self.train_crop, self.upsample,
+                                     jax.random.fold_in(encode_rng, 2))
       alpha_bar = self.schedule.alphas_cumprod[c.upsampler.noise_level]
       condition = pipeline_common.low_res_condition(
           low_res, jax.random.normal(jax.random.fold_in(encode_rng, 1), low_res.shape), alpha_bar,
