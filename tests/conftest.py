@@ -1,4 +1,4 @@
-"""Test-wide settings: float32 parity needs full-precision matmuls; tests compile more than they run."""
+"""Test-wide settings: full-precision matmuls for float32 parity; XLA flags for quick compiles."""
 import os
 
 # Set before jax starts its CPU backend. Tests spend most of their time compiling small programs:

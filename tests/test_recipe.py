@@ -263,7 +263,8 @@ def test_upsampler_windows_keep_latents_and_low_res_latents_aligned():
   config = load("hires")  # runlocal: 8 × 8 latents, windows on the ×2 grid
   for crop in (3, 10):
     config.ldm.upsampler.train_crop = crop
-    with pytest.raises(ValueError, match=f"train_crop is {crop}; .* ≤ the latent size 8 divisible by 2"):
+    message = f"train_crop is {crop}; .* ≤ the latent size 8 divisible by 2"
+    with pytest.raises(ValueError, match=message):
       ldm.LatentDiffusionTask(config)
   config.ldm.upsampler.train_crop = 4
   assert ldm.LatentDiffusionTask(config).train_crop == 4

@@ -211,7 +211,8 @@ class LatentDiffusionTask(tasks_lib.Task):
       return {"unet": self.unet.init(unet_key, latent, jnp.zeros((1,)), context)["params"],
               "text_encoder": self.text_encoder.init(text_key, ids)["params"]}
 
-    params = common.task_init(self, init, rng, {"mix_factor": self.config.ldm.temporal.merge_factor})
+    mix = self.config.ldm.temporal.merge_factor
+    params = common.task_init(self, init, rng, {"mix_factor": mix})
     flat = traverse_util.flatten_dict(params)
     return traverse_util.unflatten_dict(
         {k: jnp.zeros_like(v) if _ZERO_INIT.search("/".join(k)) else v for k, v in flat.items()})
