@@ -3,7 +3,7 @@ import os
 
 # Set before jax starts its CPU backend. Tests spend most of their time compiling small programs:
 # LLVM at -O0 without its expensive passes and the older loop emitters cut XLA:CPU's compile time
-# by about a quarter (the runlocal recipe's steps: 16 → 11 s). Code generation only; the math and
+# by about a quarter (the runlocal video train step: 16–18 → 11–15 s). Code generation only; the math and
 # the parity tests' tolerances are unchanged.
 _FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
                  "--xla_cpu_use_fusion_emitters=false")

@@ -174,15 +174,15 @@ class LatentDiffusionTask(tasks_lib.Task):
     self.text_encoder = make_text_encoder(config, self.tokenizer)
     self.vae = autoencoder_recipe.temporal_decoder(config)
     if self.upsample:
-      multiple = pipeline_common.size_multiple(self.vae, self.unet)[1] * self.upsample
+      vae_factor, pixel_multiple = pipeline_common.size_multiple(self.vae, self.unet)
+      multiple = pixel_multiple * self.upsample
       if c.kind != "video" or self.upsample < 2 or config.data.resolution % multiple:
         raise ValueError(f"ldm.upsampler.factor={self.upsample} needs kind 'video', a factor ≥ 2 "
                          f"and a data resolution divisible by {multiple} (the base samples at "
                          f"1/factor); got kind {c.kind!r}, resolution {config.data.resolution}.")
       # Train on the same random window of the latents and their low-res latents (0: whole).
       self.train_crop = c.upsampler.get("train_crop", 0)  # configs saved before it: 0
-      vae_factor, pixel_multiple = pipeline_common.size_multiple(self.vae, self.unet)
-      window_multiple = pixel_multiple // vae_factor * self.upsample
+      window_multiple = multiple // vae_factor
       latent_size = config.data.resolution // vae_factor
       if self.train_crop and (self.train_crop % window_multiple or self.train_crop > latent_size):
         raise ValueError(
@@ -296,7 +296,7 @@ class LatentDiffusionTask(tasks_lib.Task):
     latents = jax.lax.stop_gradient(self.latents(frozen, batch, encode_rng))
     x0 = latents["latent"]
     context = self.text_encoder.apply({"params": params["text_encoder"]}, batch["input_ids"])[0]
-    network = lambda x, t: self.unet.apply({"params": params["unet"]}, x, t, context)
+    condition = None
     if self.upsample:  # as the pipeline conditions it: see pipelines.common.low_res_condition
       low_res = latents["low_res"]
       if self.train_crop:
@@ -306,8 +306,12 @@ class LatentDiffusionTask(tasks_lib.Task):
       condition = pipeline_common.low_res_condition(
           low_res, jax.random.normal(jax.random.fold_in(encode_rng, 1), low_res.shape), alpha_bar,
           self.upsample)
-      network = lambda x, t: self.unet.apply({"params": params["unet"]},
-                                             jnp.concatenate([x, condition], axis=-1), t, context)
+
+    def network(x, t):
+      if condition is not None:  # a latent upsampler's input: noisy latents + the condition
+        x = jnp.concatenate([x, condition], axis=-1)
+      return self.unet.apply({"params": params["unet"]}, x, t, context)
+
     loss, aux = losses.diffusion_loss(network, x0, loss_rng, parameterization=c.prediction_type,
                                       schedule=self.schedule, noise_sampling=c.noise_sampling,
                                       p_mean=c.p_mean, p_std=c.p_std, weighting=c.weighting,
