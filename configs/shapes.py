@@ -181,9 +181,11 @@ def ldm_config(stage, local):
   c.schedule = ml_collections.ConfigDict(dict(
       num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
       rescale_betas_zero_snr=True))
+  # Guidance trades shape for direction (32-px video stage, 144 clips: scale 2 → shape 93 %,
+  # direction 91 %, all attributes 85 %; 3 → 94 %, 95 %, 89 %; 4 → 87 %, 98 %, 85 %).
   c.sampler = ml_collections.ConfigDict(dict(
       name="ddim", options=dict(timestep_spacing="trailing"), num_steps=2 if local else 12,
-      guidance_scale=4.0))
+      guidance_scale=3.0))
   # hires as a latent upsampler (Video LDM): the 64-px model also sees the 32-px clip's latents, so
   # shape and motion come from the video stage. Fine-tuned from the 32-px video stage alone, the
   # 64-px model rounded almost every square (shape 59 % against 90 % at 32 px, README).

@@ -9,6 +9,7 @@ import pytest
 from flax import traverse_util
 
 from vldm import demo
+from vldm import video_io
 from vldm.data import pipeline as pipeline_lib
 from vldm.models import inflate
 from vldm.pipelines import CascadePipeline
@@ -284,7 +285,9 @@ def test_recipe_end_to_end_at_runlocal_size(tmp_path):
   for entry in entries[:3]:
     assert os.path.getsize(os.path.join(samples, entry["file"])) > 0
     assert os.path.getsize(os.path.join(samples, entry["mp4"])) > 0
-  assert os.path.exists(os.path.join(samples, "grid.gif"))
+  grid = video_io.read_frames(os.path.join(samples, "grid.gif"))
+  picture = video_io.read_frames(os.path.join(samples, "grid.png"))[0]
+  assert picture.shape == (2 * grid.shape[1] + 8,) + grid.shape[2:]  # first frame, gap, last
   timings = json.load(open(os.path.join(root, "timings.json")))
   assert set(timings) == set(shapes_config.STAGES)
   for stage in ("image", "video", "hires"):  # the diffusion stages trained on cached latents

@@ -148,3 +148,13 @@ def test_gif_and_mp4_round_trip(tmp_path):
   assert abs(back.astype(np.float32).mean() / 255.0 - frames.mean()) < 0.03
   with pytest.raises(ValueError, match="Expected frames of shape"):
     video_io.to_uint8(np.zeros((2, 3)))
+
+
+def test_png_exact_or_on_a_palette(tmp_path):
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)  # 1600 colors
+  exact = video_io.write_png(image, str(tmp_path / "a" / "exact.png"))
+  np.testing.assert_array_equal(video_io.read_frames(exact)[0], image)
+  back = video_io.read_frames(video_io.write_png(image, str(tmp_path / "p.png"), palette=True))
+  assert back.shape == (1, 40, 40, 3) and len(np.unique(back.reshape(-1, 3), axis=0)) <= 256
+  assert np.abs(back[0].astype(float) - image).mean() < 20  # lossy, but near

@@ -7,7 +7,8 @@ from the final stage, judges them with the shapes oracle (`vldm.eval`) and write
   DIR/report.md        accuracy per attribute and all attributes, seen vs held-out compositions,
                        temporal consistency, time per stage
   DIR/samples/         <k>.gif and <k>.mp4 per clip, samples.json ({file, mp4, prompt, seed,
-                       correct, seen}), grid.gif (one clip per prompt, a row per color and shape)
+                       correct, seen}), grid.gif (one clip per prompt, a row per color and shape),
+                       grid.png (the grid's first frame above its last)
   DIR/timings.json     seconds per stage (kept across resumed runs)
 `--runlocal` shrinks everything to seconds (tests); `--eval_stages video,hires` also evaluates the
 32-px video stage.
@@ -110,7 +111,8 @@ def sample_and_judge(root: str, stage: str, runlocal: bool, num_samples: int, se
 
 
 def write_samples(out: str, prompts, seeds, clips, records, num_samples: int) -> None:
-  """<k>.gif / <k>.mp4 per clip, samples.json and grid.gif (first clip of every prompt)."""
+  """<k>.gif / <k>.mp4 per clip, samples.json, grid.gif (first clip of every prompt) and grid.png
+  (its first frame above its last)."""
   import concurrent.futures  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from vldm import video_io  # pylint: disable=g-import-not-at-top
@@ -127,7 +129,12 @@ def write_samples(out: str, prompts, seeds, clips, records, num_samples: int) ->
     json.dump(entries, f, indent=2)
   # One clip per prompt; prompts run color, shape, direction, so each row is one color.
   first = np.stack([video_io.to_uint8(c) for c in clips[::num_samples]])
-  video_io.write_gif(video_io.tile(first, columns=12), os.path.join(out, "grid.gif"), fps=4)
+  grid = video_io.tile(first, columns=12)
+  video_io.write_gif(grid, os.path.join(out, "grid.gif"), fps=4)
+  # The first frame above the last: the motion at a glance where a GIF does not play.
+  gap = np.full((8,) + grid.shape[2:], 255, np.uint8)
+  video_io.write_png(np.concatenate([grid[0], gap, grid[-1]]), os.path.join(out, "grid.png"),
+                     palette=True)
 
 
 def report(root: str, timings: dict, evaluations: dict, num_samples: int, runlocal: bool) -> str:

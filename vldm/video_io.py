@@ -1,4 +1,4 @@
-"""Writing clips to GIF (Pillow) and MP4 (imageio with its bundled ffmpeg).
+"""Writing clips to GIF (Pillow) and MP4 (imageio with its bundled ffmpeg), and images to PNG.
 
 Frames are (F, H, W, 3) (or one (H, W, 3) image), uint8 or float; floats are mapped from
 `value_range` (default [0, 1]; diffusion outputs use (-1, 1)) to 0..255 and clipped. Paths may be
@@ -42,6 +42,19 @@ def write_gif(frames, path: str, *, fps: float = 8.0, value_range=(0.0, 1.0)) ->
   buffer = io.BytesIO()
   images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], loop=0,
                  duration=max(int(round(1000.0 / fps)), 10), optimize=False, disposal=1)
+  _write_bytes(path, buffer.getvalue())
+  return path
+
+
+def write_png(image, path: str, *, palette: bool = False, value_range=(0.0, 1.0)) -> str:
+  """Writes one (H, W, 3) image as a PNG; returns `path`. `palette`: quantized to 256 colors
+  (octree, no dithering): lossy, and a fifth of the size for the demo's grids."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  image = Image.fromarray(to_uint8(image, value_range)[0])
+  if palette:
+    image = image.quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+  buffer = io.BytesIO()
+  image.save(buffer, format="PNG", optimize=True)
   _write_bytes(path, buffer.getvalue())
   return path
 
