@@ -287,7 +287,11 @@ def test_recipe_end_to_end_at_runlocal_size(tmp_path):
     assert os.path.getsize(os.path.join(samples, entry["mp4"])) > 0
   grid = video_io.read_frames(os.path.join(samples, "grid.gif"))
   picture = video_io.read_frames(os.path.join(samples, "grid.png"))[0]
-  assert picture.shape == (2 * grid.shape[1] + 8,) + grid.shape[2:]  # first frame, gap, last
+  height = grid.shape[1]
+  assert picture.shape == (2 * height + 8,) + grid.shape[2:]  # first frame, white gap, last
+  assert picture[height:height + 8].min() >= 240  # white, to the palette
+  for part, frame in ((picture[:height], grid[0]), (picture[height + 8:], grid[-1])):
+    assert np.abs(part.astype(float) - frame).mean() < 20  # both palette-quantized
   timings = json.load(open(os.path.join(root, "timings.json")))
   assert set(timings) == set(shapes_config.STAGES)
   for stage in ("image", "video", "hires"):  # the diffusion stages trained on cached latents
