@@ -1,12 +1,16 @@
 """The benchmark harness: suites build their cases (dry run), the CLI writes its rows, and a micro
 case runs end to end against diffusers (1 repeat). The full cpu_small run is behind `slow`."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from vldm.benchmark import __main__ as cli
 from vldm.benchmark import cases, measure, suites
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROW_KEYS = {"name", "jax_s", "reference_s", "ratio", "flops", "what", "config"}
 
 
@@ -78,6 +82,22 @@ def test_micro_case_runs_against_diffusers(tmp_path):
   # The same weights and inputs: both loops reach the same latents.
   assert row["relative_error"] < 1e-3
   assert "load_average" in result and result["machine"]["jax_backend"] == "cpu"
+
+
+def test_training_step_splits_over_cpu_devices(tmp_path):
+  """`--cpu_devices 2`: vldm's batch split over two XLA:CPU devices, the gradients summed over
+  them; the first step's loss is still diffusers'."""
+  pytest.importorskip("diffusers")
+  out = tmp_path / "two.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  subprocess.run([sys.executable, "-m", "vldm.benchmark", "--suite", "smoke", "--cases", "train",
+                  "--cpu_devices", "2", "--repeats", "1", "--warmup", "0", "--torch_threads", "1",
+                  "--out", str(out)], env=env, check=True, timeout=600, capture_output=True)
+  result = json.loads(out.read_text())
+  assert result["machine"]["jax_devices"] == ["cpu", "cpu"]
+  (row,) = result["rows"]
+  assert "error" not in row, row.get("traceback")
+  assert row["relative_error"] < 1e-4
 
 
 @pytest.mark.slow

@@ -4,6 +4,9 @@ StableDiffusionPipeline), compile caching and the errors for bad input."""
 import json
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import diffusers
 import jax
@@ -20,6 +23,7 @@ from vldm.pipelines import (CascadePipeline, ImageToVideoPipeline, PipelineError
                             TextToVideoPipeline, find_trained_stages, pipeline_from_workdir)
 from vldm.pipelines.common import low_res_condition
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-3
 SVD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                      interpolation_type="linear", num_train_timesteps=1000,
@@ -186,9 +190,12 @@ def _random_params(module, *args, seed=0):
 
 @pytest.fixture(scope="module")
 def t2v(tmp_path_factory):
+  return tiny_text_to_video(str(tmp_path_factory.mktemp("clip_tokenizer")))
+
+
+def tiny_text_to_video(folder: str) -> TextToVideoPipeline:
   """Tiny random vldm components: a video UNet with 3 added time ids, the per-frame SD VAE, a CLIP
-  text encoder and a CLIP BPE tokenizer written to tmp."""
-  folder = str(tmp_path_factory.mktemp("clip_tokenizer"))
+  text encoder and a CLIP BPE tokenizer written to folder."""
   vocab_size = _write_clip_vocab(folder)
   tokenizer = tokenizer_lib.CLIPBPETokenizer(folder, max_length=12)
   text_encoder = clip.CLIPTextModel(
@@ -237,6 +244,32 @@ def test_text_to_video_shapes_determinism_and_guidance(t2v):
   light, heavy = v2v(0.25), v2v(1.0)
   assert light.shape == heavy.shape == start.shape and np.isfinite(light).all()
   assert np.abs(light - heavy).max() > 1e-3
+
+
+SPLIT_CALL = dict(prompts=["a red circle", "a circle", "", "a blue square"], rng=0,
+                  guidance_scale=4.0, num_frames=3, num_steps=3, decode_chunk_size=2)
+TWO_DEVICES = textwrap.dedent("""
+    import sys
+    import jax, numpy as np
+    sys.path.insert(0, sys.argv[1])
+    from test_pipelines import SPLIT_CALL, tiny_text_to_video
+    from vldm.train import sharding
+    assert jax.device_count() == 2
+    assert len(sharding.split_batch(np.zeros((4, 1)))[0].sharding.device_set) == 2
+    np.save(sys.argv[3], tiny_text_to_video(sys.argv[2])(**SPLIT_CALL))
+""")
+
+
+def test_text_to_video_splits_the_batch_over_devices(t2v, tmp_path):
+  """On two devices (here the host's CPU split as the demo splits it) each samples half the batch;
+  the clips are those of one device."""
+  flags = "--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false"
+  env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}",
+             JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONPATH=REPO)
+  out = str(tmp_path / "frames.npy")
+  subprocess.run([sys.executable, "-c", TWO_DEVICES, os.path.dirname(__file__),
+                  str(tmp_path / "tokenizer"), out], env=env, check=True, timeout=600)
+  np.testing.assert_allclose(np.load(out), t2v(**SPLIT_CALL), atol=1e-5, rtol=0)
 
 
 def test_cascade_upsamples_the_base_latents(t2v):

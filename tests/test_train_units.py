@@ -53,6 +53,26 @@ def test_make_mesh_fills_the_rest_and_rejects_bad_shapes():
     sharding_lib.make_mesh((("data", -1), ("fsdp", -1)))
 
 
+def test_cpu_cores_become_devices_only_when_they_divide_every_batch(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+  assert sharding_lib.cpu_cores_as_devices([8, 2, 64]) == 2
+  assert os.environ["XLA_FLAGS"] == ("--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=2 "
+                                     "--xla_cpu_multi_thread_eigen=false")
+  assert sharding_lib.cpu_cores_as_devices([8]) == 0  # a device count is set already: it stays
+  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+  assert sharding_lib.cpu_cores_as_devices([8, 2]) == 0 and not os.environ["XLA_FLAGS"]
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+  assert sharding_lib.cpu_cores_as_devices([8]) == 0 and not os.environ["XLA_FLAGS"]
+
+
+def test_split_batch_leaves_one_device_alone():
+  x = np.zeros((4, 3), np.float32)
+  out, none = sharding_lib.split_batch(x, None)
+  assert none is None and out is x
+
+
 def test_fsdp_spec_shards_the_largest_divisible_axis():
   P = jax.sharding.PartitionSpec
   assert sharding_lib.fsdp_spec((3, 3, 320, 640), 4) == P(None, None, None, "fsdp")

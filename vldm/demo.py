@@ -46,6 +46,14 @@ def _config(stage: str, workdir: str, runlocal: bool, data_dir=None):
   return config_lib.load_config(f"{CONFIG_FILE}:{arg}")
 
 
+def _batch_sizes(runlocal: bool) -> list[int]:
+  """Every stage's training batch size."""
+  from vldm.train import config_lib  # pylint: disable=g-import-not-at-top
+  config_lib.ensure_importable(CONFIG_FILE)
+  from configs import shapes as shapes_config  # pylint: disable=g-import-not-at-top
+  return [_config(stage, "", runlocal).batch_size for stage in shapes_config.STAGES]
+
+
 def _finished_step(workdir: str):
   from vldm.pipelines import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   stage = workdir_lib._newest_checkpoint(workdir)  # pylint: disable=protected-access
@@ -165,7 +173,9 @@ def report(root: str, timings: dict, evaluations: dict, num_samples: int, runloc
     worst = sorted(summary["prompts"].items(), key=lambda kv: kv[1][0] / kv[1][1])[:8]
     lines += ["Prompts with the fewest correct clips: " + ", ".join(
         f"{p!r} {hits}/{total}" for p, (hits, total) in worst), ""]
-  lines += ["## Time per stage", "", "| stage | steps × batch | seconds |", "|---|---:|---:|"]
+  import jax  # pylint: disable=g-import-not-at-top
+  lines += ["## Time per stage", "", f"On {jax.device_count()} {jax.default_backend()} device(s), "
+            "data-parallel.", "", "| stage | steps × batch | seconds |", "|---|---:|---:|"]
   total = 0.0
   for stage in shapes_config.STAGES:
     config = _config(stage, root, runlocal)
@@ -225,7 +235,13 @@ def main(argv):
   if not FLAGS.workdir:
     sys.exit("vldm.demo: error: --workdir is required.")
   from vldm.train import metrics as train_metrics  # pylint: disable=g-import-not-at-top
+  from vldm.train import sharding  # pylint: disable=g-import-not-at-top
   logging.get_absl_logger().addFilter(train_metrics.QuietOrbax())
+  # Before jax's first computation: on a 2-core machine, two single-threaded CPU devices train and
+  # sample the recipe faster than one (see cpu_cores_as_devices).
+  if sharding.cpu_cores_as_devices(_batch_sizes(FLAGS.runlocal) + [FLAGS.batch_size]):
+    logging.info("XLA:CPU runs one single-threaded device per core: XLA_FLAGS=%s",
+                 os.environ["XLA_FLAGS"])
   try:
     run(FLAGS.workdir, FLAGS.runlocal, FLAGS.num_samples, FLAGS.seed, FLAGS.batch_size,
         FLAGS.eval_stages, FLAGS.data_dir)

@@ -34,6 +34,7 @@ import numpy as np
 
 from vldm.benchmark import flops as flops_lib
 from vldm.benchmark import measure
+from vldm.train import sharding as sharding_lib
 
 # SVD's scheduler_config.json (stabilityai/stable-video-diffusion-img2vid).
 SVD_SCHEDULER = dict(
@@ -158,7 +159,7 @@ def _build_pair(setup: UNetSetup, weights_dtype: str):
   module, params = load_diffusers(path)
   compute = jnp.dtype(setup.dtype)
   module = module.clone(dtype=compute, param_dtype=jnp.dtype(weights_dtype), **setup.option_dict)
-  params = jax.device_put(jax.tree.map(lambda p: jnp.asarray(p, weights_dtype), params))
+  params = _replicate(jax.tree.map(lambda p: jnp.asarray(p, weights_dtype), params))
   model = diffusers.UNetSpatioTemporalConditionModel.from_pretrained(
       path, torch_dtype=_torch_dtype(weights_dtype)).to(setup.device)
   return module, params, model
@@ -173,6 +174,30 @@ def _inputs(setup: UNetSetup, batch: int, channels: int, rng: np.random.Generato
       timesteps=rng.uniform(-1.5, 1.5, (batch,)).astype(np.float32),
       context=rng.standard_normal((batch, 1, config["cross_attention_dim"])).astype(np.float32),
       time_ids=np.tile(np.array([[6.0, 127.0, 0.02]], np.float32), (batch, 1)))
+
+
+def _split_over_cpus() -> bool:
+  """Whether cases run data-parallel: on several XLA:CPU devices (`--cpu_devices`). Accelerator
+  cases time one device, as before."""
+  return jax.default_backend() == "cpu" and jax.local_device_count() > 1
+
+
+def _replicate(tree):
+  """Weights and other unbatched operands: on every device that the batch is split over."""
+  return sharding_lib.replicate(tree) if _split_over_cpus() else jax.device_put(tree)
+
+
+def _on_devices(*arrays) -> tuple:
+  """Batched inputs split over the CPU devices (data-parallel, as the demo trains and samples);
+  replicated where the batch does not divide; on the one device otherwise."""
+  if not _split_over_cpus():
+    return tuple(jax.device_put(arrays))
+  return tuple(a if isinstance(a, jax.Array) else _replicate(a)
+               for a in sharding_lib.split_batch(*arrays))
+
+
+def _dict_on_devices(batched: dict) -> dict:
+  return dict(zip(batched, _on_devices(*batched.values())))
 
 
 def _to_torch(array, device: str, dtype=None, video: bool = False):
@@ -235,7 +260,7 @@ def _build_train(setup: UNetSetup) -> Runner:
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  batch = jax.device_put(dict(inputs, target=target))
+  batch = _dict_on_devices(dict(inputs, target=target))
   opt_state = jax.jit(tx.init)(params)
   compiled, compile_s = _compile(jax.jit(step, donate_argnums=(0, 1)), params, opt_state, batch)
   state = {"params": params, "opt": opt_state, "loss": None}
@@ -369,7 +394,7 @@ def _build_sample(setup: UNetSetup, num_steps: int) -> Runner:
   module, params, model = _build_pair(setup, setup.dtype)
   model.eval()
   inputs = _sample_inputs(setup)
-  device_inputs = jax.device_put(inputs)
+  device_inputs = _dict_on_devices(inputs)
   compiled, compile_s = _compile(jax.jit(vldm_sampler(module, num_steps)), params, device_inputs)
 
   def jax_fn():
@@ -399,8 +424,7 @@ def _build_forward(setup: UNetSetup) -> Runner:
   module, params, model = _build_pair(setup, setup.dtype)
   model.eval()
   inputs = _inputs(setup, setup.batch, setup.config["in_channels"], np.random.default_rng(3))
-  args = jax.device_put((inputs["sample"], inputs["timesteps"], inputs["context"],
-                         inputs["time_ids"]))
+  args = _on_devices(inputs["sample"], inputs["timesteps"], inputs["context"], inputs["time_ids"])
   apply = jax.jit(lambda p, *a: module.apply({"params": p}, *a))
   compiled, compile_s = _compile(apply, params, *args)
   dtype, device = _torch_dtype(setup.dtype), setup.device
@@ -447,7 +471,7 @@ def _build_attention(c: dict) -> Runner:
   q, k, v, g = (rng.standard_normal(shape).astype(np.float32) for _ in range(4))
   dtype = jnp.dtype(c["dtype"])
   attend = functools.partial(jax.nn.dot_product_attention, implementation=c["implementation"])
-  args = jax.device_put(tuple(jnp.asarray(a, dtype) for a in (q, k, v, g)))
+  args = _on_devices(*(np.asarray(a, dtype) for a in (q, k, v, g)))
   if c["train"]:
     fn = jax.jit(lambda q, k, v, g: jax.grad(
         lambda q, k, v: jnp.sum((attend(q, k, v) * g).astype(jnp.float32)), (0, 1, 2))(q, k, v))
@@ -521,7 +545,8 @@ def _build_temporal_conv(c: dict) -> Runner:
   x, g = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
   kernel = (rng.standard_normal((3, 1, 1, ch, ch)) / np.sqrt(3 * ch)).astype(np.float32)
   dtype = jnp.dtype(c["dtype"])
-  args = jax.device_put((jnp.asarray(x, dtype), jnp.asarray(kernel, dtype), jnp.asarray(g, dtype)))
+  x_on, g_on = _on_devices(np.asarray(x, dtype), np.asarray(g, dtype))
+  args = (x_on, _replicate(jnp.asarray(kernel, dtype)), g_on)
   conv = functools.partial(temporal_conv, implementation=c["implementation"])
   fn = jax.jit(lambda x, w, g: jax.grad(
       lambda x, w: jnp.sum((conv(x, w) * g).astype(jnp.float32)), (0, 1))(x, w))

@@ -100,7 +100,7 @@ def gpu_svd() -> list:
 
 
 def smoke() -> list:
-  setup = cases_lib.UNetSetup.make(MICRO_UNET, 1, 2, 8, 8)
+  setup = cases_lib.UNetSetup.make(MICRO_UNET, 2, 2, 8, 8)  # batch 2: splits over 2 devices
   return [cases_lib.unet_train_case("train_step", setup),
           cases_lib.unet_sample_case("sample_euler2_cfg", setup, num_steps=2)]
 

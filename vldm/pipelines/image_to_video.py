@@ -36,6 +36,7 @@ from vldm.diffusion import guidance as guidance_lib
 from vldm.models import clip as clip_lib
 from vldm.models import unet as unet_lib
 from vldm.pipelines import common
+from vldm.train import sharding as sharding_lib
 
 # diffusers' SVD scheduler (stabilityai/stable-video-diffusion-img2vid[-xt] scheduler_config.json).
 SVD_SCHEDULER_CONFIG = dict(
@@ -260,6 +261,8 @@ class ImageToVideoPipeline:
                        (batch, 1))
     sample = self._compiled.get(("sample", num_steps, use_guidance), functools.partial(
         self._sample, num_steps=num_steps, use_guidance=use_guidance))
+    originals, resized, image_noise, noise, scales, time_ids = sharding_lib.split_batch(
+        originals, resized, image_noise, noise, scales, time_ids)
     latents = sample(self.params, originals, resized, image_noise, jnp.float32(noise_aug_strength),
                      noise, scales, time_ids, sampler_key)
     if output == "latents":

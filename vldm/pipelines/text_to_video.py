@@ -42,6 +42,7 @@ from vldm.models import clip as clip_lib
 from vldm.models import tokenizer as tokenizer_lib
 from vldm.models import unet as unet_lib
 from vldm.pipelines import common
+from vldm.train import sharding as sharding_lib
 
 NEEDS = {
     "unet": "UNetSpatioTemporalConditionModel or UNet2DConditionModel",
@@ -262,6 +263,8 @@ class TextToVideoPipeline:
       alpha_bar = self.sampler.schedule.alphas_cumprod[self.low_res_noise_level]
       low_res = common.low_res_condition(low_res_latents, common.draw_normal(
           keys, low_res_latents.shape[1:], 1), alpha_bar, self.low_res_factor)
+    ids, uncond_ids, ids_time, noise, video, low_res = sharding_lib.split_batch(
+        ids, uncond_ids, ids_time, noise, video, low_res)
     latents = sample(self.params, ids, uncond_ids, ids_time, noise, jnp.float32(guidance_scale),
                      sampler_key, video, low_res)
     if output == "latents":

@@ -13,6 +13,7 @@ from vldm.data import shapes
 from vldm.data import sources
 from vldm.models import tokenizer as tokenizer_lib
 from vldm.train import checkpoint as checkpoint_lib
+from vldm.train import sharding as sharding_lib
 
 
 # ------------------------------------------------------------------------------ initialisation
@@ -128,6 +129,6 @@ def make_data(data_config, sharding, process_index, process_count, tokenizer=Non
 # ---------------------------------------------------------------------------- frozen models
 def load_stage_params(workdir: str, mesh=None):
   """Another stage's newest parameters (EMA where kept), to use frozen."""
-  if mesh is None:
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  if mesh is None:  # the trainer's kind of mesh (Auto axes): arrays on both can meet in one jit
+    mesh = sharding_lib.make_mesh((("data", -1),))
   return checkpoint_lib.load_params(workdir, mesh, rules=((".*", "replicate"),))

@@ -52,6 +52,7 @@ from vldm.pipelines import common as pipeline_common
 from vldm.pipelines import workdir as pipeline_workdir
 from vldm.recipes import autoencoder as autoencoder_recipe
 from vldm.recipes import common
+from vldm.train import sharding as sharding_lib
 from vldm.train import tasks as tasks_lib
 
 KINDS = ("image", "video")
@@ -378,7 +379,7 @@ def build_latent_cache(task: LatentDiffusionTask, data_config, cache_dir, vae_pa
   if os.path.exists(os.path.join(directory, f"index.p{process_index}.json")):
     return
   moments_fn = jax.jit(task.moments)
-  moments = lambda pixels: jax.device_get(moments_fn(vae_params, pixels))
+  moments = lambda pixels: jax.device_get(moments_fn(vae_params, *sharding_lib.split_batch(pixels)))
 
   sources.build_cache(data_config, data_config.train_split, cache_dir,
                       moments, lambda captions: {},
