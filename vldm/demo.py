@@ -174,8 +174,10 @@ def report(root: str, timings: dict, evaluations: dict, num_samples: int, runloc
     lines += ["Prompts with the fewest correct clips: " + ", ".join(
         f"{p!r} {hits}/{total}" for p, (hits, total) in worst), ""]
   import jax  # pylint: disable=g-import-not-at-top
-  lines += ["## Time per stage", "", f"On {jax.device_count()} {jax.default_backend()} device(s), "
-            "data-parallel.", "", "| stage | steps × batch | seconds |", "|---|---:|---:|"]
+  devices = f"{jax.device_count()} {jax.default_backend()} device(s)"
+  lines += ["## Time per stage", "", f"On {devices}" + (", data-parallel." if
+                                                        jax.device_count() > 1 else "."),
+            "", "| stage | steps × batch | seconds |", "|---|---:|---:|"]
   total = 0.0
   for stage in shapes_config.STAGES:
     config = _config(stage, root, runlocal)
