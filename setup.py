@@ -5,7 +5,9 @@ setuptools.setup(
     name="vldm",
     version="0.1.0",
     description="Text-to-video latent diffusion in JAX/Flax: Video LDM and Stable Video Diffusion.",
-    packages=setuptools.find_packages(include=["vldm", "vldm.*"]),
+    # configs/ too: the demo and the documented commands load configs/*.py, which import
+    # `configs.common`, from an installed (non-editable) copy as well.
+    packages=setuptools.find_packages(include=["vldm", "vldm.*", "configs"]),
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.7",

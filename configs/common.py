@@ -61,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.task = ""                 # a registered task name (vldm.train.tasks) or 'module:Class'
   config.seed = 0
+  # The train state's PRNG implementation (a jax name: 'threefry2x32', 'rbg', ...), whatever the
+  # process default is: a run resumes only under the one it started with (the key's shape).
+  config.prng_impl = "threefry2x32"
   config.total_steps = 1000
   config.batch_size = 32           # global: split over all devices and processes
   config.log_every = 50            # metrics.jsonl + TensorBoard
@@ -91,7 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.ema_decay = 0.9999        # 0: no EMA
 
   config.dtype = "float32"         # compute dtype passed to the model; params stay float32
-  config.remat_policy = config_dict.placeholder(str)  # a jax.checkpoint_policies name
+  config.remat_policy = config_dict.placeholder(str)  # a model's remat policy name (None: none)
+  config.attention_implementation = config_dict.placeholder(str)  # 'xla', 'cudnn'; None: JAX's
 
   # Devices: named mesh axes, -1 = the rest. Batches split over all axes; parameters by rules.
   config.mesh = (("data", -1), ("fsdp", 1))

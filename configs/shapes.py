@@ -1,7 +1,7 @@
 """The shapes recipe: Video LDM's stages on the procedural shapes dataset, sized for a laptop CPU.
 
 Stages, in order (each a `python -m vldm.train` run in ROOT/<stage>; later stages read earlier
-ones through `init_from` and `ldm.vae_workdir`):
+ones through `init_from` and `ldm.vae.workdir`):
   autoencoder        KL autoencoder + PatchGAN on 32-px frames (32 px → 8×8×4 latents)
   autoencoder_video  its temporal decoder fine-tuned on 8-frame clips, encoder frozen
   image              text-to-image LDM on 32-px stills; the text encoder trains with it
@@ -76,6 +76,7 @@ def get_config(arg=None):
   config.task = TASKS[stage]
   config.stage = stage
   config.host_init = True  # tiny models: initial weights drawn on the host (see recipes.common)
+  config.prng_impl = "rbg"  # cheap random-number kernels: XLA:CPU compiles threefry slowly
   steps, batch, lr, warmup = SCHEDULE[stage]
   config.total_steps = RUNLOCAL_STEPS if local else steps
   config.batch_size = 2 if local else batch
@@ -91,7 +92,7 @@ def get_config(arg=None):
   # mostly the initial weights (the trainer's EMA starts from them).
   config.ema_decay = 0.0 if stage.startswith("autoencoder") or local else 1 - 10 / steps
 
-  root = arg.root
+  root = os.path.abspath(arg.root) if arg.root else ""  # saved configs work from any folder
   data_dir = arg.data_dir or (os.path.join(root, "data") if root else None)
   if stage in INIT_FROM:
     source, transform = INIT_FROM[stage]
@@ -107,14 +108,15 @@ def get_config(arg=None):
       num_train_examples=64 if local else TRAIN_EXAMPLES[stage],
       num_validation_examples=18 if local else 72, num_workers=2, prefetch=2)
   config.data.data_dir = data_dir
+  config.data.batch_size = config.get_ref("batch_size")  # one batch size: --config.batch_size
 
-  config.autoencoder = autoencoder_config(local)
   if stage.startswith("autoencoder"):
+    config.autoencoder = autoencoder_config(local)
     return config
 
   config.ldm = ldm_config(stage, local)
   if root:
-    config.ldm.vae_workdir = os.path.join(root, "autoencoder_video")
+    config.ldm.vae.workdir = os.path.join(root, "autoencoder_video")
     config.ldm.latent_cache_dir = os.path.join(root, stage, "latents")
     if config.ldm.upsampler.factor:
       config.ldm.upsampler.low_res_workdir = os.path.join(root, "video")
@@ -140,11 +142,11 @@ def autoencoder_config(local):
 def ldm_config(stage, local):
   c = ml_collections.ConfigDict()
   c.kind = "image" if stage == "image" else "video"
-  c.vae_workdir = config_dict.placeholder(str)
+  c.pretrained = config_dict.placeholder(str)  # every component is trained here
   # Where the frozen VAE's posterior of every training example is cached (built at the stage's
   # start, reused on resume): the encoder then runs once per example, not once per step.
   c.latent_cache_dir = config_dict.placeholder(str)
-  c.max_length = 8  # "a red circle moving left" + bos + eos = 7 tokens
+  c.latent_cache_batch_size = 64
   levels = 1 if local else 2  # runlocal: one level, the least to compile
   upsampler = stage == "hires"
   vae_levels = len(autoencoder_config(local).vae.block_out_channels)
@@ -152,22 +154,43 @@ def ldm_config(stage, local):
   # runlocal: attention in the down and mid blocks only (each spatio-temporal transformer is a
   # fifth of a video step's compile time; two fewer took the runlocal recipe from 156 s to 115 s).
   up_blocks = ("UpBlock2D",) if local else ("CrossAttnUpBlock2D",) * levels
-  c.unet = ml_collections.ConfigDict(dict(
+  c.unet = ml_collections.ConfigDict()
+  c.unet.folder = config_dict.placeholder(str)
+  c.unet.model = ml_collections.ConfigDict(dict(
       in_channels=8 if upsampler else 4, out_channels=4,
       down_block_types=("CrossAttnDownBlock2D",) * levels, mid_block_type="UNetMidBlock2DCrossAttn",
       up_block_types=up_blocks,
       block_out_channels=(16,) if local else (32, 64), layers_per_block=1,
       num_attention_heads=(2,) if local else (2, 4), cross_attention_dim=32 if local else 64,
       norm_num_groups=8, sample_size=latent_size))
-  c.text = ml_collections.ConfigDict(dict(
+  # A small CLIP text encoder learned from scratch over the 19-token word vocabulary of the
+  # captions. Image captions have no direction words: the video stage is where it learns them.
+  c.text_encoder = ml_collections.ConfigDict()
+  c.text_encoder.folder = config_dict.placeholder(str)
+  c.text_encoder.model = ml_collections.ConfigDict(dict(
       hidden_size=32 if local else 64, intermediate_size=64 if local else 128,
       num_hidden_layers=1 if local else 2, num_attention_heads=2))
+  c.text_encoder.train = stage in ("image", "video")
+  # "a red circle moving left" + bos + eos = 7 tokens
+  c.tokenizer = ml_collections.ConfigDict(dict(
+      folder=config_dict.placeholder(str), kind="shapes_words",
+      padding=config_dict.placeholder(str), max_length=8))
+  # The frozen temporal-decoder VAE of the autoencoder stages; its latents are scaled by 1/std,
+  # measured on fixed rendered frames, so every stage and the sampler agree on the scale.
+  vae = autoencoder_config(local).vae
+  c.vae = ml_collections.ConfigDict(dict(
+      folder=config_dict.placeholder(str), workdir=config_dict.placeholder(str),
+      scaling_factor=config_dict.placeholder(float), scale_from="shapes"))
+  c.vae.model = ml_collections.ConfigDict(dict(
+      kind="temporal_decoder", block_out_channels=vae.block_out_channels,
+      layers_per_block=vae.layers_per_block, latent_channels=vae.latent_channels,
+      sample_size=vae.sample_size, scaling_factor=vae.scaling_factor))
+  c.scheduler = ml_collections.ConfigDict(dict(folder=config_dict.placeholder(str)))
   c.temporal = ml_collections.ConfigDict(dict(
       merge_factor=0.5, merge_strategy="learned_with_images", num_frames=8,
-      text_motion_embedding=True))
+      text_motion_embedding=True, zero_init_temporal_outputs=True))
   c.train = "all" if stage in ("image", "hires") else "temporal"
-  # Image captions have no direction words: the video stage is where the encoder learns them.
-  c.train_text_encoder = stage in ("image", "video")
+  c.joint_image_fraction = 0.0
   c.prediction_type = "v_prediction"
   if stage == "image":
     c.weighting, c.noise_sampling = "min_snr", "uniform"

@@ -1,4 +1,5 @@
 """Video sources: the video-folder builder (skips bad files) and the standard TFDS datasets."""
+import collections
 import json
 import logging
 import os
@@ -12,7 +13,10 @@ from vldm.data import config as config_lib
 from vldm.data import pipeline as pipeline_lib
 from vldm.data import sources
 from vldm.data import standard
+from vldm.data import transforms
 from vldm.data import video_folder
+
+import media
 
 
 def write_videos(folder):
@@ -100,6 +104,167 @@ def test_video_folder_config_and_errors(tmp_path):
     video_folder.read_captions(os.path.join(folder, "bad.csv"))
   with pytest.raises(ValueError, match="folder"):
     config_lib.data_config("video_folder")
+
+
+# --- clips at a target frame rate, segments, errors (real MP4s from tests/media.py) ------------
+
+
+def _examples(builder, split="train"):
+  source = builder.as_data_source(split)
+  return [source[i] for i in range(len(source))]
+
+
+def test_target_fps_strides_each_file_and_skips_bad_ones(tmp_path):
+  summary = media.write_video_folder(str(tmp_path / "videos"), missing=True)
+  builder = video_folder.video_folder_builder(
+      summary["folder"], resolution=16, min_frames=4, target_fps=8, data_dir=str(tmp_path / "tfds")
+  )
+  builder.download_and_prepare(file_format="array_record")
+  examples = {e["file"].decode(): e for e in _examples(builder)}
+  assert set(examples) == set(summary["good"])
+  for file in summary["good"]:
+    info, example = summary["files"][file], examples[file]
+    stride = max(1, int(info["fps"] / 8 + 0.5))  # 8 fps: 1, 12: 2, 24: 3, 30: 4 (3.75)
+    video = np.stack(example["video"])
+    assert video.shape == (-(-info["frames"] // stride), 16, 16, 3), file
+    assert example["fps"] == pytest.approx(info["fps"] / stride), file
+    assert example["start_frame"] == 0
+    assert example["caption"].decode() == info["caption"]
+  assert examples["square_30fps.mp4"]["fps"] == pytest.approx(7.5)
+  assert video_folder.skipped_files(builder) == summary["bad"]
+  # Any size and aspect comes out square; the 64x48 clip at stride 2 matches a direct decode.
+  path = os.path.join(summary["folder"], "square_12fps.mp4")
+  expected = transforms.resize_and_crop(iio.imread(path)[::2], 16)
+  np.testing.assert_array_equal(np.stack(examples["square_12fps.mp4"]["video"]), expected)
+
+
+def test_long_video_gives_segments_spread_over_it(tmp_path):
+  folder = str(tmp_path / "long")
+  os.makedirs(folder)
+  path = media.write_video(os.path.join(folder, "long.mp4"), media.make_clip(100, 16, 16), 10)
+  media.write_captions(os.path.join(folder, "captions.csv"), [("long.mp4", "a long one")])
+  decoded = iio.imread(path)
+  # Stride 1, segments of 8: 12 full ones and a remainder of 4 (< min_frames 6, dropped); a cap
+  # of 4 takes segments 0, 4, 7 and 11, from the start to the end of the video.
+  capped = video_folder.video_folder_builder(
+      folder,
+      resolution=16,
+      min_frames=6,
+      max_frames=8,
+      clips_per_video=4,
+      data_dir=str(tmp_path / "tfds"),
+  )
+  capped.download_and_prepare(file_format="array_record")
+  examples = sorted(_examples(capped), key=lambda e: int(e["start_frame"]))
+  assert [int(e["start_frame"]) for e in examples] == [0, 32, 56, 88]
+  for e in examples:
+    start = int(e["start_frame"])  # traceable: the stored clip is the file's frames from there
+    np.testing.assert_array_equal(np.stack(e["video"]), decoded[start : start + 8])
+    assert e["fps"] == pytest.approx(10.0)
+  # At 5 fps (stride 2): 50 frames, 6 segments of 8 and a remainder of 2 (dropped); no cap.
+  strided = video_folder.video_folder_builder(
+      folder,
+      resolution=16,
+      min_frames=2,
+      max_frames=8,
+      target_fps=5,
+      clips_per_video=0,
+      data_dir=str(tmp_path / "tfds"),
+  )
+  assert strided.builder_config.name != capped.builder_config.name  # options -> own dataset
+  strided.download_and_prepare(file_format="array_record")
+  examples = sorted(_examples(strided), key=lambda e: int(e["start_frame"]))
+  assert [(int(e["start_frame"]), len(e["video"])) for e in examples] == [
+      (0, 8),
+      (16, 8),
+      (32, 8),
+      (48, 8),
+      (64, 8),
+      (80, 8),
+      (96, 2),
+  ]
+  assert {float(e["fps"]) for e in examples} == {5.0}
+  np.testing.assert_array_equal(np.stack(examples[-1]["video"]), decoded[96::2])
+
+
+def test_segment_planning():
+  assert video_folder.frame_stride(30, None) == 1
+  assert video_folder.frame_stride(30, 8) == 4 and video_folder.frame_stride(12, 8) == 2
+  assert video_folder.frame_stride(5, 8) == 1  # never upsamples
+  assert video_folder.num_segments(100, 1, 6, 8) == 12  # remainder 4 < 6
+  assert video_folder.num_segments(100, 2, 2, 8) == 7  # 50 frames: 6 x 8 + 2
+  assert video_folder.num_segments(5, 1, 6, 0) == 0 and video_folder.num_segments(6, 1, 6, 0) == 1
+  assert video_folder.chosen_segments(12, 4) == [0, 4, 7, 11]
+  assert video_folder.chosen_segments(12, 0) is None and video_folder.chosen_segments(3, 4) is None
+  assert video_folder.chosen_segments(12, 1) == [0]
+
+
+def test_jsonl_fallback_and_config_keys_through_make_source(tmp_path):
+  summary = media.write_video_folder(str(tmp_path / "videos"), captions_format="jsonl")
+  assert not os.path.exists(os.path.join(summary["folder"], "captions.csv"))
+  c = config_lib.data_config(
+      "video_folder",
+      folder=summary["folder"],
+      resolution=8,
+      frames=4,
+      max_frames=4,
+      target_fps=12,
+      clips_per_video=2,
+      batch_size=1,
+      data_dir=str(tmp_path / "tfds"),
+  )
+  assert c.captions == "captions.csv"  # the default, absent: captions.jsonl is read instead
+  examples = list(sources.make_source(c, "train"))
+  by_file = collections.defaultdict(list)
+  for e in examples:
+    by_file[e["file"].decode()].append(int(e["start_frame"]))
+  # 8 fps -> stride 1: 12 frames, 3 segments of 4, capped to 2 (first and last); 12 fps -> 1;
+  # 24 fps -> 2 (24 frames, 6 segments); 30 fps -> 3 (round(2.5) up; 20 frames, 5 segments).
+  assert {f: sorted(s) for f, s in by_file.items()} == {
+      "square_8fps.mp4": [0, 8],
+      "square_12fps.mp4": [0, 24],
+      "square_24fps.mp4": [0, 40],
+      "square_30fps.mp4": [0, 48],
+  }
+  assert all(len(e["video"]) == 4 for e in examples)
+
+
+def test_no_captions_file_is_a_clear_error(tmp_path):
+  folder = str(tmp_path / "uncaptioned")
+  os.makedirs(folder)
+  media.write_video(os.path.join(folder, "a.mp4"), media.make_clip(8, 16, 16), 8)
+  c = config_lib.data_config(
+      "video_folder", folder=folder, resolution=8, frames=4, data_dir=str(tmp_path / "tfds")
+  )
+  with pytest.raises(ValueError, match=r"No captions file.*captions\.csv.*captions\.jsonl"):
+    sources.make_source(c, "train")
+  c.captions = "mine.csv"  # a name of one's own: no fallback
+  with pytest.raises(ValueError, match=r"looked for '[^']*mine\.csv'\. Add one"):
+    sources.make_source(c, "train")
+
+
+def test_no_readable_video_is_a_clear_error(tmp_path):
+  folder = str(tmp_path / "bad")
+  os.makedirs(folder)
+  with open(os.path.join(folder, "garbage.mp4"), "wb") as f:
+    f.write(b"not a video" * 50)
+  media.write_video(os.path.join(folder, "short.mp4"), media.make_clip(2, 16, 16), 8)
+  media.write_captions(
+      os.path.join(folder, "captions.csv"),
+      [("garbage.mp4", "x"), ("short.mp4", "y"), ("gone.mp4", "z")],
+  )
+  c = config_lib.data_config(
+      "video_folder", folder=folder, resolution=8, frames=4, data_dir=str(tmp_path / "tfds")
+  )
+  with pytest.raises(ValueError, match="No video of split 'train'") as error:
+    sources.make_source(c, "train")
+  message = str(error.value)
+  assert "'missing': 1, 'unreadable': 1, 'too_short': 1" in message
+  for file in ("garbage.mp4", "short.mp4", "gone.mp4"):
+    assert file in message
+  assert not video_folder.video_folder_builder(
+      folder, resolution=8, min_frames=4, data_dir=str(tmp_path / "tfds")
+  ).is_prepared()
 
 
 # --- standard TFDS datasets --------------------------------------------------------------------

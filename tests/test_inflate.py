@@ -143,8 +143,10 @@ def test_transplant_temporal(setup):
 
 
 def test_sd1_video_unet_is_not_an_svd_checkpoint(setup, tmp_path):
+  # (It saves as vldm's own VldmUNet; as SVD's class it cannot.)
   with pytest.raises(ConversionError, match="use_linear_projection=False"):
-    save_diffusers(setup["video"], setup["video_params"], str(tmp_path))
+    save_diffusers(setup["video"], setup["video_params"], str(tmp_path),
+                   class_name="UNetSpatioTemporalConditionModel")
 
 
 @pytest.mark.slow  # ≈ 1 min on 2 cores: keeps the default suite under 15 min
@@ -220,7 +222,8 @@ def test_text_motion_embedding_is_temporal_and_trilinear(setup, tmp_path):
       setup["forward"](setup["video_params"], sample, timesteps, context, None, jnp.ones((B, F))),
       rtol=1e-5, atol=1e-5)
   with pytest.raises(ConversionError, match="text_motion_embedding"):
-    save_diffusers(video.clone(use_linear_projection=True), params, str(tmp_path))
+    save_diffusers(video.clone(use_linear_projection=True), params, str(tmp_path),
+                   class_name="UNetSpatioTemporalConditionModel")
   with pytest.raises(ValueError, match="text_motion_embedding is an option of the video UNet"):
     IMAGE_UNET.clone(text_motion_embedding=True).check_config()
 

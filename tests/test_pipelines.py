@@ -16,6 +16,7 @@ import torch
 import transformers
 from PIL import Image
 
+import sd_folders
 from parity import perturb_, relative_error
 from vldm.models import autoencoder, clip, unet as unet_lib
 from vldm.models import tokenizer as tokenizer_lib
@@ -115,7 +116,7 @@ def test_image_to_video_matches_diffusers(svd, case):
   assert frames_error <= TOLERANCE and latents_error <= TOLERANCE
 
 
-def test_image_to_video_second_call_does_not_recompile(svd):
+def test_image_to_video_second_call_does_not_recompile(svd, monkeypatch):
   """Same shapes and static settings as the f2_32x32 parity case: its executables are reused."""
   _, _, pipe = svd
   image = _image(40, 48, seed=3)
@@ -128,6 +129,12 @@ def test_image_to_video_second_call_does_not_recompile(svd):
   np.testing.assert_array_equal(first, again)
   assert np.abs(first - other).max() > 1e-3
   assert first.shape == (1, 2, 32, 32, 3) and first.min() >= 0 and first.max() <= 1
+  # A call without steps and guidance takes the pipeline's defaults: the same 3-step executable.
+  assert (pipe.default_num_steps, pipe.default_max_guidance_scale) == (25, 3.0)  # diffusers'
+  monkeypatch.setattr(pipe, "default_num_steps", 3)
+  monkeypatch.setattr(pipe, "default_max_guidance_scale", 2.0)
+  np.testing.assert_array_equal(pipe(image, rng=0, num_frames=2, height=32, width=32), first)
+  assert pipe.trace_count == traces
 
 
 def test_image_to_video_bad_input(svd):
@@ -154,31 +161,6 @@ def test_image_to_video_bad_input(svd):
 
 
 # ------------------------------------------------------------------------------ text-to-video
-MERGES = [("r", "e"), ("re", "d</w>"), ("c", "i"), ("ci", "r"), ("cir", "c"), ("circ", "l"),
-          ("circl", "e</w>")]
-
-
-def _write_clip_vocab(folder):
-  """A tiny CLIP BPE vocabulary: bytes, bytes + </w>, a few merges, then bos and eos."""
-  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-      range(ord("®"), ord("ÿ") + 1))
-  cs, n = bs[:], 0
-  for b in range(256):
-    if b not in bs:
-      bs.append(b)
-      cs.append(256 + n)
-      n += 1
-  vocab = [chr(c) for c in cs]
-  vocab += [v + "</w>" for v in vocab] + ["".join(m) for m in MERGES]
-  vocab += ["<|startoftext|>", "<|endoftext|>"]
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, "vocab.json"), "w") as f:
-    json.dump({v: i for i, v in enumerate(vocab)}, f)
-  with open(os.path.join(folder, "merges.txt"), "w") as f:
-    f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES))
-  return len(vocab)
-
-
 def _random_params(module, *args, seed=0):
   """Random parameters of the init shapes, drawn with numpy: no init compile (norm scales ≈ 1)."""
   rng = np.random.default_rng(seed)
@@ -196,7 +178,7 @@ def t2v(tmp_path_factory):
 def tiny_text_to_video(folder: str) -> TextToVideoPipeline:
   """Tiny random vldm components: a video UNet with 3 added time ids, the per-frame SD VAE, a CLIP
   text encoder and a CLIP BPE tokenizer written to folder."""
-  vocab_size = _write_clip_vocab(folder)
+  vocab_size = sd_folders.write_clip_vocab(folder)
   tokenizer = tokenizer_lib.CLIPBPETokenizer(folder, max_length=12)
   text_encoder = clip.CLIPTextModel(
       vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
@@ -253,10 +235,11 @@ TWO_DEVICES = textwrap.dedent("""
     import jax, numpy as np
     sys.path.insert(0, sys.argv[1])
     from test_pipelines import SPLIT_CALL, tiny_text_to_video
-    from vldm.train import sharding
-    sharding.split_cpu_into_devices(2)  # as the demo does, before jax's first computation
+    from vldm import devices
+    devices.split_cpu_into_devices(2)  # as the demo does, before jax's first computation
     assert jax.device_count() == 2
-    assert len(sharding.split_batch(np.zeros((4, 1)))[0].sharding.device_set) == 2
+    assert len(devices.split_batch(np.zeros((4, 1)))[0].sharding.device_set) == 2
+    assert len(devices.replicate(np.zeros((3,))).sharding.device_set) == 2
     np.save(sys.argv[3], tiny_text_to_video(sys.argv[2])(**SPLIT_CALL))
 """)
 
@@ -272,7 +255,7 @@ def test_text_to_video_splits_the_batch_over_devices(t2v, tmp_path):
   np.testing.assert_allclose(np.load(out), t2v(**SPLIT_CALL), atol=1e-5, rtol=0)
 
 
-def test_cascade_upsamples_the_base_latents(t2v):
+def test_cascade_upsamples_the_base_latents(t2v, monkeypatch):
   """Video LDM's cascade: the base samples 8-px latents, the upsampler (its UNet taking them as 4
   more input channels) samples the 16-px clip conditioned on them."""
   unet = t2v.unet.clone(in_channels=8)
@@ -311,6 +294,32 @@ def test_cascade_upsamples_the_base_latents(t2v):
                                         low_res_factor=2)
   with pytest.raises(PipelineError, match="upsampler must be a latent upsampler"):
     CascadePipeline(base=t2v, upsampler=t2v)
+  # Without num_steps and guidance_scale the base runs its own defaults.
+  monkeypatch.setattr(t2v, "default_num_steps", 2)
+  monkeypatch.setattr(t2v, "default_guidance_scale", 2.0)
+  assert (cascade.default_num_steps, cascade.default_guidance_scale) == (2, 2.0)
+  traces = cascade.trace_count
+  np.testing.assert_array_equal(cascade(prompts, num_frames=3, rng=0), frames)
+  assert cascade.trace_count == traces
+
+
+def test_text_to_video_defaults_belong_to_the_pipeline(t2v, monkeypatch):
+  """Without num_steps and guidance_scale a call runs the pipeline's default_num_steps and
+  default_guidance_scale (a trained stage's settings); given ones win."""
+  prompts = ["a red circle", "a circle"]
+  kwargs = dict(num_frames=3, decode_chunk_size=2)
+  expected = t2v(prompts, rng=0, num_steps=3, guidance_scale=4.0, **kwargs)
+  traces = t2v.trace_count
+  monkeypatch.setattr(t2v, "default_num_steps", 3)
+  monkeypatch.setattr(t2v, "default_guidance_scale", 4.0)
+  np.testing.assert_array_equal(t2v(prompts, rng=0, **kwargs), expected)
+  assert t2v.trace_count == traces  # the 3-step executable: no other step count was compiled
+  assert np.abs(t2v(prompts, rng=0, guidance_scale=1.0, **kwargs) - expected).max() > 1e-3
+  built = TextToVideoPipeline.from_components(
+      unet=(t2v.unet, t2v.params["unet"]), vae=(t2v.vae, t2v.params["vae"]),
+      text_encoder=(t2v.text_encoder, t2v.params["text_encoder"]), tokenizer=t2v.tokenizer,
+      default_num_steps=3)  # as pipelines.pipeline_from_components passes a stage's settings
+  assert (built.default_num_steps, built.default_guidance_scale) == (3, 7.5)
 
 
 def test_text_to_video_bad_input(t2v):
@@ -332,7 +341,7 @@ def test_text_to_video_per_frame_matches_stable_diffusion(tmp_path):
   diffusers' StableDiffusionPipeline images for the same noise, with guidance, DDIM."""
   torch.manual_seed(0)
   tokenizer_dir = str(tmp_path / "vocab")
-  vocab_size = _write_clip_vocab(tokenizer_dir)
+  vocab_size = sd_folders.write_clip_vocab(tokenizer_dir)
   tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=12)
   text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
       vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
@@ -404,14 +413,15 @@ def test_text_to_video_per_frame_matches_stable_diffusion(tmp_path):
 
 # ----------------------------------------------------------------------------------- workdir
 def test_pipeline_from_workdir_errors(tmp_path):
+  from vldm.recipes import stages as recipe_stages  # pylint: disable=g-import-not-at-top
   with pytest.raises(PipelineError, match=r"holds no trained stage: looked for .*checkpoints/<step>"
                                           r" and .*<stage>/checkpoints/<step>"):
-    pipeline_from_workdir(str(tmp_path))
+    pipeline_from_workdir(str(tmp_path), restore=lambda stage: {})
   (tmp_path / "video" / "checkpoints" / "40").mkdir(parents=True)
   (tmp_path / "video" / "checkpoints" / "50.orbax-checkpoint-tmp-1").mkdir()
   stages = find_trained_stages(str(tmp_path))
   assert [(s.name, s.step) for s in stages] == [("video", 40)]
   with pytest.raises(PipelineError, match=r"Found the trained stage 'video'.*step 40"):
-    pipeline_from_workdir(str(tmp_path))
+    recipe_stages.pipeline_from_workdir(str(tmp_path))  # the recipes' restorer
   with pytest.raises(PipelineError, match="missing: vae, text_encoder, tokenizer"):
     pipeline_from_workdir(str(tmp_path), restore=lambda stage: {"unet": None})

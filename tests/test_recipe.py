@@ -17,8 +17,10 @@ from vldm.pipelines import workdir as workdir_lib
 from vldm.recipes import autoencoder as autoencoder_recipe
 from vldm.recipes import common
 from vldm.recipes import ldm
+from vldm.recipes import stages
 from vldm.train import config_lib
 from vldm.train import tasks as tasks_lib
+from vldm.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = os.path.join(REPO, "configs", "shapes.py")
@@ -52,15 +54,18 @@ def test_stage_configs_are_wired():
         assert config.init_from.workdir is None
       assert config.data.data_dir == "/runs/x/data"
       if stage in ("image", "video", "hires"):
-        assert config.ldm.vae_workdir == "/runs/x/autoencoder_video"
+        assert config.ldm.vae.workdir == "/runs/x/autoencoder_video"
   full = {s: load(s, runlocal=False) for s in shapes_config.STAGES}
   assert full["video"].data.resolution == 32 and full["video"].data.frames == 8
   assert full["hires"].data.resolution == 64 and full["hires"].ldm.train == "all"
   # Video: spatial layers frozen; the text encoder learns the direction words (image captions
   # have none) and the temporal transformers get the text-dependent motion embedding.
-  assert full["video"].ldm.train == "temporal" and full["video"].ldm.train_text_encoder
-  assert full["video"].ldm.temporal.text_motion_embedding and not full["hires"].ldm.train_text_encoder
-  assert full["image"].ldm.train_text_encoder and full["image"].data.caption_dropout > 0
+  assert full["video"].ldm.train == "temporal" and full["video"].ldm.text_encoder.train
+  assert full["video"].ldm.temporal.text_motion_embedding
+  assert not full["hires"].ldm.text_encoder.train
+  assert full["image"].ldm.text_encoder.train and full["image"].data.caption_dropout > 0
+  # One batch size: --config.batch_size sets the data's too.
+  assert config_lib.load_config(f"{SHAPES}:stage=video", {"batch_size": 6}).data.batch_size == 6
   with pytest.raises(ValueError, match="Unknown stage 'vidoe'"):
     load("vidoe")
 
@@ -242,7 +247,7 @@ def test_upsampler_starts_as_the_video_model_and_checks_its_channels():
   with pytest.raises(tasks_lib.CheckpointMismatchError, match="widen_input"):
     ldm.widen_input_transform(up_params, video_params)
   config = load("hires")
-  config.ldm.unet.in_channels = 4
+  config.ldm.unet.model.in_channels = 4
   with pytest.raises(ValueError, match="latent upsampler .* needs 2 × the VAE's 4 latent channels"):
     ldm.LatentDiffusionTask(config)
 
@@ -303,9 +308,22 @@ def test_recipe_end_to_end_at_runlocal_size(tmp_path):
   # `python -m vldm.sample --workdir` can rebuild the newest stage from its saved config.
   stage = workdir_lib.find_trained_stages(root)[0]
   assert stage.name == "hires"
-  pipe = workdir_lib.pipeline_from_workdir(root)  # the default restorer: recipes.ldm
+  pipe = stages.pipeline_from_workdir(root)
   # hires is a latent upsampler: the video stage samples, hires upsamples ×2.
   assert isinstance(pipe, CascadePipeline) and pipe.upsampler.low_res_factor == 2
   assert pipe.base.unet.in_channels == 4 and pipe.upsampler.unet.in_channels == 8
   assert pipe.upsampler.unet.temporal and pipe.upsampler.vae.scaling_factor > 0
   assert pipe.default_size() == (16, 16)  # the hires stage's size, not the base's
+  # Its sampler settings are the stage's own (what the demo's report judged), not flag defaults.
+  sampler = load("video").ldm.sampler
+  assert (pipe.default_num_steps, pipe.default_guidance_scale) == (sampler.num_steps,
+                                                                   sampler.guidance_scale)
+  assert pipe.base.sampler.sampler == sampler.name == "ddim"
+
+  # A stage the demo trained resumes under plain `python -m vldm.train` (the process default
+  # PRNG is threefry there): its key follows the stage's config.prng_impl.
+  jax.config.update("jax_default_prng_impl", "threefry2x32")
+  config = config_lib.load_config(f"{SHAPES}:stage=video,root={root},runlocal=True",
+                                  {"total_steps": 4})
+  state = trainer.train_and_evaluate(config, os.path.join(root, "video"))
+  assert int(state.step) == 4

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import transformers
 
+import sd_folders
+
 from vldm.models import clip
 from vldm.models import tokenizer as tok
 
@@ -19,32 +21,11 @@ TEXTS = ["a red circle moving left", "A RED   circle, moving!", "a blue square",
          "circles moving léft ☺", " ".join(["red circle"] * 60)]  # the last one is truncated
 
 
-def _bytes_to_unicode():
-  """CLIP's (GPT-2's) reversible byte → printable-character map."""
-  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-      range(ord("®"), ord("ÿ") + 1))
-  cs = bs[:]
-  n = 0
-  for b in range(256):
-    if b not in bs:
-      bs.append(b)
-      cs.append(256 + n)
-      n += 1
-  return dict(zip(bs, map(chr, cs)))
-
-
 def _write_clip_vocab(folder):
-  """A tiny CLIP BPE vocabulary laid out as the real one: bytes, bytes + </w>, merges, then
-  <|startoftext|> and <|endoftext|> last."""
-  os.makedirs(folder, exist_ok=True)
-  vocab = list(_bytes_to_unicode().values())
-  vocab += [v + "</w>" for v in vocab]
-  vocab += ["".join(m) for m in MERGES] + ["<|startoftext|>", "<|endoftext|>"]
-  with open(os.path.join(folder, "vocab.json"), "w") as f:
-    json.dump({v: i for i, v in enumerate(vocab)}, f)
-  with open(os.path.join(folder, "merges.txt"), "w") as f:
-    f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES))
-  return {v: i for i, v in enumerate(vocab)}
+  """The tiny vocabulary with this file's merges; {token: id}."""
+  sd_folders.write_clip_vocab(folder, MERGES)
+  with open(os.path.join(folder, "vocab.json")) as f:
+    return json.load(f)
 
 
 @pytest.fixture(scope="module")

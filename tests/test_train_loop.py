@@ -12,17 +12,18 @@ import pytest
 from flax import traverse_util
 from jax.experimental.compilation_cache import compilation_cache
 
+import toy_task
 from vldm import video_io
 from vldm.train import checkpoint as checkpoint_lib
 from vldm.train import config_lib
 from vldm.train import metrics as metrics_lib
 from vldm.train import sharding as sharding_lib
 from vldm.train import tasks as tasks_lib
-from vldm.train import toy_task
 from vldm.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "configs", "tiny.py")
+TINY = os.path.join(REPO, "tests", "configs_tiny.py")  # the toy task (tests/toy_task.py)
+config_lib.ensure_importable(os.path.join(REPO, "configs", "common.py"))  # configs_tiny imports it
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -132,6 +133,37 @@ def test_interrupted_run_resumes_to_the_same_result(reference, tmp_path, how):
   assert_trees_close(resumed.opt_state, expected.opt_state, atol=1e-6)
   data = json.loads((tmp_path / "checkpoints" / "4" / "data" / "metadata").read_text())
   assert data == {"next_batch": 4}
+
+
+def test_run_resumes_under_its_own_prng_impl(reference, tmp_path):
+  """A run trained with prng_impl='rbg' while the process default is rbg too (as vldm.demo sets
+  it) resumes exactly under the default threefry: the state's key follows the config."""
+  _, threefry = reference
+  workdir = tmp_path / "rbg"
+  config = tiny(prng_impl="rbg")
+  previous = jax.config.jax_default_prng_impl
+  jax.config.update("jax_default_prng_impl", "rbg")
+  try:
+    expected = host(trainer.train_and_evaluate(config, workdir))
+  finally:
+    jax.config.update("jax_default_prng_impl", previous)
+  assert previous == "threefry2x32" and expected.rng.shape == (4,)  # rbg's key data
+  assert threefry.rng.shape == (2,)  # threefry2x32's
+  assert np.abs(expected.params["conv_out"]["kernel"]
+                - threefry.params["conv_out"]["kernel"]).max() > 1e-6  # other draws
+  shutil.rmtree(workdir / "checkpoints" / "4")
+  resumed = host(trainer.train_and_evaluate(config, workdir))
+  assert int(resumed.step) == 4
+  np.testing.assert_array_equal(resumed.rng, expected.rng)
+  assert_trees_close(resumed.params, expected.params, atol=1e-6)
+  assert_trees_close(resumed.opt_state, expected.opt_state, atol=1e-6)
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError,
+                     match=r"key of shape \(4,\), but config.prng_impl='threefry2x32' makes keys "
+                           r"of shape \(2,\).*one of \['rbg', 'unsafe_rbg'\]"):
+    trainer.train_and_evaluate(tiny(), workdir)  # resumed without the run's prng_impl
+  with pytest.raises(ValueError, match="config.prng_impl='rgb' is not a jax PRNG implementation.*"
+                                       "rbg"):
+    trainer.train_and_evaluate(tiny(prng_impl="rgb"), tmp_path / "bad")
 
 
 def test_stage_hand_off_with_frozen_layers(reference, tmp_path):

@@ -24,7 +24,9 @@ from vldm.train import sharding as sharding_lib
 from vldm.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "configs", "tiny.py")
+TESTS = os.path.join(REPO, "tests")
+TINY = os.path.join(TESTS, "configs_tiny.py")  # the toy task (tests/toy_task.py)
+config_lib.ensure_importable(os.path.join(REPO, "configs", "common.py"))  # configs_tiny imports it
 OVERRIDES = {"total_steps": 4, "checkpoint_every": 2, "log_every": 2, "keep_checkpoints": 0,
              "tensorboard": False, "progress_bar": False}
 TOLERANCE = 1e-5
@@ -32,7 +34,8 @@ TOLERANCE = 1e-5
 
 def subprocess_env(devices: int, **extra) -> dict:
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONPATH=REPO)
+             JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
+             PYTHONPATH=os.pathsep.join([REPO, TESTS]))  # configs, and the task toy_task
   env.update(extra)
   return env
 

@@ -1,11 +1,17 @@
 """Fast checks of the trainer's parts: config arguments, sharding rules, tasks, video files."""
 import os
+import runpy
+import shutil
+import subprocess
+import sys
+import zipfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vldm import devices
 from vldm import video_io
 from vldm.train import config_lib
 from vldm.train import distributed
@@ -16,8 +22,8 @@ from vldm.train import tasks as tasks_lib
 from vldm.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "configs", "tiny.py")
-config_lib.ensure_importable(TINY)
+TINY = os.path.join(REPO, "tests", "configs_tiny.py")  # the toy task (tests/toy_task.py)
+config_lib.ensure_importable(os.path.join(REPO, "configs", "common.py"))  # for configs_tiny too
 from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -36,7 +42,8 @@ def test_parse_arg_converts_by_default_type_and_names_accepted_keys():
 def test_config_has_the_common_keys_and_is_locked():
   config = config_lib.load_config(TINY + ":runlocal=False")
   for key in ("total_steps", "batch_size", "seed", "log_every", "checkpoint_every",
-              "init_from.workdir", "init_from.transform", "mesh", "dtype", "remat_policy"):
+              "init_from.workdir", "init_from.transform", "mesh", "dtype", "remat_policy",
+              "prng_impl"):
     assert config_lib.unknown_key_error(config, key) is None, key
   assert config.total_steps == 2000 and config.toy.resolution == 32
   with pytest.raises(AttributeError):
@@ -56,20 +63,20 @@ def test_make_mesh_fills_the_rest_and_rejects_bad_shapes():
 def test_cpu_cores_become_devices_only_when_they_divide_every_batch(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
   monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-  assert sharding_lib.cpu_cores_as_devices([8, 2, 64]) == 2
+  assert devices.cpu_cores_as_devices([8, 2, 64]) == 2
   assert os.environ["XLA_FLAGS"] == ("--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=2 "
                                      "--xla_cpu_multi_thread_eigen=false")
-  assert sharding_lib.cpu_cores_as_devices([8]) == 0  # a device count is set already: it stays
+  assert devices.cpu_cores_as_devices([8]) == 0  # a device count is set already: it stays
   monkeypatch.setenv("XLA_FLAGS", "")
   monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-  assert sharding_lib.cpu_cores_as_devices([8, 2]) == 0 and not os.environ["XLA_FLAGS"]
+  assert devices.cpu_cores_as_devices([8, 2]) == 0 and not os.environ["XLA_FLAGS"]
   monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-  assert sharding_lib.cpu_cores_as_devices([8]) == 0 and not os.environ["XLA_FLAGS"]
+  assert devices.cpu_cores_as_devices([8]) == 0 and not os.environ["XLA_FLAGS"]
 
 
 def test_split_batch_leaves_one_device_alone():
   x = np.zeros((4, 3), np.float32)
-  out, none = sharding_lib.split_batch(x, None)
+  out, none = devices.split_batch(x, None)
   assert none is None and out is x
 
 
@@ -92,10 +99,16 @@ def test_distributed_is_wanted_only_for_several_processes():
     distributed.wanted({"VLDM_DISTRIBUTED": "maybe"})
 
 
-def test_unknown_task_and_labels_are_clear_errors():
+def test_unknown_task_and_labels_are_clear_errors(monkeypatch):
   config = config_lib.load_config(TINY, {"task": "tyo"})
-  with pytest.raises(ValueError, match="Unknown task 'tyo'.*closest: \\['toy'\\]"):
+  monkeypatch.setattr(tasks_lib, "_TASKS", {})  # none registered: import paths only
+  with pytest.raises(ValueError, match="Unknown task 'tyo'; give a 'package.module:ClassName' "
+                     "path\\.$"):
     tasks_lib.get_task(config)
+  tasks_lib.register_task("toy", "toy_task:ToyTask")
+  with pytest.raises(ValueError, match="Unknown task 'tyo'.*registered name.*closest: \\['toy'\\]"):
+    tasks_lib.get_task(config)
+  assert type(tasks_lib.get_task(config_lib.load_config(TINY))).__name__ == "ToyTask"  # by path
   params = {"a": {"kernel": 1}, "b": {"kernel": 2}}
   with pytest.raises(ValueError, match="Unknown trainable labels \\['frozen'\\]"):
     tasks_lib.trainable_paths(params, {"a": {"kernel": "train"}, "b": {"kernel": "frozen"}})
@@ -138,6 +151,64 @@ def test_bfloat16_compute_and_remat_keep_float32_params():
   bad = config_lib.load_config(TINY, {"remat_policy": "everything"})
   with pytest.raises(ValueError, match="Unknown remat policy 'everything'"):
     jax.eval_shape(tasks_lib.get_task(bad).init_params, jax.random.PRNGKey(0))
+
+
+def test_state_key_follows_the_configs_prng_impl():
+  """Shapes only: the state's raw key is the config's implementation's, whatever the process
+  default; configs from before the key take the process default."""
+  mesh = sharding_lib.make_mesh((("data", -1),))
+  for impl, shape in (("threefry2x32", (2,)), ("rbg", (4,))):
+    config = config_lib.load_config(TINY, {"prng_impl": impl})
+    builder = state_lib.StateBuilder(tasks_lib.get_task(config), config, mesh)
+    rng = builder.abstract_state.rng
+    assert rng.shape == shape and rng.dtype == "uint32"
+    assert jax.random.key_impl(builder.key(0)) == jax.random.key_impl(jax.random.key(0, impl=impl))
+  old = config_lib.load_config(TINY)
+  old.unlock()
+  del old["prng_impl"]
+  assert state_lib.prng_impl(old) == jax.config.jax_default_prng_impl
+  with pytest.raises(ValueError, match="config.prng_impl='threefry' is not a jax PRNG "
+                                       "implementation.*threefry2x32"):
+    state_lib.prng_impl(config_lib.load_config(TINY, {"prng_impl": "threefry"}))
+
+
+def test_configs_are_installed_with_the_package(monkeypatch):
+  """setup.py packages configs/ (the demo loads configs/shapes.py, which imports configs.common),
+  and the demo finds its config file."""
+  import setuptools  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(setuptools, "setup", lambda **kwargs: calls.append(kwargs))
+  monkeypatch.chdir(REPO)  # find_packages looks under the working directory, as pip runs it
+  runpy.run_path(os.path.join(REPO, "setup.py"))
+  (kwargs,) = calls
+  assert "configs" in kwargs["packages"] and "vldm.train" in kwargs["packages"]
+  assert "tests" not in kwargs["packages"]
+  from vldm import demo  # pylint: disable=g-import-not-at-top
+  assert os.path.isfile(demo.CONFIG_FILE) and demo.CONFIG_FILE.endswith(
+      os.path.join("configs", "shapes.py"))
+
+
+def test_installed_wheel_holds_configs_and_the_demo_finds_them(tmp_path):
+  """`pip install .` (not editable): the demo loads configs/shapes.py from the installed copy."""
+  source = tmp_path / "source"  # a copy: building in place would write build/ into the checkout
+  ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+  for name in ("vldm", "configs"):
+    shutil.copytree(os.path.join(REPO, name), source / name, ignore=ignore)
+  shutil.copy(os.path.join(REPO, "setup.py"), source)
+  pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+  subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", str(source), "-w",
+                        str(tmp_path / "wheel")], check=True, timeout=120, capture_output=True)
+  (wheel,) = (tmp_path / "wheel").iterdir()
+  with zipfile.ZipFile(wheel) as f:
+    assert {"configs/__init__.py", "configs/common.py", "configs/shapes.py"} <= set(f.namelist())
+  site = tmp_path / "site"
+  subprocess.run(pip + ["install", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
+                 check=True, timeout=120, capture_output=True)
+  found = subprocess.run(
+      [sys.executable, "-c", "from vldm import demo; print(demo.__file__, demo.CONFIG_FILE)"],
+      cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(site)), check=True, timeout=120,
+      capture_output=True, text=True).stdout.split()
+  assert found == [str(site / "vldm" / "demo.py"), str(site / "configs" / "shapes.py")]
 
 
 def test_schedule_warms_up_then_decays():

@@ -15,6 +15,7 @@ from the final stage, judges them with the shapes oracle (`vldm.eval`) and write
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -34,8 +35,21 @@ flags.DEFINE_list("eval_stages", ["hires"], "Stages whose samples are judged; th
                   "are written to DIR/samples.")
 flags.DEFINE_string("data_dir", None, "TFDS data folder (default: DIR/data).")
 
-CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "configs", "shapes.py")
+
+def _config_file() -> str:
+  """configs/shapes.py: installed beside vldm (`pip install .`), else beside this checkout's vldm/
+  (run from a source tree that is not installed)."""
+  try:
+    spec = importlib.util.find_spec("configs.shapes")
+  except ImportError:  # no `configs` package on the path
+    spec = None
+  if spec is not None and spec.origin and os.path.isfile(spec.origin):
+    return spec.origin
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "shapes.py")
+
+
+CONFIG_FILE = _config_file()
 
 
 def _config(stage: str, workdir: str, runlocal: bool, data_dir=None):
@@ -92,18 +106,20 @@ class Interrupted(RuntimeError):
   """A stage stopped early (a preemption notice); its checkpoint is saved."""
 
 
-def sample_and_judge(root: str, stage: str, runlocal: bool, num_samples: int, seed: int,
-                     batch_size: int, data_dir=None):
-  """Samples every prompt num_samples times from `stage`; returns (prompts, seeds, clips,
-  records, seconds)."""
+def sample_and_judge(root: str, stage: str, num_samples: int, seed: int, batch_size: int):
+  """Samples every prompt num_samples times from `stage` through its pipeline, as
+  `python -m vldm.sample --workdir ROOT/STAGE` does (the stage's saved config and sampler
+  settings); returns (prompts, seeds, clips, records, seconds, the stage's config)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from vldm.eval import oracle  # pylint: disable=g-import-not-at-top
-  from vldm.recipes import common, ldm  # pylint: disable=g-import-not-at-top
+  from vldm.pipelines import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from vldm.recipes import common, stages  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
-  config = _config(stage, root, runlocal, data_dir)
-  task, params, frozen = ldm.restore(config, os.path.join(root, stage))
+  stage_dir = os.path.join(root, stage)
+  config = stages.saved_config(workdir_lib.newest_stage(stage_dir).path)
+  pipe = stages.pipeline_from_workdir(stage_dir)
   prompts = [p for p in common.all_prompts() for _ in range(num_samples)]
   seeds = [seed + k for k in range(len(prompts))]
   clips = []
@@ -111,11 +127,11 @@ def sample_and_judge(root: str, stage: str, runlocal: bool, num_samples: int, se
     chunk, chunk_seeds = prompts[i:i + batch_size], seeds[i:i + batch_size]
     pad = batch_size - len(chunk)  # a constant batch size compiles once
     keys = jax.vmap(jax.random.key)(jnp.asarray(chunk_seeds + chunk_seeds[:1] * pad, jnp.uint32))
-    frames = task.generate(params, frozen, chunk + chunk[:1] * pad, keys)
+    frames = pipe(chunk + chunk[:1] * pad, rng=keys)
     clips.append(np.asarray(frames[:len(chunk)]))
   clips = np.concatenate(clips)
   records = oracle.judge_all(clips, prompts)
-  return prompts, seeds, clips, records, time.perf_counter() - start
+  return prompts, seeds, clips, records, time.perf_counter() - start, config
 
 
 def write_samples(out: str, prompts, seeds, clips, records, num_samples: int) -> None:
@@ -195,8 +211,8 @@ def run(workdir: str, runlocal: bool = False, num_samples: int = 2, seed: int = 
         batch_size: int = 48, eval_stages=("hires",), data_dir=None) -> dict:
   """The whole demo (see the module docstring); returns {stage: oracle summary}."""
   import jax  # pylint: disable=g-import-not-at-top
-  # Cheap random-number kernels: XLA:CPU compiles threefry slowly. The same in every run of a
-  # workdir (the train state's key has the implementation's shape); restored afterwards.
+  # Cheap random-number kernels for sampling: XLA:CPU compiles threefry slowly. Training keys
+  # follow each stage's config.prng_impl instead, so a stage resumes the same without the demo.
   previous = jax.config.jax_default_prng_impl
   jax.config.update("jax_default_prng_impl", "rbg")
   try:
@@ -214,15 +230,15 @@ def _run(workdir, runlocal, num_samples, seed, batch_size, eval_stages, data_dir
   timings = train_stages(workdir, runlocal, data_dir)
   evaluations = {}
   for stage in eval_stages:
-    prompts, seeds, clips, records, seconds = sample_and_judge(
-        workdir, stage, runlocal, num_samples, seed, batch_size, data_dir)
+    prompts, seeds, clips, records, seconds, config = sample_and_judge(
+        workdir, stage, num_samples, seed, batch_size)
     summary = metrics.summarize(records)
     logging.info("Oracle on %s:\n%s", stage, metrics.markdown_table(summary))
     if stage == eval_stages[-1]:
       start = time.perf_counter()
       write_samples(os.path.join(workdir, "samples"), prompts, seeds, clips, records, num_samples)
       seconds += time.perf_counter() - start
-    evaluations[stage] = (summary, seconds, _config(stage, workdir, runlocal, data_dir))
+    evaluations[stage] = (summary, seconds, config)
   text = report(workdir, timings, evaluations, num_samples, runlocal)
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write(text)
@@ -236,12 +252,12 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir:
     sys.exit("vldm.demo: error: --workdir is required.")
+  from vldm import devices  # pylint: disable=g-import-not-at-top
   from vldm.train import metrics as train_metrics  # pylint: disable=g-import-not-at-top
-  from vldm.train import sharding  # pylint: disable=g-import-not-at-top
   logging.get_absl_logger().addFilter(train_metrics.QuietOrbax())
   # Before jax's first computation: on a 2-core machine, two single-threaded CPU devices train and
   # sample the recipe faster than one (see cpu_cores_as_devices).
-  if sharding.cpu_cores_as_devices(_batch_sizes(FLAGS.runlocal) + [FLAGS.batch_size]):
+  if devices.cpu_cores_as_devices(_batch_sizes(FLAGS.runlocal) + [FLAGS.batch_size]):
     logging.info("XLA:CPU runs one single-threaded device per core: XLA_FLAGS=%s",
                  os.environ["XLA_FLAGS"])
   try:

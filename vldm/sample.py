@@ -13,6 +13,8 @@ N clips per prompt (or image); clip k (numbered over all prompts) draws its nois
 alone, so `--seed S+k --num_samples 1` reproduces it (to float rounding; a stochastic sampler's
 per-step noise comes from the batch's first seed). Writes OUT/<k>.gif, OUT/<k>.mp4 and
 OUT/samples.json, a list of {file (the GIF), mp4, prompt, seed} (image runs: prompt null, + image).
+Sampler flags left unset keep the model's own settings (a trained stage's steps and guidance, the
+pipeline's defaults otherwise).
 """
 from __future__ import annotations
 
@@ -26,6 +28,11 @@ from absl import flags
 from absl import logging
 
 FLAGS = flags.FLAGS
+FILE_FPS = 7  # the files' frame rate without --fps: the pipelines' default fps conditioning
+# Passed only when given, so that the pipeline's defaults apply otherwise.
+TEXT_OPTIONS = ("num_steps", "guidance_scale", "fps", "motion_bucket_id")
+IMAGE_OPTIONS = ("num_steps", "min_guidance_scale", "max_guidance_scale", "fps",
+                 "motion_bucket_id", "noise_aug_strength")
 flags.DEFINE_string("workdir", None, "A training workdir: samples its newest trained stage.")
 flags.DEFINE_string("pretrained", None, "A diffusers pipeline folder (SVD for --image; a "
                     "text-to-video layout for --prompt).")
@@ -38,15 +45,21 @@ flags.DEFINE_integer("seed", 0, "Seed of the first clip; clip k uses seed + k.")
 flags.DEFINE_integer("num_frames", None, "Frames per clip (default: the model's).")
 flags.DEFINE_integer("height", None, "Frame height (default: the model's, or the image's).")
 flags.DEFINE_integer("width", None, "Frame width (default: the model's, or the image's).")
-flags.DEFINE_integer("num_steps", 25, "Sampler steps.")
+flags.DEFINE_integer("num_steps", None, "Sampler steps (default: the model's).")
 flags.DEFINE_string("sampler", None, "Sampler name (default: the model's scheduler).")
-flags.DEFINE_float("guidance_scale", 7.5, "Text-to-video classifier-free guidance (≤ 1: off).")
+flags.DEFINE_float("guidance_scale", None, "Text-to-video classifier-free guidance (≤ 1: off; "
+                   "default: the model's).")
 flags.DEFINE_string("negative_prompt", "", "Text-to-video unconditional prompt.")
-flags.DEFINE_float("min_guidance_scale", 1.0, "Image-to-video guidance at the first frame.")
-flags.DEFINE_float("max_guidance_scale", 3.0, "Image-to-video guidance at the last frame.")
-flags.DEFINE_integer("fps", 7, "Frames per second of the files; also SVD's fps conditioning.")
-flags.DEFINE_integer("motion_bucket_id", 127, "SVD motion conditioning.")
-flags.DEFINE_float("noise_aug_strength", 0.02, "SVD conditioning-image noise augmentation.")
+flags.DEFINE_float("min_guidance_scale", None, "Image-to-video guidance at the first frame "
+                   "(default: the model's).")
+flags.DEFINE_float("max_guidance_scale", None, "Image-to-video guidance at the last frame "
+                   "(default: the model's).")
+flags.DEFINE_integer("fps", None, f"Frames per second of the files (default {FILE_FPS}); also the "
+                     "fps conditioning of models that take it, as SVD (default: the pipeline's).")
+flags.DEFINE_integer("motion_bucket_id", None, "SVD motion conditioning (default: the "
+                     "pipeline's).")
+flags.DEFINE_float("noise_aug_strength", None, "SVD conditioning-image noise augmentation "
+                   "(default: the pipeline's).")
 flags.DEFINE_integer("decode_chunk_size", None, "Frames decoded at a time (default: all).")
 
 
@@ -77,17 +90,24 @@ def load_pipeline():
   """The pipeline the flags ask for."""
   from vldm import pipelines  # pylint: disable=g-import-not-at-top  # heavy: after parsing
   if FLAGS.workdir:
-    pipe = pipelines.pipeline_from_workdir(FLAGS.workdir)
+    from vldm.recipes import stages  # pylint: disable=g-import-not-at-top
+    pipe = stages.pipeline_from_workdir(FLAGS.workdir)  # the stage's own sampler settings
   elif FLAGS.image:
     pipe = pipelines.ImageToVideoPipeline.from_pretrained(FLAGS.pretrained)
   else:
-    pipe = pipelines.TextToVideoPipeline.from_pretrained(FLAGS.pretrained)
+    from vldm.pipelines import folder  # pylint: disable=g-import-not-at-top
+    pipe = folder.load_pipeline(FLAGS.pretrained)  # a cascade when it holds an upsampler
   return pipe.with_sampler(FLAGS.sampler) if FLAGS.sampler else pipe
 
 
-def _common_kwargs() -> dict:
+def call_kwargs() -> dict:
+  """The pipeline call's settings: sizes (None: the model's) and the sampler flags given."""
+  options = IMAGE_OPTIONS if FLAGS.image else TEXT_OPTIONS
+  kwargs = {name: FLAGS[name].value for name in options if FLAGS[name].value is not None}
+  if not FLAGS.image:
+    kwargs["negative_prompt"] = FLAGS.negative_prompt
   return dict(num_frames=FLAGS.num_frames, height=FLAGS.height, width=FLAGS.width,
-              num_steps=FLAGS.num_steps, decode_chunk_size=FLAGS.decode_chunk_size)
+              decode_chunk_size=FLAGS.decode_chunk_size, **kwargs)
 
 
 def generate(pipe, out: str) -> list[dict]:
@@ -98,18 +118,10 @@ def generate(pipe, out: str) -> list[dict]:
   for i, condition in enumerate(conditions):
     seeds = [FLAGS.seed + i * n + j for j in range(n)]
     start = time.time()
-    if FLAGS.image:
-      frames = pipe([condition] * n, rng=_keys(seeds), fps=FLAGS.fps,
-                    min_guidance_scale=FLAGS.min_guidance_scale,
-                    max_guidance_scale=FLAGS.max_guidance_scale,
-                    motion_bucket_id=FLAGS.motion_bucket_id,
-                    noise_aug_strength=FLAGS.noise_aug_strength, **_common_kwargs())
-    else:
-      frames = pipe([condition] * n, rng=_keys(seeds), fps=FLAGS.fps,
-                    guidance_scale=FLAGS.guidance_scale, negative_prompt=FLAGS.negative_prompt,
-                    motion_bucket_id=FLAGS.motion_bucket_id, **_common_kwargs())
+    frames = pipe([condition] * n, rng=_keys(seeds), **call_kwargs())
     names = [str(i * n + j) for j in range(n)]
-    written = pipelines.write_clips(frames, out, names, fps=FLAGS.fps)
+    fps = FILE_FPS if FLAGS.fps is None else FLAGS.fps
+    written = pipelines.write_clips(frames, out, names, fps=fps)
     logging.info("%d clip(s) for %r in %.1f s.", n, condition, time.time() - start)
     for seed, files in zip(seeds, written):
       record = dict(file=os.path.basename(files["gif"]), mp4=os.path.basename(files["mp4"]),

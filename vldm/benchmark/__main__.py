@@ -71,7 +71,7 @@ def run_benchmark(suite: str, out: str, *, repeats: int = 5, warmup: int = 1,
 def _use_cpu_devices(setting: str, suite: str, select) -> None:
   """Sets XLA:CPU's device count (before jax starts its backends) for CPU suites."""
   from vldm.benchmark import suites  # pylint: disable=g-import-not-at-top
-  from vldm.train import sharding  # pylint: disable=g-import-not-at-top
+  from vldm import devices  # pylint: disable=g-import-not-at-top
   if setting != "auto" and not (setting.isdigit() and int(setting) >= 1):
     raise app.UsageError(f"--cpu_devices must be 'auto' or a count ≥ 1, got {setting!r}.")
   try:
@@ -81,9 +81,9 @@ def _use_cpu_devices(setting: str, suite: str, select) -> None:
   if any(c.config.get("device", "cpu") != "cpu" for c in cases) or setting == "1":
     return
   if setting == "auto":
-    sharding.cpu_cores_as_devices([c.config["batch"] for c in cases])
+    devices.cpu_cores_as_devices([c.config["batch"] for c in cases])
   else:
-    sharding.split_cpu_into_devices(int(setting))
+    devices.split_cpu_into_devices(int(setting))
 
 
 def main(argv):

@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vldm import devices
 from vldm.benchmark import flops as flops_lib
 from vldm.benchmark import measure
-from vldm.train import sharding as sharding_lib
 
 # SVD's scheduler_config.json (stabilityai/stable-video-diffusion-img2vid).
 SVD_SCHEDULER = dict(
@@ -184,7 +184,7 @@ def _split_over_cpus() -> bool:
 
 def _replicate(tree):
   """Weights and other unbatched operands: on every device that the batch is split over."""
-  return sharding_lib.replicate(tree) if _split_over_cpus() else jax.device_put(tree)
+  return devices.replicate(tree) if _split_over_cpus() else jax.device_put(tree)
 
 
 def _on_devices(*arrays) -> tuple:
@@ -193,7 +193,7 @@ def _on_devices(*arrays) -> tuple:
   if not _split_over_cpus():
     return tuple(jax.device_put(arrays))
   return tuple(a if isinstance(a, jax.Array) else _replicate(a)
-               for a in sharding_lib.split_batch(*arrays))
+               for a in devices.split_batch(*arrays))
 
 
 def _dict_on_devices(batched: dict) -> dict:

@@ -19,7 +19,20 @@ Two counters of real graphs check the analytic ones:
   `jaxpr_flops(fn, *args)`    the dot_general and conv_general_dilated ops of the traced program;
   `compiled_flops(fn, *args)` `jax.jit(fn).lower(*args).compile().cost_analysis()['flops']`
                               (everything XLA runs, elementwise ops included; best-effort).
-A training step costs about 3 × the forward (`TRAIN_FACTOR`).
+A training step costs about 3 × the forward (`TRAIN_FACTOR`) when every weight trains;
+`unet_training_flops` counts a step where only some do (Video LDM's video stage: spatial layers
+frozen, temporal layers trained), op by op:
+
+  step = Σ_ops F_op · (1 + g_in + g_w)
+
+F_op the op's forward FLOPs; g_in = 1 when its input depends on a trained weight (the gradient
+flows back through it: dx, one product of F_op's size), g_w = 1 when its weights train (dW, one
+more). Attention's two products count their operands so: backward = F/2 · ([q or kv] + [q] + 2·[kv])
+(dP, dQ, dK and dV), i.e. 2·F for self-attention after a trained layer and F for cross-attention
+to a context that no trained weight touches. With the spatial layers frozen, the ops before the
+first temporal layer (conv_in, the time embedding, the first spatial res block) have no backward,
+the spatial layers after it have dx only, the temporal ones dx and dW, and the spatial
+cross-attention's K/V projections of the (frozen, precomputed) text context none.
 """
 from __future__ import annotations
 
@@ -87,20 +100,61 @@ def _valid_taps(size: int, kernel: int, stride: int, pad: int) -> int:
 
 
 class _Counter:
-  """Adds primitive layer costs to a `Flops`; `exclude_padding` as in the module docstring."""
+  """Adds primitive layer costs to a `Flops`; `exclude_padding` as in the module docstring.
+
+  With `trainable` (a predicate on part names: do that part's weights train?) it also counts the
+  backward pass into `backward`, following which activations depend on a trained weight (the
+  module docstring's formula): `flowing` says whether the running activation does. Each primitive
+  takes `grad_in` (does its input carry a gradient? None: the running activation's `flowing`; False
+  for side inputs such as the text context) and `train` (None: `trainable(part)`).
+  """
 
   def __init__(self, exclude_padding: bool = False,
-               temporal_conv_implementation: str = "shifted_matmul"):
+               temporal_conv_implementation: str = "shifted_matmul",
+               trainable: Optional[Callable[[str], bool]] = None):
     if temporal_conv_implementation not in _TEMPORAL_CONV_MULTIPLIES_PADDING:
       raise ValueError(f"Unknown temporal conv implementation {temporal_conv_implementation!r}; "
                        f"accepted: {tuple(_TEMPORAL_CONV_MULTIPLIES_PADDING)}.")
     self.flops = Flops()
+    self.backward = Flops()
+    self.trainable = trainable
+    self.flowing = False
     self.exclude_padding = exclude_padding
     self.temporal_padding_multiplied = _TEMPORAL_CONV_MULTIPLIES_PADDING[
         temporal_conv_implementation]
 
+  def trains(self, part: str) -> bool:
+    return bool(self.trainable and self.trainable(part))
+
+  def _add(self, kind: str, part: str, flops: float, grad_in: Optional[bool],
+           train: Optional[bool]) -> bool:
+    """One product of weights (or constants) and an activation: forward, then dx and dW.
+
+    Returns whether its output carries a gradient. An op on the running activation (`grad_in`
+    None) updates `flowing`; a side op (explicit `grad_in`) leaves it to the caller, who knows
+    where its output joins the main path.
+    """
+    self.flops.add(kind, part, flops)
+    if self.trainable is None:
+      return False
+    main = grad_in is None
+    grad_in = self.flowing if main else grad_in
+    train = self.trains(part) if train is None else train
+    if grad_in or train:
+      self.backward.add(kind, part, (int(grad_in) + int(train)) * flops)
+    if main:
+      self.flowing = bool(grad_in or train)
+    return bool(grad_in or train)
+
+  def norm(self, part: str) -> None:
+    """A norm with a scale and bias (no FLOPs counted): its output carries a gradient when they
+    train, even if its input does not."""
+    if self.trains(part):
+      self.flowing = True
+
   def conv(self, part: str, n: int, h: int, w: int, cin: int, cout: int, kernel: int = 3,
-           stride: int = 1, pad: Optional[int] = None, kind: str = "conv") -> tuple[int, int]:
+           stride: int = 1, pad: Optional[int] = None, kind: str = "conv",
+           grad_in: Optional[bool] = None, train: Optional[bool] = None) -> tuple[int, int]:
     """A square 2-D conv on n images of h×w (torch padding, default kernel // 2) → (h', w')."""
     pad = kernel // 2 if pad is None else pad
     ho, wo = (h + 2 * pad - kernel) // stride + 1, (w + 2 * pad - kernel) // stride + 1
@@ -108,31 +162,46 @@ class _Counter:
       taps = _valid_taps(h, kernel, stride, pad) * _valid_taps(w, kernel, stride, pad)
     else:
       taps = ho * wo * kernel * kernel
-    self.flops.add(kind, part, 2.0 * n * taps * cin * cout)
+    self._add(kind, part, 2.0 * n * taps * cin * cout, grad_in, train)
     return ho, wo
 
   def temporal_conv(self, part: str, batch: int, frames: int, pixels: int, cin: int, cout: int,
-                    kernel: int = 3):
+                    kernel: int = 3, grad_in: Optional[bool] = None):
     """A (k,1,1) conv over frames with zero padding k//2, on (B, F, pixels, C)."""
     taps = (_valid_taps(frames, kernel, 1, kernel // 2)
             if self.exclude_padding and not self.temporal_padding_multiplied else frames * kernel)
-    self.flops.add("conv", part, 2.0 * batch * pixels * taps * cin * cout)
+    self._add("conv", part, 2.0 * batch * pixels * taps * cin * cout, grad_in, None)
 
-  def dense(self, part: str, tokens: int, din: int, dout: int):
-    self.flops.add("linear", part, 2.0 * tokens * din * dout)
+  def dense(self, part: str, tokens: int, din: int, dout: int, grad_in: Optional[bool] = None,
+            train: Optional[bool] = None) -> bool:
+    return self._add("linear", part, 2.0 * tokens * din * dout, grad_in, train)
 
-  def attention(self, part: str, batch: int, tq: int, tk: int, width: int):
-    """QKᵀ and AV for all heads: width = heads × head_dim."""
-    self.flops.add("attention", part, 4.0 * batch * tq * tk * width)
+  def attention(self, part: str, batch: int, tq: int, tk: int, width: int,
+                q_grad: Optional[bool] = None, kv_grad: Optional[bool] = None):
+    """QKᵀ and AV for all heads: width = heads × head_dim. `q_grad` / `kv_grad`: whether the
+    queries / keys and values carry a gradient (None: the running activation's `flowing`)."""
+    flops = 4.0 * batch * tq * tk * width
+    self.flops.add("attention", part, flops)
+    if self.trainable is None:
+      return
+    q = self.flowing if q_grad is None else q_grad
+    kv = q if kv_grad is None else kv_grad
+    products = int(q or kv) + int(q) + 2 * int(kv)  # dP, dQ, dK and dV, each F/2
+    if products:
+      self.backward.add("attention", part, products * flops / 2)
+    self.flowing = bool(q or kv)  # the attention output continues the main path
 
   def attention_layer(self, part: str, rows: int, tq: int, width: int, kv_rows: int, tk: int,
-                      kv_width: int, out_width: Optional[int] = None, query_width=None):
+                      kv_width: int, out_width: Optional[int] = None, query_width=None,
+                      cross: bool = False):
     """q/k/v/out projections + attention. `rows` query groups of tq tokens; `kv_rows` groups of
-    tk context tokens (kv_rows divides rows: groups share their context, as vldm batches it)."""
+    tk context tokens (kv_rows divides rows: groups share their context, as vldm batches it).
+    `cross`: keys and values come from the context (no gradient flows into it)."""
     query_width = query_width or width
-    self.dense(part, rows * tq, query_width, width)
-    self.dense(part, 2 * kv_rows * tk, kv_width, width)
-    self.attention(part, kv_rows, (rows // kv_rows) * tq, tk, width)
+    grad_in = self.flowing
+    q = self.dense(part, rows * tq, query_width, width)
+    kv = self.dense(part, 2 * kv_rows * tk, kv_width, width, grad_in=not cross and grad_in)
+    self.attention(part, kv_rows, (rows // kv_rows) * tq, tk, width, q_grad=q, kv_grad=kv)
     self.dense(part, rows * tq, width, out_width or query_width)
 
   def geglu(self, part: str, tokens: int, dim: int, mult: int = 4):
@@ -144,30 +213,38 @@ class _Counter:
 
 
 def _resnet(c: _Counter, part: str, n: int, h: int, w: int, cin: int, cout: int,
-            temb_dim: Optional[int]):
-  """ResnetBlock2D on n images: conv1, (time_emb_proj), conv2, (1×1 shortcut)."""
+            temb_dim: Optional[int], temb_grad: bool = False):
+  """ResnetBlock2D on n images: conv1, (time_emb_proj), conv2, (1×1 shortcut).
+  `temb_grad`: whether the time embedding carries a gradient (training counts)."""
+  x_grad = c.flowing
+  c.norm(part)
   c.conv(part, n, h, w, cin, cout)
-  if temb_dim:
-    c.dense(part, n, temb_dim, cout)
+  if temb_dim and c.dense(part, n, temb_dim, cout, grad_in=temb_grad):
+    c.flowing = True  # added to the conv's output
+  c.norm(part)
   c.conv(part, n, h, w, cout, cout)
   if cin != cout:
-    c.conv(part, n, h, w, cin, cout, kernel=1)
+    c.conv(part, n, h, w, cin, cout, kernel=1, grad_in=x_grad)
 
 
 def _temporal_resnet(c: _Counter, part: str, batch: int, frames: int, pixels: int, channels: int,
-                     temb_dim: Optional[int]):
+                     temb_dim: Optional[int], temb_grad: bool = False):
   """TemporalResnetBlock (channels unchanged): two (3,1,1) convs and the time projection."""
+  c.norm(part)
   c.temporal_conv(part, batch, frames, pixels, channels, channels)
-  if temb_dim:
-    c.dense(part, batch * frames, temb_dim, channels)
+  if temb_dim and c.dense(part, batch * frames, temb_dim, channels, grad_in=temb_grad):
+    c.flowing = True
+  c.norm(part)
   c.temporal_conv(part, batch, frames, pixels, channels, channels)
 
 
 def _unet_resnet(c: _Counter, unet, batch: int, frames: int, h: int, w: int, cin: int, cout: int,
-                 temb_dim: int):
-  _resnet(c, "spatial_res", batch * frames, h, w, cin, cout, temb_dim)
+                 temb_dim: int, temb_grad: bool = False):
+  _resnet(c, "spatial_res", batch * frames, h, w, cin, cout, temb_dim, temb_grad)
   if unet.temporal:
-    _temporal_resnet(c, "temporal_res", batch, frames, h * w, cout, temb_dim)
+    before = c.flowing  # the spatial path, blended with the temporal one by α
+    _temporal_resnet(c, "temporal_res", batch, frames, h * w, cout, temb_dim, temb_grad)
+    c.flowing = c.flowing or before or c.trains("temporal_res")
 
 
 def _unet_transformer(c: _Counter, unet, batch: int, frames: int, h: int, w: int, channels: int,
@@ -179,30 +256,48 @@ def _unet_transformer(c: _Counter, unet, batch: int, frames: int, h: int, w: int
   project = (lambda part, cin, cout: c.dense(part, n * tokens, cin, cout)) \
       if unet.use_linear_projection else \
       (lambda part, cin, cout: c.conv(part, n, h, w, cin, cout, kernel=1, kind="linear"))
+  c.norm("spatial_attention")
   project("spatial_attention", channels, width)
+  positions_grad = False  # whether the frame positions added before each temporal block do
   if unet.temporal:  # frame position MLP, on the F frame indices
-    c.dense("temporal_attention", frames, width, 4 * width)
-    c.dense("temporal_attention", frames, 4 * width, width)
+    hidden = c.dense("temporal_attention", frames, width, 4 * width, grad_in=False)
+    positions_grad = c.dense("temporal_attention", frames, 4 * width, width, grad_in=hidden)
   if unet.text_motion_embedding:  # text contracted per clip, then frame, then the H·W positions
     fdim, sdim = transformer.MOTION_FRAME_DIM, transformer.MOTION_SPACE_DIM
-    c.dense("temporal_attention", batch, context_dim, fdim * (sdim + 1) * channels)
-    c.dense("temporal_attention", batch * frames, fdim * (sdim + 1), channels)
-    c.dense("temporal_attention", batch * frames * tokens, sdim, channels)
+    per_clip = c.dense("temporal_attention", batch, context_dim, fdim * (sdim + 1) * channels,
+                       grad_in=False)
+    # The frame and position sinusoids are constants: only the per-clip tensor's gradient.
+    c.dense("temporal_attention", batch * frames, fdim * (sdim + 1), channels,
+            grad_in=per_clip, train=False)
+    c.dense("temporal_attention", batch * frames * tokens, sdim, channels, grad_in=per_clip,
+            train=False)
+    positions_grad = positions_grad or per_clip
   for _ in range(num_layers):
+    c.norm("spatial_attention")
     if only_cross:
       c.attention_layer("spatial_attention", n, tokens, width, ctx_rows, context_length,
-                        context_dim)
+                        context_dim, cross=True)
     else:
       c.attention_layer("spatial_attention", n, tokens, width, n, tokens, width)
-    c.attention_layer("spatial_attention", n, tokens, width, ctx_rows, context_length, context_dim)
+    c.norm("spatial_attention")
+    c.attention_layer("spatial_attention", n, tokens, width, ctx_rows, context_length, context_dim,
+                      cross=True)
+    c.norm("spatial_feed_forward")
     c.geglu("spatial_feed_forward", n * tokens, width)
     if unet.temporal:  # per pixel over frames; cross-attends to the first frame's context (B rows)
+      before = c.flowing  # the spatial path, blended with the temporal one by α
+      c.flowing = c.flowing or positions_grad
       rows = batch * tokens
+      c.norm("temporal_feed_forward")
       c.geglu("temporal_feed_forward", rows * frames, width)
+      c.norm("temporal_attention")
       c.attention_layer("temporal_attention", rows, frames, width, rows, frames, width)
+      c.norm("temporal_attention")
       c.attention_layer("temporal_attention", rows, frames, width, batch, context_length,
-                        context_dim)
+                        context_dim, cross=True)
+      c.norm("temporal_feed_forward")
       c.geglu("temporal_feed_forward", rows * frames, width)
+      c.flowing = c.flowing or before or c.trains("temporal_attention")  # α is a temporal weight
   project("spatial_attention", width, channels)
 
 
@@ -214,12 +309,42 @@ def unet_flops(unet, height: int, width: int, *, batch: int = 1, frames: int = 1
   `context_length` is the number of encoder_hidden_states tokens (77 for CLIP text, 1 for SVD's
   image embedding); `per_frame_context`: a (B, F, L, D) context instead of one per clip.
   """
+  c = _Counter(exclude_padding, unet.temporal_conv_implementation)
+  _count_unet(c, unet, height, width, batch, frames, context_length, per_frame_context)
+  return c.flops
+
+
+# Which weights train, by the counter's part names: the video stage's temporal layers are those
+# `vldm.models.inflate.is_temporal` names (temporal res blocks and transformer blocks, frame
+# position MLPs, α blenders, added-time-ids embedding).
+TRAINABLE = {
+    "all": lambda part: True,
+    "temporal": lambda part: part.startswith("temporal_") or part == "add_embedding",
+}
+
+
+def unet_training_flops(unet, height: int, width: int, *, batch: int = 1, frames: int = 1,
+                        context_length: int = 77, per_frame_context: bool = False,
+                        exclude_padding: bool = False, trainable="temporal") -> Flops:
+  """Model FLOPs of a training step (forward + backward, no recomputation) of a UNet whose
+  `trainable` weights alone get gradients: 'temporal' (Video LDM's video stage: spatial layers
+  frozen), 'all', or a predicate on part names. The module docstring gives the formula; the loss
+  and the optimizer update are elementwise and not counted. The conditioning context is taken
+  as an input (a frozen text encoder's output): no gradient flows into it.
+  """
+  predicate = TRAINABLE[trainable] if isinstance(trainable, str) else trainable
+  c = _Counter(exclude_padding, unet.temporal_conv_implementation, trainable=predicate)
+  _count_unet(c, unet, height, width, batch, frames, context_length, per_frame_context)
+  return c.flops + c.backward
+
+
+def _count_unet(c: _Counter, unet, height: int, width: int, batch: int, frames: int,
+                context_length: int, per_frame_context: bool) -> None:
   unet.check_config()
   factor = 2 ** (unet.num_levels - 1)
   if height % factor or width % factor:
     raise ValueError(f"height and width ({height}, {width}) must be divisible by {factor}.")
   frames = frames if unet.temporal else 1
-  c = _Counter(exclude_padding, unet.temporal_conv_implementation)
   n = batch * frames
   channels = tuple(unet.block_out_channels)
   heads = unet.per_level("num_attention_heads")
@@ -227,22 +352,29 @@ def unet_flops(unet, height: int, width: int, *, batch: int = 1, frames: int = 1
   transformer_layers = unet.per_level("transformer_layers_per_block")
   only_cross = unet.per_level("only_cross_attention")
   temb_dim = 4 * channels[0]
-  c.dense("embedding", batch, channels[0], temb_dim)
-  c.dense("embedding", batch, temb_dim, temb_dim)
+  # The time embedding of the timesteps (no gradient comes in), and SVD's added time ids.
+  hidden = c.dense("embedding", batch, channels[0], temb_dim, grad_in=False)
+  temb_grad = c.dense("embedding", batch, temb_dim, temb_dim, grad_in=hidden)
   if unet.num_time_ids:
-    c.dense("embedding", batch, unet.projection_class_embeddings_input_dim, temb_dim)
-    c.dense("embedding", batch, temb_dim, temb_dim)
+    train = c.trains("add_embedding")
+    hidden = c.dense("embedding", batch, unet.projection_class_embeddings_input_dim, temb_dim,
+                     grad_in=False, train=train)
+    temb_grad = c.dense("embedding", batch, temb_dim, temb_dim, grad_in=hidden,
+                        train=train) or temb_grad
+  resnet = lambda h, w, cin, cout: _unet_resnet(c, unet, batch, frames, h, w, cin, cout,
+                                                temb_dim, temb_grad)
   transformer = lambda h, w, ch, level, layers, cross: _unet_transformer(
       c, unet, batch, frames, h, w, ch, heads[level], layers, cross, context_length,
       unet.context_dim, per_frame_context)
 
   h, w = height, width
+  c.flowing = False  # the noisy latents: data
   c.conv("conv_in_out", n, h, w, unet.in_channels, channels[0])
   skips = [channels[0]]
   cin = channels[0]
   for i, block_type in enumerate(unet.down_block_types):
     for _ in range(num_layers[i]):
-      _unet_resnet(c, unet, batch, frames, h, w, cin, channels[i], temb_dim)
+      resnet(h, w, cin, channels[i])
       cin = channels[i]
       if unet_lib.DOWN_BLOCK_TYPES[block_type]:
         transformer(h, w, cin, i, transformer_layers[i], only_cross[i])
@@ -251,22 +383,24 @@ def unet_flops(unet, height: int, width: int, *, batch: int = 1, frames: int = 1
       h, w = c.conv("sampling", n, h, w, cin, cin, stride=2, pad=unet.downsample_padding)
       skips.append(cin)
 
-  _unet_resnet(c, unet, batch, frames, h, w, cin, cin, temb_dim)
+  resnet(h, w, cin, cin)
   transformer(h, w, cin, unet.num_levels - 1, transformer_layers[-1], False)
-  _unet_resnet(c, unet, batch, frames, h, w, cin, cin, temb_dim)
+  resnet(h, w, cin, cin)
 
   for i, block_type in enumerate(unet.up_block_types):
     level = unet.num_levels - 1 - i
     for _ in range(num_layers[level] + 1):
-      _unet_resnet(c, unet, batch, frames, h, w, cin + skips.pop(), channels[level], temb_dim)
+      # The concatenated skip may carry no gradient (conv_in's), but dx is computed for the whole
+      # concatenated input.
+      resnet(h, w, cin + skips.pop(), channels[level])
       cin = channels[level]
       if unet_lib.UP_BLOCK_TYPES[block_type]:
         transformer(h, w, cin, level, transformer_layers[level], only_cross[level])
     if i < unet.num_levels - 1:
       h, w = 2 * h, 2 * w
       c.conv("sampling", n, h, w, cin, cin)
+  c.norm("conv_in_out")
   c.conv("conv_in_out", n, h, w, cin, unet.out_channels)
-  return c.flops
 
 
 # --------------------------------------------------------------------------------- autoencoders

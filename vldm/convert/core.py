@@ -11,7 +11,11 @@ each leaf's layout:
   scale         norm weight                      → as is
   embedding     nn.Embedding weight              → as is
   anything else (bias, mix_factor, class_embedding, ...) → as is
+
+vldm's own files (the 'VldmUNet' folder format, temporal-layer files) skip the renaming: their keys
+are the Flax paths joined by '/', in Flax layout (`params_to_vldm_state` / `vldm_state_to_params`).
 """
+
 from __future__ import annotations
 
 import os
@@ -138,6 +142,80 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
                           f"it is truncated or not a safetensors file ({e}).") from e
 
 
-def write_safetensors(state: Mapping[str, np.ndarray], path: str) -> None:
+def write_safetensors(
+    state: Mapping[str, np.ndarray], path: str, metadata: Mapping[str, str] | None = None
+) -> None:
+  """Writes numpy arrays; `metadata` (str → str) goes in the header (default {'format': 'pt'})."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path, metadata={"format": "pt"})
+
+  metadata = {"format": "pt"} if metadata is None else dict(metadata)
+  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path, metadata=metadata)
+
+
+def read_safetensors_metadata(path: str) -> dict[str, str]:
+  """The str → str metadata of a .safetensors header ({} when it has none)."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+
+  if not os.path.isfile(path):
+    raise ConversionError(f"No weights file at {path}.")
+  try:
+    with safe_open(path, framework="np") as f:
+      return dict(f.metadata() or {})
+  except Exception as e:  # safetensors raises its own error types, with terse messages
+    raise ConversionError(
+        f"Cannot read the safetensors file {path}: it is truncated or not a "
+        f"safetensors file ({e})."
+    ) from e
+
+
+# ---- vldm's own layout: parameter paths joined by '/', Flax layout -----------------------------
+PATH_SEPARATOR = "/"
+
+
+def params_to_vldm_state(params) -> dict[str, np.ndarray]:
+  """A Flax parameter tree → {'down_blocks_0/resnets_0/…/kernel': float32 array}, Flax layout.
+
+  The keys are vldm's own parameter paths, so the mapping needs no model and is exact.
+  """
+  return {
+      PATH_SEPARATOR.join(path): np.asarray(value, np.float32)
+      for path, value in traverse_util.flatten_dict(params).items()
+  }
+
+
+def vldm_state_to_params(state: Mapping[str, np.ndarray], template=None):
+  """The inverse of `params_to_vldm_state`. With a `template` (nested dict of leaves with
+  `.shape`), missing, unexpected and mis-shaped weights are all listed by path in one error."""
+  flat = {tuple(key.split(PATH_SEPARATOR)): np.asarray(value) for key, value in state.items()}
+  if template is not None:
+    check_fits(flat, traverse_util.flatten_dict(template), source="weights", target="model")
+  return traverse_util.unflatten_dict(flat)
+
+
+def check_fits(
+    flat: Mapping[tuple, np.ndarray],
+    flat_template: Mapping[tuple, object],
+    *,
+    source: str,
+    target: str,
+    need_all: bool = True,
+) -> None:
+  """Raises ConversionError listing the paths of `flat` that `flat_template` lacks or shapes
+  differently and, with `need_all`, the template paths that `flat` does not provide."""
+  join = PATH_SEPARATOR.join
+  missing = [join(p) for p in flat_template if p not in flat] if need_all else []
+  unexpected = [join(p) for p in flat if p not in flat_template]
+  wrong_shape = [
+      f"{join(p)}: {source} {tuple(v.shape)} vs {target} {tuple(flat_template[p].shape)}"
+      for p, v in flat.items()
+      if p in flat_template and tuple(v.shape) != tuple(flat_template[p].shape)
+  ]
+  problems = []
+  if missing:
+    problems.append(f"missing in the {source} ({len(missing)}): {_list_names(missing)}")
+  if unexpected:
+    problems.append(f"not in the {target} ({len(unexpected)}): {_list_names(unexpected)}")
+  if wrong_shape:
+    problems.append(f"shape mismatches ({len(wrong_shape)}): {_list_names(wrong_shape)}")
+  if problems:
+    raise ConversionError(f"The {source} do not fit the {target}: " + "; ".join(problems) + ".")

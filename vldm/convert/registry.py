@@ -1,4 +1,12 @@
-"""Which vldm module stands for which diffusers / transformers class, and how to move between them."""
+"""Which vldm module stands for which diffusers / transformers class, and how to move between them.
+
+Which class `save_diffusers` writes (`export_class_of`): the module's `reference_class` (its
+diffusers / transformers class) when that class describes the module exactly (`ModelFormat.check`
+finds no problem), else the vldm-native class registered for the module's type with
+`register_native` (e.g. 'VldmUNet' for a Video LDM UNet that no diffusers class describes), else
+the reference class's error. `save_diffusers(..., class_name=...)` forces a class.
+"""
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,7 +34,12 @@ class ModelFormat:
   init_method:   the module method `init` runs through (None: __call__).
   rename_keys:   state dict → state dict, for legacy key names (applied before matching).
   ignore:        regexes of reference keys to drop (non-parameter buffers).
+  check:         module → problems (empty: this class describes the module exactly); None: the
+                 problems are to_config's ConversionError.
+  layout:        'torch': PyTorch keys and layouts (core.torch_to_flax / flax_to_torch); 'vldm':
+                 vldm's own parameter paths, Flax layout (core.vldm_state_to_params).
   """
+
   class_name: str
   weights_file: str
   from_config: Callable[[dict], nn.Module]
@@ -35,6 +48,18 @@ class ModelFormat:
   init_method: Any = None
   rename_keys: Callable[[dict], dict] = lambda state: state
   ignore: tuple[str, ...] = ()
+  check: Callable[[nn.Module], list[str]] | None = None
+  layout: str = "torch"
+
+  def problems(self, module: nn.Module) -> list[str]:
+    """Why this class cannot describe `module` exactly ([] when it can)."""
+    if self.check is not None:
+      return list(self.check(module))
+    try:
+      self.to_config(module)
+    except core.ConversionError as e:
+      return [str(e)]
+    return []
 
   def param_shapes(self, module: nn.Module):
     kw = {} if self.init_method is None else {"method": self.init_method}
@@ -43,11 +68,21 @@ class ModelFormat:
 
 
 _FORMATS: dict[str, ModelFormat] = {}
+# Module type → the vldm-native class that save_diffusers falls back to.
+_NATIVE: dict[type, str] = {}
+LAYOUTS = ("torch", "vldm")
 
 
 def register(fmt: ModelFormat) -> ModelFormat:
+  if fmt.layout not in LAYOUTS:
+    raise ValueError(f"Unknown layout {fmt.layout!r} for {fmt.class_name}; accepted: {LAYOUTS}.")
   _FORMATS[fmt.class_name] = fmt
   return fmt
+
+
+def register_native(module_type: type, class_name: str) -> None:
+  """Modules of `module_type` that their reference class cannot describe save as `class_name`."""
+  _NATIVE[module_type] = class_name
 
 
 def supported_classes() -> list[str]:
@@ -88,22 +123,66 @@ def load_diffusers(path: str):
   module = fmt.from_config(config)
   state = fmt.rename_keys(core.read_safetensors(os.path.join(path, fmt.weights_file)))
   state = {k: v.astype(np.float32) if v.dtype != np.float32 else v for k, v in state.items()}
-  params = core.torch_to_flax(state, fmt.param_shapes(module), ignore=fmt.ignore)
+  if fmt.layout == "vldm":
+    params = core.vldm_state_to_params(state, fmt.param_shapes(module))
+  else:
+    params = core.torch_to_flax(state, fmt.param_shapes(module), ignore=fmt.ignore)
   return module, params
 
 
-def save_diffusers(module: nn.Module, params, path: str) -> None:
-  """Writes `module` and `params` as a folder that diffusers / transformers `from_pretrained` load."""
-  fmt = _format_of_module(module)
+def save_diffusers(module: nn.Module, params, path: str, *, class_name: str | None = None) -> None:
+  """Writes `module` and `params` as a model folder that `load_diffusers` reads back.
+
+  The class is `export_class_of(module)` unless `class_name` forces one (an error then says why
+  that class cannot describe the module). Diffusers / transformers classes load in their
+  `from_pretrained`; vldm-native ones (e.g. 'VldmUNet') only in vldm.
+  """
+  if class_name is not None and class_name not in _candidates(module):
+    format_for(class_name)  # raises for an unknown class
+    raise core.ConversionError(
+        f"Cannot save this {type(module).__name__} as {class_name}; the "
+        f"classes for it: {', '.join(_candidates(module))}."
+    )
+  fmt = format_for(export_class_of(module) if class_name is None else class_name)
+  config = fmt.to_config(module)  # raises, naming what the class cannot hold
+  if class_name is not None:
+    problems = fmt.problems(module)  # what it holds but would load back differently
+    if problems:
+      raise core.ConversionError(
+          f"Cannot save this {type(module).__name__} as {class_name}: " + "; ".join(problems) + "."
+      )
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(fmt.to_config(module), f, indent=2, sort_keys=True)
-  core.write_safetensors(core.flax_to_torch(params), os.path.join(path, fmt.weights_file))
+    json.dump(config, f, indent=2, sort_keys=True)
+  weights = os.path.join(path, fmt.weights_file)
+  if fmt.layout == "vldm":
+    core.write_safetensors(
+        core.params_to_vldm_state(params), weights, metadata={"format": "flax", "layout": "vldm"}
+    )
+  else:
+    core.write_safetensors(core.flax_to_torch(params), weights)
 
 
-def _format_of_module(module: nn.Module) -> ModelFormat:
-  name = getattr(module, "reference_class", type(module).__name__)
-  return format_for(name)
+def _candidates(module: nn.Module) -> list[str]:
+  """The module's reference class, then its vldm-native class (when registered)."""
+  reference = getattr(module, "reference_class", type(module).__name__)
+  native = [name for cls, name in _NATIVE.items() if isinstance(module, cls)]
+  return [reference] + [name for name in native[:1] if name != reference]
+
+
+def export_class_of(module: nn.Module) -> str:
+  """The class `save_diffusers` writes `module` as (see the module docstring).
+
+  An image UNet that UNet2DConditionModel describes → 'UNet2DConditionModel'; an SVD-layout video
+  UNet → 'UNetSpatioTemporalConditionModel'; a Video LDM UNet (SD layers inflated) → 'VldmUNet'.
+  """
+  reference, *native = _candidates(module)
+  if reference in _FORMATS and (not native or not _FORMATS[reference].problems(module)):
+    return reference
+  if not native:
+    format_for(reference)  # raises: no class for this module at all
+    return reference  # save_diffusers then raises to_config's error
+  return native[0]
 
 
 def module_fields(module: nn.Module, names: Iterable[str]) -> dict:

@@ -4,8 +4,16 @@ Both classes load into the one `UNet` module (`temporal=False` / `True`); weight
 mirror the state-dict keys, so only the configs need mapping. Traps handled here:
 UNet2DConditionModel's `attention_head_dim` is the NUMBER of heads (→ `num_attention_heads`);
 the SVD UNet hard-codes 32 groups, linear projections and per-block epsilons (→ eps_convention='svd').
+
+`save_diffusers` writes a UNet as one of these classes only when the class describes it exactly
+(`_sd_check` / `_svd_check`: reloading the written config rebuilds the same UNet, up to the fields
+the class does not use, `_SD_UNUSED` / `_SVD_UNUSED`); any other UNet, e.g. a Video LDM UNet
+inflated from SD, is written as vldm's own 'VldmUNet' (`vldm.convert.native`).
 """
+
 from __future__ import annotations
+
+import dataclasses
 
 from vldm.convert import registry
 from vldm.convert.core import ConversionError
@@ -116,6 +124,72 @@ def _sd_to_config(module: unet_lib.UNet) -> dict:
   return {"_class_name": "UNet2DConditionModel", "act_fn": "silu", **config}
 
 
+# Fields that the diffusers classes do not carry because they do not change the parameters' shapes
+# or the function: computation settings, initialisation-only settings (the weights replace them),
+# video-only fields of an image UNet, and what the SVD wiring fixes (its epsilons replace norm_eps).
+_COMPUTE = (
+    "attention_implementation",
+    "remat_policy",
+    "dtype",
+    "param_dtype",
+    "temporal_conv_implementation",
+    "merge_factor",
+    "zero_init_temporal_outputs",
+)
+_SD_UNUSED = _COMPUTE + ("merge_strategy", "num_frames", "projection_class_embeddings_input_dim")
+_SVD_UNUSED = _COMPUTE + ("norm_eps", "upcast_attention")
+_PER_LEVEL = (
+    "layers_per_block",
+    "transformer_layers_per_block",
+    "num_attention_heads",
+    "cross_attention_dim",
+    "only_cross_attention",
+)
+
+
+def _architecture(module: unet_lib.UNet, unused) -> dict:
+  """The UNet's fields in a canonical form: per-level options one value per level, block types
+  in the family `temporal` picks (either family builds the same layers), sequences as tuples."""
+  names = _SVD_NAMES if module.temporal else _SD_NAMES
+  out = {}
+  for field in dataclasses.fields(module):
+    name = field.name
+    if name in unused or name in ("parent", "name"):
+      continue
+    value = getattr(module, name)
+    if name in _PER_LEVEL:
+      value = module.per_level(name)
+    elif name.endswith("_block_types"):
+      value = tuple(names.get(t, t) for t in value)
+    elif name == "mid_block_type":
+      value = names.get(value, value)
+    elif isinstance(value, list):
+      value = tuple(value)
+    out[name] = value
+  return out
+
+
+def _lost_fields(module, rebuilt, unused) -> list[str]:
+  want, got = _architecture(module, unused), _architecture(rebuilt, unused)
+  return [f"{k}={want[k]!r} would load back as {got[k]!r}" for k in want if want[k] != got[k]]
+
+
+def _check(to_config, from_config, unused, module: unet_lib.UNet) -> list[str]:
+  try:
+    rebuilt = from_config(to_config(module))
+  except ConversionError as e:
+    return [str(e)]
+  return _lost_fields(module, rebuilt, unused)
+
+
+def _sd_check(module: unet_lib.UNet) -> list[str]:
+  return _check(_sd_to_config, _sd_from_config, _SD_UNUSED, module)
+
+
+def _svd_check(module: unet_lib.UNet) -> list[str]:
+  return _check(_svd_to_config, _svd_from_config, _SVD_UNUSED, module)
+
+
 def _svd_to_config(module: unet_lib.UNet) -> dict:
   problems = []
   for key, want in _SVD_FIXED.items():
@@ -143,9 +217,23 @@ def _svd_to_config(module: unet_lib.UNet) -> dict:
   return {"_class_name": "UNetSpatioTemporalConditionModel", **config}
 
 
-registry.register(registry.ModelFormat(
-    class_name="UNet2DConditionModel", weights_file=registry.DIFFUSERS_WEIGHTS,
-    from_config=_sd_from_config, to_config=_sd_to_config, init_args=lambda module: module.example_inputs()))
-registry.register(registry.ModelFormat(
-    class_name="UNetSpatioTemporalConditionModel", weights_file=registry.DIFFUSERS_WEIGHTS,
-    from_config=_svd_from_config, to_config=_svd_to_config, init_args=lambda module: module.example_inputs()))
+registry.register(
+    registry.ModelFormat(
+        class_name="UNet2DConditionModel",
+        weights_file=registry.DIFFUSERS_WEIGHTS,
+        from_config=_sd_from_config,
+        to_config=_sd_to_config,
+        init_args=lambda module: module.example_inputs(),
+        check=_sd_check,
+    )
+)
+registry.register(
+    registry.ModelFormat(
+        class_name="UNetSpatioTemporalConditionModel",
+        weights_file=registry.DIFFUSERS_WEIGHTS,
+        from_config=_svd_from_config,
+        to_config=_svd_to_config,
+        init_args=lambda module: module.example_inputs(),
+        check=_svd_check,
+    )
+)

@@ -16,8 +16,12 @@ Keys (all overridable from the command line, `--config.data.resolution=64`):
   train_split, eval_split: split names (moving_mnist only has 'test')
   shapes:         num_train_examples, num_validation_examples, source_resolution (build size,
                   default resolution)
-  video_folder:   folder, captions (CSV/JSONL, relative to folder), min_frames (default: one clip
-                  span), max_frames, source_resolution
+  video_folder:   folder, captions (CSV/JSONL, relative to folder; default captions.csv, else
+                  captions.jsonl), min_frames (default: one clip span), max_frames (frames per
+                  stored clip; longer videos give several), source_resolution,
+                  target_fps (take every round(file fps / target_fps)-th frame; None: every
+                  frame), clips_per_video (at most this many clips per video, spread over it;
+                  0: all)
   latent_cache:   cache_dir (holds one cache per split: cache_dir/<split>)
   standard:       caption_template (default per dataset, e.g. "a video of {label}")
 """
@@ -56,6 +60,8 @@ def data_config(name="shapes", kind="video", resolution=32, frames=8, **override
   c.captions = "captions.csv"
   c.min_frames = config_dict.placeholder(int)
   c.max_frames = 64
+  c.target_fps = config_dict.placeholder(float)
+  c.clips_per_video = 8
   c.cache_dir = config_dict.placeholder(str)
   c.caption_template = config_dict.placeholder(str)
   for key, value in overrides.items():

@@ -45,8 +45,15 @@ def make_builder(c):
     from vldm.data import video_folder  # pylint: disable=g-import-not-at-top
     min_frames = c.min_frames or pipeline_lib.clip_span(c.frames, min(config_lib.frame_strides(c)))
     return video_folder.video_folder_builder(
-        c.folder, c.captions, resolution=_source_resolution(c), min_frames=min_frames,
-        max_frames=c.max_frames, data_dir=c.data_dir)
+        c.folder,
+        c.captions,
+        resolution=_source_resolution(c),
+        min_frames=min_frames,
+        max_frames=c.max_frames,
+        target_fps=c.get("target_fps"),
+        clips_per_video=c.get("clips_per_video", video_folder.DEFAULT_CLIPS_PER_VIDEO),
+        data_dir=c.data_dir,
+    )
   raise ValueError(f"data.name {c.name!r} has no vldm builder.")
 
 

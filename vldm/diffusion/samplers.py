@@ -515,3 +515,86 @@ def from_scheduler_config(config: dict):
   if name == "euler" and prediction_type != "v_prediction":
     options.pop("timestep_type", None)  # diffusers uses ¼ ln σ only with v-prediction
   return name, DiscreteSchedule.from_config(config), options, prediction_type
+
+
+# What each diffusers class cannot express, beyond the option names it shares with vldm: sampler →
+# {option: the only value the class runs}.
+_DIFFUSERS_FIXED_OPTIONS = {
+    "ddim": {"eta": 0.0},  # diffusers takes eta when called (pipeline(..., eta=...)), not in config
+    "heun": {"sigma_min": None, "sigma_max": None},
+}
+_DIFFUSERS_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def to_scheduler_config(
+    sampler_name: str,
+    schedule: DiscreteSchedule,
+    options: dict | None = None,
+    prediction_type: str = "epsilon",
+) -> dict:
+  """(sampler name, DiscreteSchedule, options, prediction_type) → a diffusers
+  scheduler_config.json dict; the inverse of `from_scheduler_config`.
+
+  The options are written resolved (vldm's defaults filled in: diffusers' own defaults differ,
+  e.g. DDIM's clip_sample), so `from_scheduler_config` gives back the resolved options, equal to
+  `options` when they were complete (as `from_scheduler_config` returns them). Raises ValueError
+  for what the diffusers class cannot express: DDIM eta ≠ 0, Heun with sigma_min / sigma_max or
+  rescale_betas_zero_snr, Euler's continuous timesteps without v-prediction, and the EDM
+  prediction types.
+  """
+  entry = get_sampler(sampler_name)
+  class_name = {v: k for k, v in DIFFUSERS_SCHEDULERS.items()}.get(sampler_name)
+  if class_name is None:
+    raise ValueError(
+        f"Sampler {sampler_name!r} has no diffusers scheduler class; those that do: "
+        f"{tuple(DIFFUSERS_SCHEDULERS.values())}."
+    )
+  if not isinstance(schedule, DiscreteSchedule):
+    raise ValueError(f"schedule must be a DiscreteSchedule; got {type(schedule).__name__}.")
+  options = dict(options or {})
+  unknown = sorted(set(options) - set(entry.defaults))
+  if unknown:
+    raise ValueError(
+        f"Unknown option(s) {unknown} for sampler {sampler_name!r}; "
+        f"accepted: {sorted(entry.defaults)}."
+    )
+  _choice("prediction_type for a diffusers scheduler", prediction_type, _DIFFUSERS_PREDICTION_TYPES)
+  resolved = {**entry.defaults, **options}
+  problems = []
+  fixed = _DIFFUSERS_FIXED_OPTIONS.get(sampler_name, {})
+  for key, only in fixed.items():
+    if resolved[key] != only:
+      problems.append(f"{key}={resolved[key]!r} (it runs {key}={only!r})")
+  if sampler_name == "heun" and schedule.rescale_betas_zero_snr:
+    problems.append("rescale_betas_zero_snr=True (it has no such option)")
+  if (
+      sampler_name == "euler"
+      and resolved["timestep_type"] == "continuous"
+      and prediction_type != "v_prediction"
+  ):
+    problems.append(
+        "timestep_type='continuous' with prediction_type="
+        f"{prediction_type!r} (it uses continuous timesteps only with v_prediction)"
+    )
+  if problems:
+    raise ValueError(
+        f"diffusers' {class_name} cannot express sampler {sampler_name!r} with "
+        + "; ".join(problems)
+        + "."
+    )
+  config = {
+      "_class_name": class_name,
+      "num_train_timesteps": int(schedule.num_train_timesteps),
+      "beta_start": schedule.beta_start,
+      "beta_end": schedule.beta_end,
+      "beta_schedule": schedule.beta_schedule,
+      "prediction_type": prediction_type,
+  }
+  if sampler_name != "heun":  # HeunDiscreteScheduler has no such option (False only, see above)
+    config["rescale_betas_zero_snr"] = schedule.rescale_betas_zero_snr
+  if schedule.trained_betas is not None:
+    config["trained_betas"] = list(schedule.trained_betas)
+  if sampler_name == "dpmpp_2m":
+    config["algorithm_type"] = "dpmsolver++"
+  config.update({k: v for k, v in resolved.items() if k not in fixed})
+  return config

@@ -28,7 +28,7 @@ SPATIAL, TEMPORAL = "spatial", "temporal"
 
 # Options a video UNet may set beyond its image UNet's (the spatial layers stay as they are).
 TEMPORAL_OPTIONS = ("merge_factor", "merge_strategy", "temporal_conv_implementation",
-                    "text_motion_embedding",
+                    "text_motion_embedding", "zero_init_temporal_outputs",
                     "addition_time_embed_dim", "projection_class_embeddings_input_dim",
                     "num_frames", "attention_implementation", "remat_policy", "dtype",
                     "param_dtype")

@@ -325,7 +325,9 @@ class AlphaBlender(nn.Module):
     alpha = alpha.astype(x_spatial.dtype)
     if self.switch_spatial_to_temporal_mix:
       alpha = 1.0 - alpha
-    return alpha * x_spatial + (1.0 - alpha) * x_temporal
+    # α·x_s + (1 − α)·x_t, written so that it is exactly x_s where α = 1 (image frames) or where
+    # the paths agree (zero-initialised temporal layers): inflation then starts bit-exact.
+    return x_spatial + (1.0 - alpha) * (x_temporal - x_spatial)
 
 
 TEMPORAL_CONV_IMPLEMENTATIONS = ("shifted_matmul", "conv3d")

@@ -191,6 +191,38 @@ class WordTokenizer(Tokenizer):
                     for i in ids if i == self.unk_id or first <= i < last)
 
 
+WORD_TOKENIZER_FILE = "vldm_word_tokenizer.json"
+
+
+def save_tokenizer(tokenizer: Tokenizer, folder: str) -> None:
+  """Writes `tokenizer` to `folder` so that `load_tokenizer(folder)` rebuilds it: a CLIP BPE
+  tokenizer as its files (vocab.json + merges.txt or tokenizer.json, tokenizer_config.json), a
+  WordTokenizer as WORD_TOKENIZER_FILE (its words and max_length)."""
+  import json  # pylint: disable=g-import-not-at-top
+  os.makedirs(folder, exist_ok=True)
+  if isinstance(tokenizer, CLIPBPETokenizer):
+    hf = tokenizer._tokenizer  # pylint: disable=protected-access
+    hf.model_max_length = tokenizer.max_length
+    hf.save_pretrained(folder)
+  elif isinstance(tokenizer, WordTokenizer):
+    with open(os.path.join(folder, WORD_TOKENIZER_FILE), "w") as f:
+      json.dump({"words": list(tokenizer.words), "max_length": tokenizer.max_length}, f, indent=1)
+  else:
+    raise ValueError(f"Cannot save a {type(tokenizer).__name__}; saved kinds: CLIPBPETokenizer, "
+                     "WordTokenizer.")
+
+
+def load_tokenizer(folder: str) -> Tokenizer:
+  """The tokenizer `save_tokenizer` wrote, or a CLIP BPE tokenizer folder (diffusers layout)."""
+  import json  # pylint: disable=g-import-not-at-top
+  path = os.path.join(folder, WORD_TOKENIZER_FILE)
+  if os.path.isfile(path):
+    with open(path) as f:
+      saved = json.load(f)
+    return WordTokenizer(saved["words"], max_length=saved["max_length"])
+  return CLIPBPETokenizer(folder)
+
+
 TOKENIZERS = ("clip", "byte", "word")
 
 

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
+import re
+
 import flax.linen as nn
 import jax.numpy as jnp
+from flax import traverse_util
 
 from vldm.models import layers
 from vldm.models import unet_blocks
@@ -50,6 +53,21 @@ EPS_CONVENTIONS = ("uniform", "svd")
 # Res-block epsilons as diffusers' UNetSpatioTemporalConditionModel wires them (it hard-codes them
 # per block type rather than reading a config value).
 SVD_EPS = {"down": 1e-5, "cross_attn_down": 1e-6, "mid": 1e-5, "up": 1e-6, "out": 1e-5}
+
+# The output layers of the temporal branches and of the frame position embedding: with these zero
+# a temporal block passes its input through (positions included), so an inflated video UNet starts
+# as its image UNet, frame by frame (Video LDM). The text motion embedding is zero at init anyway.
+TEMPORAL_OUTPUTS = re.compile(
+    r"(temporal_res_block/conv2|temporal_transformer_blocks_\d+/(ff_in|ff)/net_2|"
+    r"temporal_transformer_blocks_\d+/attn[12]/to_out_0|time_pos_embed/linear_2)/")
+
+
+def zero_temporal_outputs(params):
+  """`params` with every `TEMPORAL_OUTPUTS` leaf zero (the rest unchanged). Traceable."""
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict(
+      {k: jnp.zeros_like(v) if TEMPORAL_OUTPUTS.search("/".join(k)) else v
+       for k, v in flat.items()})
 
 
 def _per_level(value, levels: int, name: str) -> tuple:
@@ -121,12 +139,21 @@ class UNet(nn.Module):
   merge_strategy: str = "learned_with_images"
   temporal_conv_implementation: str = "shifted_matmul"
   text_motion_embedding: bool = False
+  # Initialise the temporal branches' output layers at zero (`TEMPORAL_OUTPUTS`): the video UNet
+  # then starts as its image UNet, as Video LDM inserts temporal layers.
+  zero_init_temporal_outputs: bool = False
   num_frames: int = 25  # the reference config's nominal clip length; any length runs
   # Computation.
   attention_implementation: Optional[str] = None
   remat_policy: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+
+  def init(self, rngs, *args, **kwargs):  # pylint: disable=arguments-differ
+    variables = super().init(rngs, *args, **kwargs)
+    if self.temporal and self.zero_init_temporal_outputs:
+      variables = dict(variables, params=zero_temporal_outputs(variables["params"]))
+    return variables
 
   @property
   def reference_class(self) -> str:

@@ -8,7 +8,8 @@ The base samples latents (never decoded); the upsampler, a UNet with the latent 
 (noisy latents + the base's, noise-augmented and upsampled), samples the clip at `low_res_factor`
 × the resolution from its own noise, so it keeps what the base decided (shape, motion) and adds
 the detail. The call's sampling settings (num_steps, guidance_scale, negative_prompt) are the
-base's, the text-to-video part a user tunes; the upsampler runs with `upsampler_num_steps` and
+base's, the text-to-video part a user tunes (by default the base pipeline's default_num_steps and
+default_guidance_scale); the upsampler runs with `upsampler_num_steps` and
 `upsampler_guidance_scale`, fixed by its training (the low-resolution clip conditions it more
 strongly than the prompt does).
 """
@@ -46,6 +47,10 @@ class CascadePipeline:
           f"The base samples {self.base.vae.latent_channels} latent channels, the upsampler is "
           f"conditioned on {self.upsampler.vae.latent_channels}.")
 
+  def with_sampler(self, sampler: str, **options) -> "CascadePipeline":
+    """The base with another sampler (the upsampler keeps the one it was trained to run)."""
+    return dataclasses.replace(self, base=self.base.with_sampler(sampler, **options))
+
   @property
   def trace_count(self) -> int:
     return self.base.trace_count + self.upsampler.trace_count
@@ -53,13 +58,24 @@ class CascadePipeline:
   def default_size(self) -> tuple[int, int]:
     return self.upsampler.default_size()
 
+  @property
+  def default_num_steps(self) -> int:
+    """The base's: a call's num_steps drives the base."""
+    return self.base.default_num_steps
+
+  @property
+  def default_guidance_scale(self) -> float:
+    return self.base.default_guidance_scale
+
   def __call__(self, prompts, *, num_frames: Optional[int] = None, height: Optional[int] = None,
-               width: Optional[int] = None, num_steps: int = 25, guidance_scale: float = 7.5,
-               negative_prompt: str = "", rng=None, decode_chunk_size: Optional[int] = None,
-               output: str = "frames", **kwargs) -> np.ndarray:
+               width: Optional[int] = None, num_steps: Optional[int] = None,
+               guidance_scale: Optional[float] = None, negative_prompt: str = "", rng=None,
+               decode_chunk_size: Optional[int] = None, output: str = "frames",
+               **kwargs) -> np.ndarray:
     """Frames [B,F,H,W,3] in [0,1] at (height, width) (default: the upsampler's size), or the
-    upsampler's latents (output='latents'). kwargs (fps, motion_bucket_id, time_ids) go to both
-    models; H and W must be multiples of low_res_factor × the base's size multiple."""
+    upsampler's latents (output='latents'). num_steps, guidance_scale: the base's (default its
+    defaults). kwargs (fps, motion_bucket_id, time_ids) go to both models; H and W must be
+    multiples of low_res_factor × the base's size multiple."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     factor = self.upsampler.low_res_factor
     if height is None or width is None:

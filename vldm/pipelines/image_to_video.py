@@ -32,11 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vldm import devices
 from vldm.diffusion import guidance as guidance_lib
 from vldm.models import clip as clip_lib
 from vldm.models import unet as unet_lib
 from vldm.pipelines import common
-from vldm.train import sharding as sharding_lib
 
 # diffusers' SVD scheduler (stabilityai/stable-video-diffusion-img2vid[-xt] scheduler_config.json).
 SVD_SCHEDULER_CONFIG = dict(
@@ -132,6 +132,8 @@ class ImageToVideoPipeline:
   params: {'unet': …, 'vae': …, 'image_encoder': …}. `sampler`: the sampler, schedule and
   prediction type (default: SVD's Euler). `clip_mean` / `clip_std`: the feature extractor's
   normalisation (OpenAI CLIP's unless the folder's preprocessor_config.json says otherwise).
+  `default_num_steps`, `default_min_guidance_scale`, `default_max_guidance_scale`: a call's when it
+  passes none (diffusers' StableVideoDiffusionPipeline defaults unless a model needs others).
   """
   unet: unet_lib.UNet
   vae: nn.Module
@@ -141,6 +143,9 @@ class ImageToVideoPipeline:
       default_factory=lambda: common.SamplerSettings.from_scheduler_config(SVD_SCHEDULER_CONFIG))
   clip_mean: Sequence[float] = clip_lib.CLIP_MEAN
   clip_std: Sequence[float] = clip_lib.CLIP_STD
+  default_num_steps: int = 25
+  default_min_guidance_scale: float = 1.0
+  default_max_guidance_scale: float = 3.0
   _compiled: common.CompiledCache = common.compiled_cache_field()
 
   def __post_init__(self):
@@ -159,17 +164,16 @@ class ImageToVideoPipeline:
                **extra, **kwargs)
 
   @classmethod
-  def from_pretrained(cls, folder: str) -> "ImageToVideoPipeline":
+  def from_pretrained(cls, folder: str, **kwargs) -> "ImageToVideoPipeline":
     """From a diffusers StableVideoDiffusionPipeline folder (unet/, vae/, image_encoder/,
-    scheduler/, optional feature_extractor/)."""
+    scheduler/, optional feature_extractor/); kwargs set fields (e.g. default_num_steps)."""
     common.check_components(folder, "image-to-video", NEEDS)
     load = functools.partial(common.load_component, folder)
-    kwargs = {}
     extractor = os.path.join(folder, FEATURE_EXTRACTOR_CONFIG)
     if os.path.isfile(extractor):
       config = common.read_json(extractor)
-      kwargs = dict(clip_mean=tuple(config.get("image_mean", clip_lib.CLIP_MEAN)),
-                    clip_std=tuple(config.get("image_std", clip_lib.CLIP_STD)))
+      kwargs = {"clip_mean": tuple(config.get("image_mean", clip_lib.CLIP_MEAN)),
+                "clip_std": tuple(config.get("image_std", clip_lib.CLIP_STD)), **kwargs}
     return cls.from_components(
         unet=load("unet", [unet_lib.UNet], NEEDS["unet"]),
         vae=load("vae", common.VAES, NEEDS["vae"]),
@@ -220,8 +224,9 @@ class ImageToVideoPipeline:
     return self._compiled.traces
 
   def __call__(self, image, *, num_frames: Optional[int] = None, height: Optional[int] = None,
-               width: Optional[int] = None, num_steps: int = 25,
-               min_guidance_scale: float = 1.0, max_guidance_scale: float = 3.0, fps: int = 7,
+               width: Optional[int] = None, num_steps: Optional[int] = None,
+               min_guidance_scale: Optional[float] = None,
+               max_guidance_scale: Optional[float] = None, fps: int = 7,
                motion_bucket_id: int = 127, noise_aug_strength: float = 0.02,
                decode_chunk_size: Optional[int] = None, rng=None, noise=None, image_noise=None,
                output: str = "frames") -> np.ndarray:
@@ -229,12 +234,18 @@ class ImageToVideoPipeline:
 
     image: a path, PIL image, array [H,W,3] / [B,H,W,3] (uint8, or float in [0,1]) or a list.
     height, width: default the image's size; multiples of the VAE × UNet downsampling factor.
-    num_frames: default the UNet config's. rng: an int seed, a PRNG key or one key per image.
+    num_frames: default the UNet config's. num_steps, min/max_guidance_scale: default the
+    pipeline's default_*. rng: an int seed, a PRNG key or one key per image.
     noise [B,F,h,w,c] (standard normal; the sampler scales it by init_noise_sigma) and
     image_noise [B,H,W,3] (the noise augmentation draw) replace the draws from rng.
     """
     if output not in OUTPUTS:
       raise ValueError(f"Unknown output {output!r}; accepted: {OUTPUTS}.")
+    num_steps = self.default_num_steps if num_steps is None else num_steps
+    if min_guidance_scale is None:
+      min_guidance_scale = self.default_min_guidance_scale
+    if max_guidance_scale is None:
+      max_guidance_scale = self.default_max_guidance_scale
     originals, resized, (height, width) = prepare_images(image, height, width)
     common.check_size(height, width, self.vae, self.unet)
     batch = originals.shape[0]
@@ -261,7 +272,7 @@ class ImageToVideoPipeline:
                        (batch, 1))
     sample = self._compiled.get(("sample", num_steps, use_guidance), functools.partial(
         self._sample, num_steps=num_steps, use_guidance=use_guidance))
-    originals, resized, image_noise, noise, scales, time_ids = sharding_lib.split_batch(
+    originals, resized, image_noise, noise, scales, time_ids = devices.split_batch(
         originals, resized, image_noise, noise, scales, time_ids)
     latents = sample(self.params, originals, resized, image_noise, jnp.float32(noise_aug_strength),
                      noise, scales, time_ids, sampler_key)

@@ -36,13 +36,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vldm import devices
 from vldm.diffusion import guidance as guidance_lib
 from vldm.diffusion import samplers
 from vldm.models import clip as clip_lib
 from vldm.models import tokenizer as tokenizer_lib
 from vldm.models import unet as unet_lib
 from vldm.pipelines import common
-from vldm.train import sharding as sharding_lib
 
 NEEDS = {
     "unet": "UNetSpatioTemporalConditionModel or UNet2DConditionModel",
@@ -63,6 +63,8 @@ class TextToVideoPipeline:
   Tokenizer. `sampler`: sampler, schedule and prediction type. `time_ids`: the added time ids
   passed to a micro-conditioned video UNet (None: see the module docstring). `low_res_factor`
   (0: none), `low_res_noise_level`: the latent upsampler's (see the module docstring).
+  `default_num_steps`, `default_guidance_scale`: a call's when it passes none (e.g. the settings
+  a trained stage was sampled with).
   """
   unet: unet_lib.UNet
   vae: nn.Module
@@ -73,6 +75,8 @@ class TextToVideoPipeline:
   time_ids: Optional[Sequence[float]] = None
   low_res_factor: int = 0
   low_res_noise_level: int = 0
+  default_num_steps: int = 25
+  default_guidance_scale: float = 7.5
   _compiled: common.CompiledCache = common.compiled_cache_field()
 
   def __post_init__(self):
@@ -96,7 +100,7 @@ class TextToVideoPipeline:
     common.check_components(folder, "text-to-video", NEEDS)
     load = functools.partial(common.load_component, folder)
     try:
-      tokenizer = tokenizer_lib.CLIPBPETokenizer(os.path.join(folder, "tokenizer"))
+      tokenizer = tokenizer_lib.load_tokenizer(os.path.join(folder, "tokenizer"))
     except (OSError, ValueError) as e:
       raise common.PipelineError(f"Cannot load the tokenizer/ component of {folder}: {e}") from e
     return cls.from_components(
@@ -196,16 +200,17 @@ class TextToVideoPipeline:
     return np.tile(np.asarray([time_ids], np.float32), (batch, 1))
 
   def __call__(self, prompts, *, num_frames: Optional[int] = None, height: Optional[int] = None,
-               width: Optional[int] = None, num_steps: int = 25, guidance_scale: float = 7.5,
-               negative_prompt: str = "", fps: int = 7, motion_bucket_id: int = 127,
-               time_ids: Optional[Sequence[float]] = None,
+               width: Optional[int] = None, num_steps: Optional[int] = None,
+               guidance_scale: Optional[float] = None, negative_prompt: str = "", fps: int = 7,
+               motion_bucket_id: int = 127, time_ids: Optional[Sequence[float]] = None,
                decode_chunk_size: Optional[int] = None, rng=None, noise=None,
                video=None, strength: float = 0.6, low_res_latents=None,
                output: str = "frames") -> np.ndarray:
     """Frames [B,F,H,W,3] in [0,1], one clip per prompt (or the latents, output='latents').
 
     num_frames: default the video UNet config's (8 for an image UNet). height, width: default
-    sample_size × the VAE factor; multiples of the VAE × UNet downsampling factor. rng: an int
+    sample_size × the VAE factor; multiples of the VAE × UNet downsampling factor. num_steps,
+    guidance_scale: default the pipeline's default_num_steps, default_guidance_scale. rng: an int
     seed, a PRNG key or one key per prompt; noise [B,F,h,w,c] (standard normal) replaces its draw.
     video: clips [B,F,H,W,3] in [0,1] to start from (video-to-video, SDEdit, as diffusers'
     VideoToVideoSDPipeline): encoded (posterior mode), noised to where the last
@@ -215,6 +220,8 @@ class TextToVideoPipeline:
     """
     if output not in OUTPUTS:
       raise ValueError(f"Unknown output {output!r}; accepted: {OUTPUTS}.")
+    num_steps = self.default_num_steps if num_steps is None else num_steps
+    guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
       raise ValueError("prompts must be a string or a non-empty list of strings.")
@@ -263,7 +270,7 @@ class TextToVideoPipeline:
       alpha_bar = self.sampler.schedule.alphas_cumprod[self.low_res_noise_level]
       low_res = common.low_res_condition(low_res_latents, common.draw_normal(
           keys, low_res_latents.shape[1:], 1), alpha_bar, self.low_res_factor)
-    ids, uncond_ids, ids_time, noise, video, low_res = sharding_lib.split_batch(
+    ids, uncond_ids, ids_time, noise, video, low_res = devices.split_batch(
         ids, uncond_ids, ids_time, noise, video, low_res)
     latents = sample(self.params, ids, uncond_ids, ids_time, noise, jnp.float32(guidance_scale),
                      sampler_key, video, low_res)

@@ -3,8 +3,8 @@
 A trained stage is a run folder with Orbax checkpoints, `RUN/checkpoints/<step>/` (see
 `vldm.train.checkpoint`). `--workdir DIR` names one run, or a folder of stage runs
 (`DIR/<stage>/checkpoints/<step>/`); the newest stage is the one whose newest checkpoint was written
-last. Turning a stage into modules and params is the training system's job: `restore(stage)`
-returns the components, `pipeline_from_components` builds the pipeline.
+last. Turning a stage into modules and params is the recipes' job (`vldm.recipes.stages`): they
+return the components, `pipeline_from_components` builds the pipeline.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from vldm.pipelines.text_to_video import TextToVideoPipeline
 CHECKPOINTS = "checkpoints"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")  # + optional sampler, time_ids
 CASCADE_OPTIONS = ("upsampler_num_steps", "upsampler_guidance_scale")
+DEFAULTS = ("num_steps", "guidance_scale")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,13 +64,17 @@ def find_trained_stages(workdir: str) -> list[TrainedStage]:
 
 
 def pipeline_from_components(components: Mapping):
-  """{unet, vae, text_encoder: (module, params), tokenizer, [sampler], [time_ids]} → a
-  TextToVideoPipeline. A latent upsampler's components add low_res_factor, low_res_noise_level,
-  `low_res` (its base stage's components) and optionally upsampler_num_steps and
-  upsampler_guidance_scale → a CascadePipeline."""
+  """{unet, vae, text_encoder: (module, params), tokenizer, [sampler], [time_ids], [num_steps],
+  [guidance_scale]} → a TextToVideoPipeline (num_steps and guidance_scale: its defaults). A latent
+  upsampler's components add low_res_factor, low_res_noise_level, `low_res` (its base stage's
+  components) and optionally upsampler_num_steps and upsampler_guidance_scale → a
+  CascadePipeline."""
   components = dict(components)
   base = components.pop("low_res", None)
   cascade = {k: components.pop(k) for k in CASCADE_OPTIONS if k in components}
+  for name in DEFAULTS:  # the stage's own sampling defaults
+    if name in components:
+      components[f"default_{name}"] = components.pop(name)
   missing = [name for name in COMPONENTS if name not in components]
   if missing:
     raise common.PipelineError(f"A trained stage must provide {', '.join(COMPONENTS)} (and "
@@ -80,23 +85,8 @@ def pipeline_from_components(components: Mapping):
   return CascadePipeline(base=pipeline_from_components(base), upsampler=pipe, **cascade)
 
 
-def restore_components(stage: TrainedStage) -> Mapping:
-  """The default restorer: the latent-diffusion stages of `vldm.recipes.ldm` (from the config
-  saved beside the checkpoint)."""
-  from vldm.recipes import ldm  # pylint: disable=g-import-not-at-top  # recipes import pipelines
-  try:
-    return ldm.restore_stage(stage)
-  except (FileNotFoundError, KeyError, ValueError) as e:
-    raise common.PipelineError(
-        f"Found the trained stage {stage.name!r} at {stage.path} (step {stage.step}), but cannot "
-        f"rebuild its modules and params: {e} Pass restore=fn to pipeline_from_workdir for "
-        f"stages other than vldm.recipes' latent-diffusion ones.") from e
-
-
-def pipeline_from_workdir(workdir: str, restore: Optional[Callable[[TrainedStage], Mapping]] = None
-                          ):
-  """The text-to-video pipeline of the newest trained stage in `workdir` (a CascadePipeline for
-  a latent upsampler stage)."""
+def newest_stage(workdir: str) -> TrainedStage:
+  """The newest trained stage under `workdir`; a PipelineError says where it looked."""
   stages = find_trained_stages(workdir)
   if not stages:
     state = "does not exist" if not os.path.isdir(workdir) else "holds no trained stage"
@@ -104,4 +94,10 @@ def pipeline_from_workdir(workdir: str, restore: Optional[Callable[[TrainedStage
         f"{workdir} {state}: looked for Orbax checkpoints at "
         f"{' and '.join(searched_locations(workdir))} (written by `python -m vldm.train "
         f"--workdir …`). Train a stage first, or sample a diffusers folder with --pretrained.")
-  return pipeline_from_components((restore or restore_components)(stages[0]))
+  return stages[0]
+
+
+def pipeline_from_workdir(workdir: str, restore: Callable[[TrainedStage], Mapping]):
+  """The pipeline of the newest trained stage in `workdir`, its components given by
+  `restore(stage)` (`vldm.recipes.stages.pipeline_from_workdir` does this for vldm's recipes)."""
+  return pipeline_from_components(restore(newest_stage(workdir)))

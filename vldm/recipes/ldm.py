@@ -1,104 +1,48 @@
-"""The shapes recipe's latent diffusion stages: image LDM, video LDM (inflated), high resolution.
+"""The latent-diffusion task every recipe configures: image LDM, video LDM, latent upsampler.
 
-One task, `LatentDiffusionTask`, configured by `config.ldm`:
-  image   a text-conditioned image UNet on stills; the CLIP text encoder (small, from scratch, over
-          the file-free WordTokenizer) trains jointly with it. Caption dropout in the data gives
-          the unconditional branch for classifier-free guidance.
-  video   the image UNet inflated (`vldm.models.inflate`): temporal layers inserted, their output
-          layers zero-initialised so the video UNet starts as the image UNet frame by frame; the
-          spatial layers are frozen (`train='temporal'`, `trainable_labels`); the temporal layers
-          and (`train_text_encoder`) the text encoder learn, on clips.
-  hires   the video model fine-tuned at a higher resolution (`train='all'` or 'temporal'); with
-          `ldm.upsampler.factor` set, as Video LDM's latent upsampler: its UNet also takes the
-          low-resolution clip's latents (noise-augmented, upsampled, concatenated; the input conv
-          widened with zero weights, `widen_input`) and samples after the base stage
-          (`ldm.upsampler.low_res_workdir`, frozen), so shape and motion come from the base.
-The VAE is frozen: the temporal-decoder autoencoder of the autoencoder stages
-(`config.ldm.vae_workdir`); its latents are scaled by 1/std, measured on fixed rendered frames
-(`latent_scale`), so every stage and the sampler agree on the scale without storing it. With
-`config.ldm.latent_cache_dir` set, a stage first writes the VAE posterior (mean, std) of every
-training example there and trains on it, sampling the posterior each step: the encoder runs once
-per example instead of once per step (a resumed stage reuses the cache).
-
-Why the text encoder trains in the image stage and again in the video stage: there is no pretrained
-encoder for a 19-token vocabulary, so it has to be learned. The image stage learns captions and
-appearance together, but image captions have no direction words, so the encoder meets "moving left"
-only in the video stage. Frozen there, it hands the temporal layers untrained direction tokens, and
-the shapes recipe's direction accuracy stayed at chance (15–18 %); trained there, with the spatial
-layers still frozen, 93 % (README, "Where it stands").
+One task, `LatentDiffusionTask`, configured by `config.ldm`; its components (UNet, text encoder,
+tokenizer, VAE, noise schedule) come from folders, earlier stages or module configs
+(`vldm.recipes.components`). Kinds of stage:
+  image      a text-conditioned image UNet on stills or frames (`train='all'`).
+  video      the image UNet inflated (`vldm.models.inflate`): temporal layers inserted, their output
+             layers zero-initialised (`ldm.temporal.zero_init_temporal_outputs`) so the video UNet
+             starts as the image UNet frame by frame; with `train='temporal'` only they learn.
+             `ldm.joint_image_fraction` > 0 sends that share of each batch through the same UNet
+             as stills (the image-only indicator: α = 1, frames independent), Video LDM's joint
+             image + video training (it matters where spatial layers learn, `train='all'`).
+  upsampler  (`ldm.upsampler.factor` ≥ 2) the video model fine-tuned at a higher resolution as
+             Video LDM's latent upsampler: its UNet also takes the low-resolution clip's latents
+             (noise-augmented, upsampled, concatenated; the input conv widened with zero weights,
+             `widen_input`) and samples after the base stage (`ldm.upsampler.low_res_workdir`).
+Parameters: {'unet', 'text_encoder'} (the text encoder learns only with `ldm.text_encoder.train`);
+frozen: {'vae', 'scale'} (+ 'low_res', the upsampler's base). With `ldm.latent_cache_dir` set, a
+stage first writes the VAE posterior (mean, std) of every training example there and trains on it,
+sampling the posterior each step: the encoder runs once per example instead of once per step.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from vldm.data import shapes
+from vldm import devices
 from vldm.data import sources
 from vldm.diffusion import losses
-from vldm.diffusion.schedules import DiscreteSchedule
-from vldm.models import clip as clip_lib
 from vldm.models import inflate
 from vldm.models import unet as unet_lib
 from vldm.pipelines import common as pipeline_common
 from vldm.pipelines import workdir as pipeline_workdir
-from vldm.recipes import autoencoder as autoencoder_recipe
 from vldm.recipes import common
-from vldm.train import sharding as sharding_lib
+from vldm.recipes import components as components_lib
 from vldm.train import tasks as tasks_lib
 
 KINDS = ("image", "video")
 TRAIN_CHOICES = ("all", "temporal")
-# Output layers of the temporal branches and the frame position embedding (a temporal block with
-# zero outputs passes its input, positions included, through): zero at init, so inflation starts
-# from the image model. The text motion embedding is zero at init on its own.
-_ZERO_INIT = re.compile(r"(temporal_res_block/conv2|temporal_transformer_blocks_\d+/(ff_in|ff)/"
-                        r"net_2|temporal_transformer_blocks_\d+/attn[12]/to_out_0|"
-                        r"time_pos_embed/linear_2)/")
-SCALE_EXAMPLES = 64  # rendered 32-px frames whose latent std sets the scaling factor
-
-
-def image_unet(config) -> unet_lib.UNet:
-  return unet_lib.UNet(**config.ldm.unet.to_dict())
-
-
-def make_unet(config) -> unet_lib.UNet:
-  """The stage's UNet: the image UNet, or its inflated video version."""
-  unet = image_unet(config)
-  if config.ldm.kind == "video":
-    unet = inflate.video_config_from_image(unet, **config.ldm.temporal.to_dict())
-  return unet
-
-
-def make_text_encoder(config, tokenizer) -> clip_lib.CLIPTextModel:
-  return clip_lib.CLIPTextModel(**config.ldm.text.to_dict(), **tokenizer.text_model_config())
-
-
-def make_schedule(config) -> DiscreteSchedule:
-  return DiscreteSchedule(**config.ldm.schedule.to_dict())
-
-
-def sampler_settings(config) -> pipeline_common.SamplerSettings:
-  s = config.ldm.sampler
-  return pipeline_common.SamplerSettings(s.name, make_schedule(config), dict(s.options),
-                                         config.ldm.prediction_type)
-
-
-def latent_scale(vae, vae_params, size: int = 32) -> float:
-  """1 / std of the VAE's latent means on fixed rendered frames (LDM's scale_factor), `size` the
-  autoencoder's training resolution: the same value for every stage, whatever its resolution."""
-  images = np.stack([shapes.make_example("image", "train", i, size=size)["image"]
-                     for i in range(SCALE_EXAMPLES)]).astype(np.float32) / 127.5 - 1.0
-  encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode").mean)
-  return float(1.0 / np.std(np.asarray(encode(vae_params, images))))
 
 
 def random_windows(latent, low_res, size: int, factor: int, rng):
@@ -137,17 +81,14 @@ def widen_input_transform(source, target):
 
 
 def inflate_transform(source, target):
-  """Image stage → video stage: spatial layers and text encoder from the image stage, temporal
-  layers as initialised in the target (zero output layers)."""
+  """Image stage (or a pretrained image UNet) → video stage: spatial layers and text encoder from
+  the source, temporal layers as initialised in the target (zero output layers)."""
   return dict(target, unet=inflate.transplant_temporal(target["unet"], source["unet"]),
               text_encoder=tasks_lib.as_is(source["text_encoder"], target["text_encoder"]))
 
 
 class LatentDiffusionTask(tasks_lib.Task):
-  """Text-to-image / text-to-video latent diffusion on shapes (see the module docstring).
-
-  Parameters: {'unet', 'text_encoder'}; frozen: {'vae', 'scale'}.
-  """
+  """Text-to-image / text-to-video latent diffusion (see the module docstring)."""
 
   def __init__(self, config):
     super().__init__(config)
@@ -159,42 +100,69 @@ class LatentDiffusionTask(tasks_lib.Task):
     if c.kind != config.data.kind:
       raise ValueError(f"ldm.kind {c.kind!r} needs data.kind {c.kind!r}, got "
                        f"{config.data.kind!r}.")
-    self.upsample = c.upsampler.factor if "upsampler" in c else 0  # configs saved before it: 0
-    self.train_crop = 0
-    latent_channels = config.autoencoder.vae.latent_channels
-    wanted = latent_channels * (2 if self.upsample else 1)
-    if c.unet.in_channels != wanted:
-      what = (f"a latent upsampler (ldm.upsampler.factor={self.upsample}) needs 2 × the VAE's "
-              if self.upsample else "the UNet denoises the VAE's ")
-      raise ValueError(f"ldm.unet.in_channels is {c.unet.in_channels}; {what}{latent_channels} "
-                       f"latent channels = {wanted}.")
-    self.tokenizer = common.shapes_tokenizer(c.max_length)
-    self.unet = make_unet(config)
+    components_lib.check_pretrained(config)
+    self.upsample = c.upsampler.factor
+    self.tokenizer = components_lib.make_tokenizer(config)
+    self.unet = components_lib.make_unet(config)
+    self.text_encoder = components_lib.make_text_encoder(config, self.tokenizer)
+    self.vae = components_lib.make_vae(config)
+    (self.schedule, self.prediction_type, self._scheduler_sampler,
+     self._scheduler_options) = components_lib.schedule_and_prediction(config)
+    self._check_fit(config)
+    # Sampling defaults to the size the stage trains at, not the pretrained config's.
+    vae_factor, _ = pipeline_common.size_multiple(self.vae, self.unet)
+    self.unet = self.unet.clone(sample_size=config.data.resolution // vae_factor)
     # The upsampler's base stage: the same video UNet, without the conditioning channels.
+    latent_channels = self.vae.latent_channels
     self.base_unet = self.unet.clone(in_channels=latent_channels) if self.upsample else None
-    self.text_encoder = make_text_encoder(config, self.tokenizer)
-    self.vae = autoencoder_recipe.temporal_decoder(config)
-    if self.upsample:
-      vae_factor, pixel_multiple = pipeline_common.size_multiple(self.vae, self.unet)
-      multiple = pixel_multiple * self.upsample
-      if c.kind != "video" or self.upsample < 2 or config.data.resolution % multiple:
-        raise ValueError(f"ldm.upsampler.factor={self.upsample} needs kind 'video', a factor ≥ 2 "
-                         f"and a data resolution divisible by {multiple} (the base samples at "
-                         f"1/factor); got kind {c.kind!r}, resolution {config.data.resolution}.")
-      # Train on the same random window of the latents and their low-res latents (0: whole).
-      self.train_crop = c.upsampler.get("train_crop", 0)  # configs saved before it: 0
-      window_multiple = multiple // vae_factor
-      latent_size = config.data.resolution // vae_factor
-      if self.train_crop and (self.train_crop % window_multiple or self.train_crop > latent_size):
-        raise ValueError(
-            f"ldm.upsampler.train_crop is {self.train_crop}; it must be 0 (whole latents) or a "
-            f"window ≤ the latent size {latent_size} divisible by {window_multiple} (the UNet's "
-            f"size multiple × the factor: the low-resolution window must be whole too).")
-    self.schedule = make_schedule(config)
+    self.train_crop = c.upsampler.train_crop if self.upsample else 0
     self.size, self.frames = config.data.resolution, config.data.frames
     self._pipeline = None
-    self._pipeline_scale = None
     self._frozen_vae = None
+
+  def _check_fit(self, config) -> None:
+    """Errors naming what is accepted when the components or the data size do not fit."""
+    c = config.ldm
+    latent_channels = self.vae.latent_channels
+    wanted = latent_channels * (2 if self.upsample else 1)
+    if self.unet.in_channels != wanted:
+      what = (f"a latent upsampler (ldm.upsampler.factor={self.upsample}) needs 2 × the VAE's "
+              if self.upsample else "the UNet denoises the VAE's ")
+      raise ValueError(f"The UNet takes {self.unet.in_channels} input channels; {what}"
+                       f"{latent_channels} latent channels = {wanted}.")
+    if self.unet.out_channels != latent_channels:
+      raise ValueError(f"The UNet predicts {self.unet.out_channels} channels; the VAE has "
+                       f"{latent_channels} latent channels.")
+    if self.unet.context_dim != self.text_encoder.hidden_size:
+      raise ValueError(f"The UNet's cross_attention_dim is {self.unet.context_dim}; the text "
+                       f"encoder's hidden_size is {self.text_encoder.hidden_size}.")
+    vae_factor, multiple = pipeline_common.size_multiple(self.vae, self.unet)
+    if self.upsample:
+      multiple *= self.upsample
+      if c.kind != "video" or self.upsample < 2:
+        raise ValueError(f"ldm.upsampler.factor={self.upsample} needs kind 'video' and a factor "
+                         f"≥ 2 (0: not an upsampler); got kind {c.kind!r}.")
+    if config.data.resolution % multiple:
+      why = f" × the upsampling factor {self.upsample}" if self.upsample else ""
+      raise ValueError(
+          f"data.resolution {config.data.resolution} cannot be divided by the VAE and UNet: it "
+          f"must be a multiple of {multiple} (the VAE downsamples by {vae_factor}, the UNet's "
+          f"{len(self.unet.block_out_channels)} levels by "
+          f"{2 ** (len(self.unet.block_out_channels) - 1)}{why}); e.g. "
+          f"{max(multiple, config.data.resolution // multiple * multiple)}.")
+    if self.upsample and c.upsampler.train_crop:
+      window_multiple = multiple // vae_factor
+      latent_size = config.data.resolution // vae_factor
+      crop = c.upsampler.train_crop
+      if crop % window_multiple or crop > latent_size:
+        raise ValueError(
+            f"ldm.upsampler.train_crop is {crop}; it must be 0 (whole latents) or a window ≤ the "
+            f"latent size {latent_size} divisible by {window_multiple} (the UNet's size multiple "
+            f"× the factor: the low-resolution window must be whole too).")
+    fraction = c.joint_image_fraction
+    if not 0 <= fraction < 1 or (fraction and c.kind != "video"):
+      raise ValueError(f"ldm.joint_image_fraction must be in [0, 1) and needs kind 'video'; got "
+                       f"{fraction} (kind {c.kind!r}).")
 
   @property
   def video(self) -> bool:
@@ -214,9 +182,13 @@ class LatentDiffusionTask(tasks_lib.Task):
 
     mix = self.config.ldm.temporal.merge_factor
     params = common.task_init(self, init, rng, {"mix_factor": mix})
-    flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict(
-        {k: jnp.zeros_like(v) if _ZERO_INIT.search("/".join(k)) else v for k, v in flat.items()})
+    if self.config.host_init and self.unet.temporal and self.unet.zero_init_temporal_outputs:
+      params = dict(params, unet=unet_lib.zero_temporal_outputs(params["unet"]))  # as UNet.init
+    return params
+
+  def pretrained_params(self):
+    """The weights of the component folders the stage starts from (see `components`)."""
+    return components_lib.pretrained_params(self.config)
 
   def trainable_labels(self, params):
     c = self.config.ldm
@@ -224,7 +196,7 @@ class LatentDiffusionTask(tasks_lib.Task):
 
     def label(path):
       if path[0] == "text_encoder":
-        return tasks_lib.TRAIN if c.train_text_encoder else tasks_lib.FREEZE
+        return tasks_lib.TRAIN if c.text_encoder.train else tasks_lib.FREEZE
       if temporal_only and not inflate.is_temporal(path):
         return tasks_lib.FREEZE
       return tasks_lib.TRAIN
@@ -236,8 +208,8 @@ class LatentDiffusionTask(tasks_lib.Task):
     return {"inflate": inflate_transform, "widen_input": widen_input_transform}
 
   def init_frozen(self, mesh):
-    vae_params = common.load_stage_params(self.config.ldm.vae_workdir, mesh)
-    scale = latent_scale(self.vae, vae_params, self.config.autoencoder.vae.sample_size)
+    vae_params = components_lib.vae_params(self.config, mesh)
+    scale = components_lib.scaling_factor(self.config, self.vae, vae_params)
     self._frozen_vae = vae_params
     frozen = {"vae": vae_params, "scale": np.float32(scale)}
     if self.upsample:  # the base stage samples what the upsampler is conditioned on
@@ -258,12 +230,16 @@ class LatentDiffusionTask(tasks_lib.Task):
     return common.make_data(data, sharding, process_index, process_count, self.tokenizer)
 
   def posterior(self, vae_params, pixels):
-    """VAE posterior (mean, std) of pixels [B, (F,) H, W, 3] in [-1, 1], unscaled, shaped
-    [B, (F,) h, w, c]."""
+    """VAE posterior (mean, std) of pixels [B, (F,) H, W, 3] in [-1, 1], unscaled (less the VAE's
+    shift_factor, if any), shaped [B, (F,) h, w, c]."""
     lead = pixels.shape[:-3]
     posterior = self.vae.apply({"params": vae_params}, pixels.reshape((-1,) + pixels.shape[-3:]),
                                method="encode")
-    return tuple(x.reshape(lead + x.shape[1:]) for x in (posterior.mean, posterior.std))
+    mean = posterior.mean
+    shift = getattr(self.vae, "shift_factor", None)
+    if shift is not None:
+      mean = mean - shift
+    return tuple(x.reshape(lead + x.shape[1:]) for x in (mean, posterior.std))
 
   def moments(self, vae_params, pixels) -> dict:
     """What the latent cache stores per example: the posterior {latent_mean, latent_std}, and for
@@ -291,6 +267,15 @@ class LatentDiffusionTask(tasks_lib.Task):
       out[name] = (mean + std * jax.random.normal(key, mean.shape, mean.dtype)) * frozen["scale"]
     return out
 
+  def _image_only_indicator(self, batch: int):
+    """[B, F]: 1 for the first ⌊fraction · B⌋ examples (stills), None without joint training.
+    Batches are shuffled, so which clips go as stills changes every step."""
+    images = int(self.config.ldm.joint_image_fraction * batch)
+    if not images:
+      return None
+    return jnp.broadcast_to((jnp.arange(batch) < images)[:, None], (batch, self.frames)).astype(
+        jnp.float32)
+
   def loss_fn(self, params, frozen, batch, rng):
     c = self.config.ldm
     encode_rng, loss_rng = jax.random.split(rng)
@@ -307,27 +292,43 @@ class LatentDiffusionTask(tasks_lib.Task):
       condition = pipeline_common.low_res_condition(
           low_res, jax.random.normal(jax.random.fold_in(encode_rng, 1), low_res.shape), alpha_bar,
           self.upsample)
+    extra = {}
+    if self.video:
+      indicator = self._image_only_indicator(x0.shape[0])
+      if indicator is not None:
+        extra["image_only_indicator"] = indicator
 
     def network(x, t):
       if condition is not None:  # a latent upsampler's input: noisy latents + the condition
         x = jnp.concatenate([x, condition], axis=-1)
-      return self.unet.apply({"params": params["unet"]}, x, t, context)
+      return self.unet.apply({"params": params["unet"]}, x, t, context, **extra)
 
-    loss, aux = losses.diffusion_loss(network, x0, loss_rng, parameterization=c.prediction_type,
+    loss, aux = losses.diffusion_loss(network, x0, loss_rng, parameterization=self.prediction_type,
                                       schedule=self.schedule, noise_sampling=c.noise_sampling,
                                       p_mean=c.p_mean, p_std=c.p_std, weighting=c.weighting,
                                       min_snr_gamma=c.min_snr_gamma)
     return jnp.mean(loss), dict(mse=jnp.mean(aux["mse"]), latent_std=jnp.std(x0))
 
   # ---- sampling -------------------------------------------------------------------------------
+  def sampler_settings(self) -> pipeline_common.SamplerSettings:
+    """The stage's sampler: `ldm.sampler.name` / `options`, else the scheduler folder's."""
+    s = self.config.ldm.sampler
+    name = s.get("name") or self._scheduler_sampler
+    if not name:
+      raise ValueError("ldm.sampler.name is not set and the stage has no scheduler folder.")
+    options = dict(s.options) if s.get("name") else dict(self._scheduler_options)
+    return pipeline_common.SamplerSettings(name, self.schedule, options, self.prediction_type)
+
   def components(self, params, frozen) -> dict:
-    """{unet, vae, text_encoder: (module, params), tokenizer, sampler} for
-    `vldm.pipelines.pipeline_from_components`; an upsampler adds its base stage's (`low_res`) and
-    its own sampling settings (the config's `ldm.sampler` is then the base's)."""
+    """{unet, vae, text_encoder: (module, params), tokenizer, sampler, num_steps, guidance_scale}
+    for `vldm.pipelines.pipeline_from_components`; an upsampler adds its base stage's
+    (`low_res`) and its own sampling settings (`ldm.sampler` is then the base's)."""
+    s = self.config.ldm.sampler
     out = dict(unet=(self.unet, params["unet"]),
                vae=(self.vae.clone(scaling_factor=float(frozen["scale"])), frozen["vae"]),
                text_encoder=(self.text_encoder, params["text_encoder"]),
-               tokenizer=self.tokenizer, sampler=sampler_settings(self.config))
+               tokenizer=self.tokenizer, sampler=self.sampler_settings(),
+               num_steps=s.num_steps, guidance_scale=s.guidance_scale)
     if self.upsample:
       up, base = self.config.ldm.upsampler, frozen["low_res"]
       out.update(low_res=dict(out, unet=(self.base_unet, base["unet"]),
@@ -338,12 +339,10 @@ class LatentDiffusionTask(tasks_lib.Task):
 
   def pipeline(self, params, frozen):
     """The pipeline of these parameters (a CascadePipeline for an upsampler), its compiled
-    functions kept across calls."""
+    functions kept across calls (the trainer samples with it every `sample_every` steps)."""
     components = self.components(params, frozen)
-    scale = float(frozen["scale"])
-    if self._pipeline is None or self._pipeline_scale != scale:
+    if self._pipeline is None:
       self._pipeline = pipeline_workdir.pipeline_from_components(components)
-      self._pipeline_scale = scale
     else:  # same modules: keep the compiled functions, swap the parameters
       pipes = [(self._pipeline, components)]
       if self.upsample:
@@ -354,15 +353,13 @@ class LatentDiffusionTask(tasks_lib.Task):
     return self._pipeline
 
   def generate(self, params, frozen, prompts: Sequence[str], rng, *,
-               num_frames: Optional[int] = None, size: Optional[int] = None,
-               num_steps: Optional[int] = None, guidance_scale: Optional[float] = None):
-    """Clips [B, F, H, W, 3] in [0, 1], one per prompt (still frames for the image stage)."""
-    s = self.config.ldm.sampler
+               num_frames: Optional[int] = None, size: Optional[int] = None, **kwargs):
+    """Clips [B, F, H, W, 3] in [0, 1], one per prompt (still frames for the image stage), with
+    the stage's sampler settings unless kwargs (num_steps, guidance_scale, …) say otherwise."""
     size = size or self.size
     return self.pipeline(params, frozen)(
         list(prompts), num_frames=num_frames or (self.frames if self.video else 1), height=size,
-        width=size, num_steps=num_steps or s.num_steps,
-        guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale, rng=rng)
+        width=size, rng=rng, **kwargs)
 
   def sample_fn(self, params, frozen, rng):
     prompts = self.config.ldm.sample_prompts
@@ -379,49 +376,11 @@ def build_latent_cache(task: LatentDiffusionTask, data_config, cache_dir, vae_pa
   if os.path.exists(os.path.join(directory, f"index.p{process_index}.json")):
     return
   moments_fn = jax.jit(task.moments)
-  moments = lambda pixels: jax.device_get(moments_fn(vae_params, *sharding_lib.split_batch(pixels)))
+  moments = lambda pixels: jax.device_get(moments_fn(vae_params, *devices.split_batch(pixels)))
 
   sources.build_cache(data_config, data_config.train_split, cache_dir,
                       moments, lambda captions: {},
-                      batch_size=64, process_index=process_index, process_count=process_count)
+                      batch_size=task.config.ldm.latent_cache_batch_size,
+                      process_index=process_index, process_count=process_count)
   if process_count > 1:  # every process reads every process's rows
     multihost_utils.sync_global_devices(f"latent cache {directory}")
-
-
-def restore(config: ml_collections.ConfigDict, workdir: str):
-  """(task, params, frozen) of a trained diffusion stage: its newest (EMA) parameters."""
-  task = tasks_lib.get_task(config)
-  if not isinstance(task, LatentDiffusionTask):
-    raise ValueError(f"{workdir} holds a {type(task).__name__} stage, not a diffusion stage.")
-  params = common.load_stage_params(workdir)
-  return task, params, task.init_frozen(None)
-
-
-
-def _tuples(value):
-  """JSON lists back to tuples (module fields and config values are tuples in the recipe)."""
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  return value
-
-
-def saved_config(checkpoint_path: str) -> ml_collections.ConfigDict:
-  """The config a run saved beside its checkpoint (`<run>/checkpoints/<step>/config`)."""
-  path = os.path.join(checkpoint_path, "config", "metadata")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{checkpoint_path} has no saved config ({path}).")
-  with open(path) as f:
-    return ml_collections.ConfigDict(_tuples(json.load(f)))
-
-
-def restore_stage(stage) -> dict:
-  """A trained shapes diffusion stage (`vldm.pipelines.TrainedStage`) → pipeline components.
-
-  For `vldm.pipelines.pipeline_from_workdir(workdir, restore=restore_stage)`, which is how
-  `python -m vldm.sample --workdir DIR` can sample a shapes run.
-  """
-  config = saved_config(stage.path)
-  task, params, frozen = restore(config, stage.run_dir)
-  return task.components(params, frozen)

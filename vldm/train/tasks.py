@@ -1,9 +1,10 @@
 """The task interface the trainer is generic over, a registry of tasks and of init transforms.
 
 A task bundles one training stage's model, loss and data. `config.task` names it: a registered
-name ('toy', ...) or a 'module.path:ClassName' import path. The trainer builds it as `Task(config)`.
+name or a 'module.path:ClassName' import path. The trainer builds it as `Task(config)`.
 
-Parameters are nested dicts (Flax linen `params` collections). Methods the trainer calls:
+Parameters are nested dicts (Flax linen `params` collections). Every `rng` the trainer passes is a
+typed key (`jax.random.key`) of `config.prng_impl`. Methods the trainer calls:
   init_params(rng) -> params               pure and jit-able: it runs under `jax.eval_shape` and
                                            `jax.jit(out_shardings=...)`, so full-size parameters
                                            never exist unsharded.
@@ -19,6 +20,10 @@ Parameters are nested dicts (Flax linen `params` collections). Methods the train
   sample_fn(params, frozen, rng) -> {name: frames}   optional (None): frames (F, H, W, 3) or
                                            (H, W, 3), float in [0, 1] or uint8; written as GIFs.
   init_transforms() -> {name: fn}          optional extra `init_from` transforms (see below).
+  pretrained_params() -> pytree or None    optional: host weights to start from when no
+                                           `init_from.workdir` is set (e.g. a diffusers folder's),
+                                           mapped by the `init_from.transform`; top-level parts it
+                                           lacks keep their init.
 
 A DataIterator yields batches (pytrees of global jax.Arrays only, whose leading axis is sharded with
 `sharding`; each process contributes its own slice; host values such as caption strings are turned
@@ -72,6 +77,9 @@ class Task:
   def init_frozen(self, mesh) -> PyTree:
     return {}
 
+  def pretrained_params(self) -> Optional[PyTree]:
+    return None
+
   def make_data(self, sharding, process_index: int, process_count: int) -> DataIterator:
     raise NotImplementedError
 
@@ -80,9 +88,7 @@ class Task:
 
 
 # Tasks: name -> class or 'module:attr' (imported on first use, so configs stay light).
-_TASKS: dict[str, Any] = {
-    "toy": "vldm.train.toy_task:ToyTask",
-}
+_TASKS: dict[str, Any] = {}
 
 
 def register_task(name: str, target=None):
@@ -106,9 +112,9 @@ def get_task(config) -> Task:
   if target is None:
     if ":" not in name:
       close = difflib.get_close_matches(name, list(_TASKS), n=3, cutoff=0.5)
-      raise ValueError(f"Unknown task {name!r}; registered: {sorted(_TASKS)}"
-                       + (f" (closest: {close})" if close else "")
-                       + ", or give a 'package.module:ClassName' path.")
+      raise ValueError(f"Unknown task {name!r}; give a 'package.module:ClassName' path"
+                       + (f" or a registered name: {sorted(_TASKS)}" if _TASKS else "")
+                       + (f" (closest: {close})" if close else "") + ".")
     target = name
   cls = _import(target) if isinstance(target, str) else target
   return cls(config)

@@ -52,17 +52,31 @@ def _to_host(x) -> np.ndarray:
 
 
 def _load_init_from(config, task, builder, mesh):
-  """Another stage's newest parameters and the transform that maps them into this model.
+  """The parameters this run starts from and the transform that maps them into this model:
+  another stage's newest ones (`config.init_from.workdir`), else the task's pretrained weights
+  (`task.pretrained_params()`, e.g. a diffusers folder's; components it lacks keep their init),
+  else None.
 
   Checked with shapes only (`jax.eval_shape`), before this model's parameters are created.
   """
   init_from = config.init_from
   transform = tasks_lib.get_init_transform(init_from.transform, task)
-  try:
-    source = checkpoint_lib.load_params(init_from.workdir, mesh, builder.rules,
-                                        use_ema=init_from.use_ema)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"config.init_from.workdir={init_from.workdir!r}: {e}") from e
+  if init_from.workdir:
+    where = init_from.workdir
+    try:
+      source = checkpoint_lib.load_params(init_from.workdir, mesh, builder.rules,
+                                          use_ema=init_from.use_ema)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"config.init_from.workdir={init_from.workdir!r}: {e}") from e
+  else:
+    source = task.pretrained_params()
+    if source is None:
+      return None
+    where = "the task's pretrained weights"
+    source = sharding_lib.place(source, sharding_lib.tree_shardings(source, mesh, builder.rules,
+                                                                    prefix="params/"))
+    named = transform
+    transform = lambda s, t: named({**t, **s}, t)
   produced = jax.eval_shape(transform, source, builder.abstract_params)
   problems = tasks_lib.describe_mismatch(produced, builder.abstract_params)
   if not problems:
@@ -72,13 +86,13 @@ def _load_init_from(config, task, builder, mesh):
   if problems:
     raise checkpoint_lib.CheckpointMismatchError(
         f"init_from transform {init_from.transform!r} does not produce this model's parameters "
-        f"from {init_from.workdir}:\n  " + "\n  ".join(problems))
-  return source, transform
+        f"from {where}:\n  " + "\n  ".join(problems))
+  return source, transform, where
 
 
-def _write_samples(task, state, frozen, config, workdir, step) -> None:
+def _write_samples(task, state, frozen, builder, workdir, step) -> None:
   clips = task.sample_fn(state.params_for_sampling(), frozen,
-                         jax.random.PRNGKey(config.seed + 1))  # fixed noise: comparable over steps
+                         builder.key(builder.config.seed + 1))  # fixed noise: comparable over steps
   clips = {name: _to_host(frames) for name, frames in clips.items()}
   if jax.process_index() == 0:
     folder = epath.Path(workdir) / "samples" / f"{step:08d}"
@@ -91,21 +105,45 @@ def _scalars(metrics) -> dict:
 
 
 def _initial_state(config, task, builder, mesh, checkpointer, data):
-  """Resume from the workdir, else start from `init_from`, else from scratch."""
+  """Resume from the workdir, else start from `init_from` or the pretrained weights, else from
+  scratch."""
   latest = checkpointer.latest_step()
   if latest is not None:
+    _check_saved_key(checkpointer, latest, builder)
     state, data_state = checkpointer.restore(latest, builder)
     data.set_state(data_state)
     log.info("Resumed at step %d.", latest)
     return state
-  init_from = _load_init_from(config, task, builder, mesh) if config.init_from.workdir else None
+  init_from = _load_init_from(config, task, builder, mesh)
   params = builder.init_params(config.seed)
   if init_from is not None:
-    source, transform = init_from
+    source, transform, where = init_from
     params = jax.jit(transform, out_shardings=builder.param_shardings)(source, params)
-    log.info("Initialised from %s (transform %r).", config.init_from.workdir,
-             config.init_from.transform)
+    log.info("Initialised from %s (transform %r).", where, config.init_from.transform)
   return builder.init_state(params, config.seed)
+
+
+def _check_saved_key(checkpointer, step, builder) -> None:
+  """A clear error for a run resumed under another PRNG implementation: its key's shape differs."""
+  try:
+    saved = tuple(checkpointer.manager.item_metadata(step)["train"]["rng"].shape)
+  except (KeyError, TypeError, AttributeError):  # no shapes in the metadata: restore checks
+    return
+  expected = tuple(builder.abstract_state.rng.shape)
+  if saved == expected:
+    return
+  fitting = []
+  for name in ("threefry2x32", "rbg", "unsafe_rbg"):
+    try:
+      if jax.random.key_data(jax.random.key(0, impl=name)).shape == saved:
+        fitting.append(name)
+    except ValueError:  # not in this jax version
+      pass
+  raise checkpoint_lib.CheckpointMismatchError(
+      f"The checkpoint {checkpointer.directory / str(step)} holds a PRNG key of shape {saved}, "
+      f"but config.prng_impl={builder.prng_impl!r} makes keys of shape {expected}: set "
+      f"config.prng_impl to the implementation the run started with"
+      + (f" (one of {fitting})." if fitting else "."))
 
 
 def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
@@ -162,7 +200,7 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
           bar.set_postfix(loss=f"{scalars['loss']:.4f}", refresh=False)
         if task.sample_fn is not None and every(config.sample_every):
           started = time.perf_counter()
-          _write_samples(task, state, frozen, config, workdir, step)
+          _write_samples(task, state, frozen, builder, workdir, step)
           last_time += time.perf_counter() - started  # throughput counts training only
         if save:
           checkpointer.save(step, state, data.get_state())

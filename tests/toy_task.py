@@ -1,4 +1,7 @@
-"""A small self-contained task: a conv denoiser on synthetic coloured squares.
+"""A small self-contained task for the trainer's tests: a conv denoiser on coloured squares.
+
+Configs name it by import path, 'toy_task:ToyTask' (tests/ is on sys.path under pytest, as for
+`import parity`); its config is tests/configs_tiny.py.
 
 It exercises every part of the trainer interface at test size: a class-conditioned denoiser built
 from the shared layers, a frozen sub-model (a fixed class-embedding table standing in for a text

@@ -1,7 +1,9 @@
-"""The toy task at test size: a small conv denoiser on synthetic coloured squares.
+"""The toy task (tests/toy_task.py) at test size: a small conv denoiser on coloured squares.
 
-  python -m vldm.train --config configs/tiny.py --workdir runs/tiny
-  python -m vldm.train --config configs/tiny.py:freeze,runlocal=False --workdir runs/tiny_frozen
+From the repository root (`configs` and tests/ importable):
+  PYTHONPATH=tests python -m vldm.train --config tests/configs_tiny.py --workdir runs/tiny
+  PYTHONPATH=tests python -m vldm.train --config tests/configs_tiny.py:freeze,runlocal=False \
+      --workdir runs/tiny_frozen
 """
 import ml_collections
 from ml_collections import config_dict
@@ -12,7 +14,7 @@ from configs import common
 def get_config(arg=None):
   arg = common.parse_arg(arg, freeze=False, runlocal=True)
   config = common.base_config()
-  config.task = "toy"
+  config.task = "toy_task:ToyTask"  # tests/ is on sys.path (pytest; PYTHONPATH above)
   config.total_steps = 20 if arg.runlocal else 2000
   config.batch_size = 8 if arg.runlocal else 64
   config.log_every = 5 if arg.runlocal else 50

@@ -1,0 +1,291 @@
+"""configs/video_ldm.py: Video LDM from tiny random Stable Diffusion folders on MP4 clips.
+
+The folders are written by diffusers / transformers (SD 1.x style: ε, PNDM, pads with end-of-text;
+SD 2.x style: v, DDIM, pads with "!"), the clips by imageio (different sizes, frame rates and
+lengths, one unreadable, one too short). Training runs through `python -m vldm.train` in
+subprocesses with 8 CPU devices and FSDP; sampling through `python -m vldm.sample`; export through
+`python -m vldm.export`.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import traverse_util
+from jax.experimental.compilation_cache import compilation_cache
+
+import media
+import sd_folders
+from parity import relative_error
+from vldm import convert
+from vldm.models import inflate
+from vldm.pipelines import folder as folder_lib
+from vldm.recipes import common
+from vldm.recipes import components as components_lib
+from vldm.recipes import ldm
+from vldm.recipes import stages
+from vldm.train import checkpoint as checkpoint_lib
+from vldm.train import config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "video_ldm.py")
+config_lib.ensure_importable(CONFIG)
+DEVICES = 8
+FSDP = f"--config.mesh=(('data', -1), ('fsdp', {DEVICES}))"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+  """{'sd1', 'sd2': SD folders, 'videos': a video folder, 'cache': a JAX compilation cache}."""
+  base = tmp_path_factory.mktemp("video_ldm")
+  out = {style: sd_folders.write_sd_folder(str(base), style) for style in sd_folders.STYLES}
+  out["videos"] = media.write_video_folder(str(base / "videos"))["folder"]
+  out["cache"] = str(base / "jax_cache")
+  return out
+
+
+def load(stage, pretrained, data, root="", **overrides):
+  arg = f"stage={stage},pretrained={pretrained},data={data},root={root},runlocal=True"
+  return config_lib.load_config(f"{CONFIG}:{arg}", overrides)
+
+
+def run(module, *args, inputs, devices=1, check=True):
+  """`python -m vldm.<module> args…` with `devices` CPU devices; returns the completed process."""
+  xla = os.environ.get("XLA_FLAGS", "")
+  env = dict(os.environ, XLA_FLAGS=f"{xla} --xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
+             JAX_COMPILATION_CACHE_DIR=inputs["cache"],
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONPATH=REPO)
+  result = subprocess.run([sys.executable, "-m", f"vldm.{module}", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+  if check and result.returncode:
+    raise AssertionError(f"vldm.{module} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+  return result
+
+
+def train(stage, style, root, inputs, *extra):
+  spec = f"{CONFIG}:stage={stage},pretrained={inputs[style]},data={inputs['videos']},root={root}"
+  return run("train", "--config", spec + ",runlocal", "--workdir", os.path.join(root, stage),
+             FSDP, "--config.checkpoint_every=2", "--config.keep_checkpoints=0",
+             "--config.progress_bar=False", "--config.tensorboard=False", *extra, inputs=inputs,
+             devices=DEVICES)
+
+
+def opt_state_paths(workdir, step):
+  """The parameter paths the checkpoint's optimizer state has leaves for (tuples of names)."""
+  manager = checkpoint_lib._manager(checkpoint_lib.checkpoint_dir(workdir), read_only=True)  # pylint: disable=protected-access
+  try:
+    metadata = manager.item_metadata(step)["opt_state"]
+  finally:
+    manager.close()
+  leaves = jax.tree_util.tree_leaves_with_path(metadata)
+  names = lambda path: tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  return [p for p in map(names, (path for path, _ in leaves)) if "unet" in p or "text_encoder" in p]
+
+
+def flat(tree):
+  return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+# ------------------------------------------------------------------------------------ configs
+def test_stages_batch_and_bad_arguments(inputs):
+  video = load("video", inputs["sd1"], inputs["videos"], "/runs/x")
+  assert video.ldm.train == "temporal" and not video.ldm.text_encoder.train
+  assert video.init_from.transform == "inflate" and video.init_from.workdir is None  # no image run
+  assert video.data.name == "video_folder" and video.data.kind == "video"
+  up = load("upsampler", inputs["sd1"], inputs["videos"], "/runs/x")
+  assert up.init_from.workdir == "/runs/x/video" and up.ldm.upsampler.low_res_workdir == \
+      "/runs/x/video" and up.data.resolution == 2 * video.data.resolution
+  assert load("image", inputs["sd1"], inputs["videos"]).data.kind == "image"
+  # One batch size: the data's follows the run's.
+  assert load("video", inputs["sd1"], inputs["videos"], batch_size=16).data.batch_size == 16
+  with pytest.raises(ValueError, match=r"Unknown stage 'vidoe'; .* \('image', 'video', "
+                                       r"'upsampler'\)"):
+    load("vidoe", inputs["sd1"], inputs["videos"])
+  with pytest.raises(ValueError, match="needs data=DIR: a folder of videos with captions.csv"):
+    config_lib.load_config(f"{CONFIG}:stage=video,pretrained={inputs['sd1']}")
+
+
+def test_bad_inputs_say_what_is_accepted(inputs, tmp_path):
+  # A pretrained folder without a component, and one whose unet/ is of the wrong class.
+  partial = str(tmp_path / "no_vae")
+  shutil.copytree(inputs["sd1"], partial)
+  shutil.rmtree(os.path.join(partial, "vae"))
+  with pytest.raises(components_lib.ComponentError, match=r"has no vae/: a pretrained folder "
+                                                          r"needs unet/ \(a UNet2DConditionModel"):
+    ldm.LatentDiffusionTask(load("video", partial, inputs["videos"]))
+  wrong = str(tmp_path / "wrong")
+  shutil.copytree(inputs["sd1"], wrong)
+  shutil.rmtree(os.path.join(wrong, "unet"))
+  shutil.copytree(os.path.join(wrong, "vae"), os.path.join(wrong, "unet"))
+  with pytest.raises(components_lib.ComponentError, match="holds a AutoencoderKL; the unet must "
+                                                          "be a UNet2DConditionModel"):
+    ldm.LatentDiffusionTask(load("video", wrong, inputs["videos"]))
+  # A resolution the VAE (×2) and the UNet (×2) cannot divide.
+  with pytest.raises(ValueError, match=r"data.resolution 30 cannot be divided .* multiple of 4 "
+                                       r"\(the VAE downsamples by 2"):
+    ldm.LatentDiffusionTask(load("video", inputs["sd1"], inputs["videos"],
+                                 **{"data.resolution": 30}))
+  # A data folder without a captions file, and one with no readable video.
+  empty = tmp_path / "no_captions"
+  empty.mkdir()
+  media.write_video(str(empty / "a.mp4"), media.make_clip(8, 32, 32), 8)
+  task = ldm.LatentDiffusionTask(load("video", inputs["sd1"], str(empty),
+                                      **{"data.data_dir": str(tmp_path / "tfds")}))
+  with pytest.raises(ValueError, match="captions"):
+    task.make_data(None, 0, 1)
+  unreadable = tmp_path / "unreadable"
+  unreadable.mkdir()
+  (unreadable / "a.mp4").write_bytes(b"not a video")
+  media.write_captions(str(unreadable / "captions.csv"), [{"file": "a.mp4", "caption": "x"}])
+  task = ldm.LatentDiffusionTask(load("video", inputs["sd1"], str(unreadable),
+                                      **{"data.data_dir": str(tmp_path / "tfds")}))
+  with pytest.raises(ValueError, match="unreadable"):
+    task.make_data(None, 0, 1)
+
+
+# ----------------------------------------------------------------------------------- models
+@pytest.mark.parametrize("style", sd_folders.STYLES)
+def test_inflated_unet_starts_as_the_pretrained_image_unet(inputs, style):
+  """Step 0 of the video stage: the SD UNet frame by frame, exactly; components from the folder."""
+  config = load("video", inputs[style], inputs["videos"])
+  task = ldm.LatentDiffusionTask(config)
+  assert task.prediction_type == {"sd1": "epsilon", "sd2": "v_prediction"}[style]
+  assert task.tokenizer.pad_id == {"sd1": task.tokenizer.eos_id, "sd2": 0}[style]
+  image_unet, image_params = convert.load_diffusers(os.path.join(inputs[style], "unet"))
+  target = task.init_params(jax.random.key(0))
+  source = task.pretrained_params()
+  params = ldm.inflate_transform({**target, **source}, target)
+  frames = config.data.frames
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, frames, 8, 8, 4)), jnp.float32)
+  t = jnp.asarray([10.0, 700.0])
+  context = jnp.asarray(rng.standard_normal((2, 5, 32)), jnp.float32)
+  video = task.unet.apply({"params": params["unet"]}, x, t, context)
+  per_frame = image_unet.apply({"params": image_params},
+                               x.reshape((-1,) + x.shape[2:]), jnp.repeat(t, frames),
+                               jnp.repeat(context, frames, axis=0))
+  np.testing.assert_array_equal(np.asarray(video).reshape(per_frame.shape), per_frame)
+  # Only temporal layers train; the text encoder and every spatial layer are frozen.
+  labels = flat(task.trainable_labels(params))
+  assert all((v == "train") == inflate.is_temporal(k.split("/")) for k, v in labels.items())
+
+
+# --------------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def video_run(inputs, tmp_path_factory):
+  """The video stage from the SD 2.x-style folder: 3 steps on 8 devices, checkpoints 2 and 3."""
+  root = str(tmp_path_factory.mktemp("runs"))
+  train("video", "sd2", root, inputs)
+  return root
+
+
+def test_video_stage_trains_only_temporal_layers_and_resumes_exactly(video_run, inputs):
+  workdir = os.path.join(video_run, "video")
+  final = common.load_stage_params(workdir)
+  image_params = convert.load_diffusers(os.path.join(inputs["sd2"], "unet"))[1]
+  text_params = convert.load_diffusers(os.path.join(inputs["sd2"], "text_encoder"))[1]
+  # Spatial layers and the text encoder bit-identical to the folder's; temporal layers moved.
+  spatial, temporal = inflate.split_params(final["unet"])
+  assert flat(inflate.spatial_params(final["unet"])).keys() == flat(image_params).keys()
+  for key, value in flat(inflate.spatial_params(final["unet"])).items():
+    np.testing.assert_array_equal(value, flat(image_params)[key], err_msg=key)
+  for key, value in flat(final["text_encoder"]).items():
+    np.testing.assert_array_equal(value, flat(text_params)[key], err_msg=key)
+  assert any(np.abs(v).max() > 0 for k, v in flat(temporal).items() if "to_out_0" in k)
+  # Optimizer state only for the temporal layers.
+  paths = opt_state_paths(workdir, 3)
+  assert paths and all(inflate.is_temporal(p) for p in paths), paths[:5]
+  # A crash after step 2's checkpoint: step 3 again from it gives the same parameters.
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "3"))
+  train("video", "sd2", video_run, inputs)
+  resumed = common.load_stage_params(workdir)
+  for key, value in flat(resumed).items():
+    np.testing.assert_allclose(value, flat(final)[key], rtol=0, atol=1e-6, err_msg=key)
+
+
+def test_video_stage_samples_and_exports(video_run, inputs, tmp_path):
+  workdir = os.path.join(video_run, "video")
+  out = str(tmp_path / "samples")
+  run("sample", "--workdir", workdir, "--prompt", "a red circle", "--num_samples", "2", "--out",
+      out, inputs=inputs)
+  records = json.load(open(os.path.join(out, "samples.json")))
+  assert [r["seed"] for r in records] == [0, 1] and os.path.isfile(os.path.join(out, "1.mp4"))
+  folder = str(tmp_path / "export")
+  run("export", "--workdir", workdir, "--out", folder, inputs=inputs)
+  index = json.load(open(os.path.join(folder, "model_index.json")))
+  assert index["unet"] == ["vldm", "VldmUNet"] and index["text_encoder"][1] == "CLIPTextModel"
+  assert index["vldm"] == {"num_steps": 2, "guidance_scale": 7.5}
+  # The temporal layers alone, as a motion module.
+  temporal = convert.load_temporal_layers(os.path.join(folder, folder_lib.TEMPORAL_LAYERS))
+  trained = stages.pipeline_from_workdir(workdir)
+  assert flat(temporal).keys() == flat(inflate.split_params(trained.params["unet"])[1]).keys()
+  exported = folder_lib.load_pipeline(folder)
+  expected = trained(["a red circle", "a"], rng=3)
+  actual = exported(["a red circle", "a"], rng=3)
+  assert expected.shape == (2, 4, 32, 32, 3)
+  np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5)
+
+
+def test_upsampler_stage_trains_samples_and_exports(video_run, inputs, tmp_path):
+  train("upsampler", "sd2", video_run, inputs)
+  workdir = os.path.join(video_run, "upsampler")
+  out = str(tmp_path / "samples")
+  run("sample", "--workdir", workdir, "--prompt", "a red circle", "--out", out, inputs=inputs)
+  assert os.path.isfile(os.path.join(out, "0.gif"))
+  folder = str(tmp_path / "export")
+  run("export", "--workdir", workdir, "--out", folder, inputs=inputs)
+  trained = stages.pipeline_from_workdir(workdir)
+  exported = folder_lib.load_pipeline(folder)
+  expected = trained(["a red circle"], rng=5)
+  assert expected.shape == (1, 4, 64, 64, 3)
+  np.testing.assert_allclose(exported(["a red circle"], rng=5), expected, rtol=0, atol=1e-5)
+
+
+def test_image_stage_exports_a_stable_diffusion_folder(inputs, tmp_path):
+  """The image stage fine-tunes the SD UNet; its export loads in diffusers and matches."""
+  root = str(tmp_path / "runs")
+  train("image", "sd1", root, inputs, "--config.total_steps=2")
+  folder = str(tmp_path / "export")
+  run("export", "--workdir", os.path.join(root, "image"), "--out", folder, inputs=inputs)
+  params = common.load_stage_params(os.path.join(root, "image"))
+  module = convert.load_diffusers(os.path.join(folder, "unet"))[0]
+  reference = diffusers.UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet")).eval()
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+  context = rng.standard_normal((2, 5, 32)).astype(np.float32)
+  t = np.asarray([3.0, 600.0], np.float32)
+  ours = module.apply({"params": params["unet"]}, x, t, context)
+  with torch.no_grad():
+    theirs = reference(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t),
+                       torch.from_numpy(context)).sample.permute(0, 2, 3, 1).numpy()
+  assert relative_error(ours, theirs) <= 1e-4
+  index = json.load(open(os.path.join(folder, "model_index.json")))
+  assert index["_class_name"] == "StableDiffusionPipeline"
+
+
+def test_compute_settings_reach_the_unet(inputs):
+  """The run's dtype, remat policy and attention implementation are the UNet's; a bf16 step with
+  rematerialisation gives a finite loss."""
+  config = load("video", inputs["sd1"], inputs["videos"], dtype="bfloat16", remat_policy="full",
+                attention_implementation="xla")
+  task = ldm.LatentDiffusionTask(config)
+  assert task.unet.dtype == jnp.bfloat16 and task.unet.remat_policy == "full"
+  assert task.unet.attention_implementation == "xla" and task.unet.temporal
+  assert task.unet.sample_size == config.data.resolution // 2  # the stage's size, not SD's
+  params = ldm.inflate_transform({**task.init_params(jax.random.key(0)),
+                                  **task.pretrained_params()}, task.init_params(jax.random.key(0)))
+  frozen = task.init_frozen(None)
+  assert frozen["scale"] == np.float32(0.18215)  # the VAE config's scaling_factor
+  rng = np.random.default_rng(0)
+  batch = {"video": jnp.asarray(rng.uniform(-1, 1, (2, 4, 32, 32, 3)), jnp.float32),
+           "input_ids": jnp.asarray(task.tokenizer(["a red circle", ""]))}
+  loss, metrics = jax.jit(task.loss_fn)(params, frozen, batch, jax.random.key(1))
+  assert np.isfinite(float(loss)) and np.isfinite(float(metrics["mse"]))

@@ -1,0 +1,45 @@
+"""Export a trained stage as a diffusers-layout folder: python -m vldm.export --workdir DIR --out F
+
+The newest trained stage of DIR (a run, or a folder of stage runs) with its own sampler settings.
+An image stage's folder is a StableDiffusionPipeline folder that diffusers' `from_pretrained`
+loads; a Video LDM video stage's UNet has no diffusers class, so its unet/ is vldm's own
+('VldmUNet') and its temporal layers are also written alone (temporal_layers.safetensors, like a
+motion module) to move onto another image model; a latent upsampler stage writes the cascade (its
+base stage at the top, upsampler/ beside it). `python -m vldm.sample --pretrained F --prompt …`
+samples every kind (see `vldm.pipelines.folder`).
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A training workdir: exports its newest trained stage.")
+flags.DEFINE_string("out", None, "The folder to write.")
+
+
+def export(workdir: str, out: str) -> str:
+  """Writes the newest trained stage of `workdir` to `out`; returns out."""
+  from vldm.pipelines import folder  # pylint: disable=g-import-not-at-top  # heavy: after parsing
+  from vldm.recipes import stages  # pylint: disable=g-import-not-at-top
+  return folder.save_pipeline(stages.pipeline_from_workdir(workdir), out)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from vldm.pipelines import PipelineError  # pylint: disable=g-import-not-at-top
+  if not FLAGS.workdir or not FLAGS.out:
+    sys.exit("vldm.export: error: --workdir and --out are required.")
+  try:
+    export(FLAGS.workdir, FLAGS.out)
+  except (PipelineError, ValueError, FileNotFoundError) as e:
+    sys.exit(f"vldm.export: error: {e}")
+  logging.info("Wrote %s.", FLAGS.out)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,269 @@
+"""Where a latent-diffusion stage's components come from: a folder, a workdir, or a module config.
+
+Each component of `config.ldm` is resolved in one of three ways:
+  a diffusers / transformers folder  `ldm.<component>.folder`, or `ldm.pretrained` (a Stable
+                                     Diffusion pipeline folder: unet/ vae/ text_encoder/
+                                     tokenizer/ scheduler/) for every component not given its own
+  an earlier stage's workdir         `ldm.vae.workdir` (a trained autoencoder stage); the UNet and
+                                     text encoder of an earlier stage enter through `init_from`
+  a from-scratch module config       `ldm.unet.model`, `ldm.text_encoder.model`, `ldm.vae.model`
+Module architectures come from folders' config.json files (no weights are read to build a module);
+weights are read by `pretrained_params` and `frozen_vae`. The schedule and the prediction type come
+from the folder's scheduler/scheduler_config.json unless the config sets them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import jax.numpy as jnp
+import numpy as np
+
+from vldm import convert
+from vldm.convert import registry
+from vldm.data import shapes
+from vldm.diffusion import samplers
+from vldm.diffusion.schedules import DiscreteSchedule
+from vldm.models import autoencoder as autoencoder_lib
+from vldm.models import clip as clip_lib
+from vldm.models import inflate
+from vldm.models import tokenizer as tokenizer_lib
+from vldm.models import unet as unet_lib
+from vldm.recipes import common
+
+SUBFOLDERS = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder",
+              "tokenizer": "tokenizer", "scheduler": "scheduler"}
+NEEDS = {
+    "unet": "a UNet2DConditionModel (config.json + diffusion_pytorch_model.safetensors)",
+    "vae": "an AutoencoderKL or AutoencoderKLTemporalDecoder",
+    "text_encoder": "a transformers CLIPTextModel (config.json + model.safetensors)",
+    "tokenizer": "a CLIP tokenizer (vocab.json + merges.txt, or tokenizer.json)",
+    "scheduler": "scheduler_config.json of a diffusers scheduler",
+}
+VAE_KINDS = ("temporal_decoder", "kl")
+TOKENIZER_KINDS = ("clip", "shapes_words")
+SCALE_SOURCES = ("shapes",)
+SCALE_EXAMPLES = 64  # rendered frames whose latent std sets a measured scaling factor
+SCHEDULER_CONFIG = "scheduler_config.json"
+FALLBACK_SCHEDULER = "DDIMScheduler"  # samples a scheduler class vldm has no sampler for
+VAES = (autoencoder_lib.AutoencoderKL, autoencoder_lib.AutoencoderKLTemporalDecoder)
+
+
+class ComponentError(ValueError):
+  """A component folder or config the recipe cannot use; the message says what is accepted."""
+
+
+def folder(config, name: str) -> Optional[str]:
+  """The folder `name` is read from: `ldm.<name>.folder`, else `ldm.pretrained/<subfolder>`."""
+  c = config.ldm
+  own = c[name].get("folder") if name in c else None
+  if own:
+    return own
+  if c.get("pretrained"):
+    return os.path.join(c.pretrained, SUBFOLDERS[name])
+  return None
+
+
+def check_pretrained(config) -> None:
+  """A clear error for a `pretrained` folder that lacks a component the stage reads from it."""
+  c = config.ldm
+  if not c.get("pretrained"):
+    return
+  if not os.path.isdir(c.pretrained):
+    raise ComponentError(f"ldm.pretrained={c.pretrained!r} is not a folder; expected a diffusers "
+                         f"Stable Diffusion folder with {', '.join(s + '/' for s in NEEDS)}.")
+  paths = {name: folder(config, name) for name in NEEDS}
+  missing = [name for name, path in paths.items() if path and not os.path.isdir(path)]
+  if missing:
+    wanted = "; ".join(f"{n}/ ({what})" for n, what in NEEDS.items())
+    raise ComponentError(f"{c.pretrained} has no {', '.join(m + '/' for m in missing)}: a "
+                         f"pretrained folder needs {wanted}.")
+
+
+def _module_from_folder(path: str, name: str, accepted: tuple):
+  """The module a model folder's config.json describes (its weights are not read)."""
+  try:
+    config = registry.read_config(path)
+    module = registry.format_for(registry.class_name_of(config)).from_config(config)
+  except convert.ConversionError as e:
+    raise ComponentError(f"Cannot use {path} as the {name}: {e}") from e
+  if not isinstance(module, accepted):
+    found = getattr(module, "reference_class", type(module).__name__)
+    raise ComponentError(f"{path} holds a {found}; the {name} must be {NEEDS[name]}.")
+  return module
+
+
+def _compute_options(config) -> dict:
+  """The run's compute settings, which every UNet of the stage takes."""
+  return dict(dtype=jnp.dtype(config.dtype), remat_policy=config.get("remat_policy") or "none",
+              attention_implementation=config.get("attention_implementation"))
+
+
+# -------------------------------------------------------------------------------------- UNet
+def image_unet(config) -> unet_lib.UNet:
+  """The stage's image UNet (before inflation), with the run's compute settings."""
+  path = folder(config, "unet")
+  if path:
+    unet = _module_from_folder(path, "unet", (unet_lib.UNet,))
+    if unet.temporal:
+      raise ComponentError(f"{path} holds a {unet.reference_class}; this recipe inflates an image "
+                           f"UNet: the unet must be {NEEDS['unet']}.")
+    upsampler = config.ldm.upsampler.factor if "upsampler" in config.ldm else 0
+    if upsampler:  # the latent upsampler also takes the low-resolution latents
+      unet = unet.clone(in_channels=2 * unet.in_channels)
+  else:
+    unet = unet_lib.UNet(**config.ldm.unet.model.to_dict())
+  return unet.clone(**_compute_options(config))
+
+
+def make_unet(config) -> unet_lib.UNet:
+  """The stage's UNet: the image UNet, or its inflated video version (`ldm.temporal`)."""
+  unet = image_unet(config)
+  if config.ldm.kind == "video":
+    unet = inflate.video_config_from_image(unet, **config.ldm.temporal.to_dict())
+  return unet
+
+
+# ---------------------------------------------------------------------------- text encoder
+def make_tokenizer(config) -> tokenizer_lib.Tokenizer:
+  c = config.ldm.tokenizer
+  kind = c.kind
+  if kind not in TOKENIZER_KINDS:
+    raise ComponentError(f"ldm.tokenizer.kind must be one of {TOKENIZER_KINDS}; got {kind!r}.")
+  if kind == "shapes_words":
+    return common.shapes_tokenizer(c.max_length)
+  path = folder(config, "tokenizer")
+  if not path:
+    raise ComponentError("ldm.tokenizer.kind='clip' reads a CLIP tokenizer folder: set "
+                         "ldm.tokenizer.folder or ldm.pretrained.")
+  try:  # padding None keeps the folder's own rule (SD1 pads with eos, SD2 with "!")
+    return tokenizer_lib.CLIPBPETokenizer(path, padding=c.get("padding"),
+                                          max_length=c.get("max_length"))
+  except (OSError, ValueError) as e:
+    raise ComponentError(f"Cannot use {path} as the tokenizer ({NEEDS['tokenizer']}): {e}") from e
+
+
+def make_text_encoder(config, tokenizer) -> clip_lib.CLIPTextModel:
+  path = folder(config, "text_encoder")
+  if path:
+    encoder = _module_from_folder(path, "text_encoder", (clip_lib.CLIPTextModel,))
+    if tokenizer.max_length > encoder.max_position_embeddings:
+      raise ComponentError(f"The tokenizer pads to {tokenizer.max_length} tokens; the text "
+                           f"encoder in {path} has {encoder.max_position_embeddings} positions.")
+    return encoder
+  return clip_lib.CLIPTextModel(**config.ldm.text_encoder.model.to_dict(),
+                                **tokenizer.text_model_config())
+
+
+# ------------------------------------------------------------------------------------- VAE
+def make_vae(config):
+  """The frozen VAE's module: from a folder, or the model config of an autoencoder stage."""
+  path = folder(config, "vae")
+  if path:
+    return _module_from_folder(path, "vae", VAES)
+  model = config.ldm.vae.model.to_dict()
+  kind = model.pop("kind", "temporal_decoder")
+  if kind not in VAE_KINDS:
+    raise ComponentError(f"ldm.vae.model.kind must be one of {VAE_KINDS}; got {kind!r}.")
+  cls = (autoencoder_lib.AutoencoderKLTemporalDecoder if kind == "temporal_decoder"
+         else autoencoder_lib.AutoencoderKL)
+  return cls(**model)
+
+
+def vae_params(config, mesh=None):
+  """The frozen VAE's weights: its folder's, or its autoencoder stage's newest."""
+  path = folder(config, "vae")
+  if path:
+    return _load_weights(path, "vae")
+  workdir = config.ldm.vae.get("workdir")
+  if not workdir:
+    raise ComponentError("The VAE needs weights: set ldm.vae.workdir (an autoencoder stage), "
+                         "ldm.vae.folder or ldm.pretrained.")
+  return common.load_stage_params(workdir, mesh)
+
+
+def scaling_factor(config, vae, params) -> float:
+  """The latents' scale: the config's, else a folder VAE's own, else measured (`scale_from`)."""
+  c = config.ldm.vae
+  if c.get("scaling_factor"):
+    return float(c.scaling_factor)
+  if folder(config, "vae"):
+    return float(vae.scaling_factor)
+  source = c.get("scale_from")
+  if source not in SCALE_SOURCES:
+    raise ComponentError(f"A VAE trained here has no scaling factor: set ldm.vae.scaling_factor, "
+                         f"or ldm.vae.scale_from to one of {SCALE_SOURCES}; got {source!r}.")
+  return measured_scale(vae, params, c.model.sample_size)
+
+
+def measured_scale(vae, params, size: int) -> float:
+  """1 / std of the VAE's latent means on fixed rendered shapes frames (LDM's scale_factor), at the
+  autoencoder's training resolution: the same value for every stage, whatever its resolution."""
+  import jax  # pylint: disable=g-import-not-at-top
+  images = np.stack([shapes.make_example("image", "train", i, size=size)["image"]
+                     for i in range(SCALE_EXAMPLES)]).astype(np.float32) / 127.5 - 1.0
+  encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode").mean)
+  return float(1.0 / np.std(np.asarray(encode(params, images))))
+
+
+# ------------------------------------------------------------------------------ weights
+def _load_weights(path: str, name: str):
+  try:
+    return convert.load_diffusers(path)[1]
+  except (convert.ConversionError, OSError) as e:
+    raise ComponentError(f"Cannot load the {name} weights in {path}: {e}") from e
+
+
+def pretrained_params(config) -> Optional[dict]:
+  """{'unet', 'text_encoder'} weights of the folders the stage starts from (image-UNet naming),
+  or None when neither comes from a folder. A component without a folder keeps its init."""
+  out = {}
+  for name in ("unet", "text_encoder"):
+    path = folder(config, name)
+    if path:
+      out[name] = _load_weights(path, name)
+  return out or None
+
+
+# ---------------------------------------------------------------------------- schedule
+def _scheduler_config(config) -> Optional[dict]:
+  path = folder(config, "scheduler")
+  if not path:
+    return None
+  file = os.path.join(path, SCHEDULER_CONFIG)
+  if not os.path.isfile(file):
+    raise ComponentError(f"{path} has no {SCHEDULER_CONFIG}; the scheduler must be "
+                         f"{NEEDS['scheduler']}.")
+  import json  # pylint: disable=g-import-not-at-top
+  with open(file, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def schedule_and_prediction(config) -> tuple[DiscreteSchedule, str, Optional[str], dict]:
+  """(schedule, prediction type, the folder's sampler name or None, its sampler options): the
+  config's `ldm.schedule` / `ldm.prediction_type` where set, else the scheduler folder's."""
+  c = config.ldm
+  scheduler = _scheduler_config(config)
+  name, options, schedule, prediction = None, {}, None, None
+  if scheduler is not None:
+    scheduler = dict(scheduler)
+    if scheduler.get("_class_name") not in samplers.DIFFUSERS_SCHEDULERS:
+      # e.g. SD 1.x's PNDMScheduler: its schedule and prediction type train as they are; it
+      # samples with DDIM on the same schedule unless ldm.sampler.name says otherwise.
+      scheduler["_class_name"] = FALLBACK_SCHEDULER
+    try:
+      name, schedule, options, prediction = samplers.from_scheduler_config(scheduler)
+    except ValueError as e:
+      raise ComponentError(f"Cannot use the scheduler of {folder(config, 'scheduler')}: {e}"
+                           ) from e
+  if c.get("schedule"):
+    schedule = DiscreteSchedule(**c.schedule.to_dict())
+  elif scheduler is None:
+    raise ComponentError("The stage has no noise schedule: set ldm.schedule, or a scheduler "
+                         "folder (ldm.pretrained or ldm.scheduler.folder).")
+  if c.get("prediction_type"):
+    prediction = c.prediction_type
+  elif scheduler is None:
+    raise ComponentError("The stage has no prediction type: set ldm.prediction_type ('epsilon' "
+                         "or 'v_prediction'), or a scheduler folder.")
+  return schedule, prediction, name, options
