@@ -22,6 +22,7 @@ square clips; default 256, upsampler 2×); frames (default 16); runlocal (a few 
 float32: for tests). Every key can still be overridden, e.g. --config.data.target_fps=4,
 --config.remat_policy=full, --config.mesh="(('data', -1), ('fsdp', 8))".
 """
+
 import os
 
 import ml_collections
@@ -42,16 +43,21 @@ UPSAMPLER_FACTOR = 2
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, stage="video", pretrained="", data="", root="", resolution=0,
-                         frames=0, runlocal=False)
+  arg = common.parse_arg(
+      arg, stage="video", pretrained="", data="", root="", resolution=0, frames=0, runlocal=False
+  )
   if arg.stage not in STAGES:
     raise ValueError(f"Unknown stage {arg.stage!r}; configs/video_ldm.py has {STAGES}.")
   if not arg.data:
-    raise ValueError("configs/video_ldm.py needs data=DIR: a folder of videos with captions.csv "
-                     "or captions.jsonl (one row per video: file, caption).")
+    raise ValueError(
+        "configs/video_ldm.py needs data=DIR: a folder of videos with captions.csv "
+        "or captions.jsonl (one row per video: file, caption)."
+    )
   if not arg.pretrained:
-    raise ValueError("configs/video_ldm.py needs pretrained=DIR: a diffusers Stable Diffusion "
-                     "folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/).")
+    raise ValueError(
+        "configs/video_ldm.py needs pretrained=DIR: a diffusers Stable Diffusion "
+        "folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/)."
+    )
   stage, local = arg.stage, arg.runlocal
   root = os.path.abspath(arg.root) if arg.root else ""
   config = common.base_config()
@@ -72,21 +78,32 @@ def get_config(arg=None):
   config.host_init = local  # tiny models: drawn on the host; large ones by their own init, sharded
 
   base_resolution = arg.resolution or (32 if local else 256)
-  resolution = base_resolution * (UPSAMPLER_FACTOR if stage == "upsampler" and
-                                  not arg.resolution else 1)
+  resolution = base_resolution * (
+      UPSAMPLER_FACTOR if stage == "upsampler" and not arg.resolution else 1
+  )
   frames = arg.frames or (4 if local else 16)
   kind = "image" if stage == "image" else "video"
   config.data = data_config_lib.data_config(
-      "video_folder", kind=kind, resolution=resolution, frames=frames, batch_size=config.batch_size,
-      folder=os.path.abspath(arg.data), caption_dropout=0.1, target_fps=8.0,
-      max_frames=2 * frames, num_workers=2 if local else 8, prefetch=2 if local else 4)
+      "video_folder",
+      kind=kind,
+      resolution=resolution,
+      frames=frames,
+      batch_size=config.batch_size,
+      folder=os.path.abspath(arg.data),
+      caption_dropout=0.1,
+      target_fps=8.0,
+      max_frames=2 * frames,
+      num_workers=2 if local else 8,
+      prefetch=2 if local else 4,
+  )
   config.data.batch_size = config.get_ref("batch_size")  # one batch size: --config.batch_size
   config.data.data_dir = os.path.join(root, "data") if root else config_dict.placeholder(str)
 
   config.ldm = ldm_config(stage, os.path.abspath(arg.pretrained), frames, local)
   source = {"image": None, "video": "image", "upsampler": "video"}[stage]
-  config.init_from.transform = {"image": "as_is", "video": "inflate",
-                                "upsampler": "widen_input"}[stage]
+  config.init_from.transform = {"image": "as_is", "video": "inflate", "upsampler": "widen_input"}[
+      stage
+  ]
   if root:
     config.ldm.latent_cache_dir = os.path.join(root, stage, "latents")
     # The video stage starts from ROOT/image when that optional stage was trained, else from the
@@ -105,39 +122,66 @@ def ldm_config(stage, pretrained, frames, local):
   # frozen and the schedule and prediction type are the folder's (set ldm.schedule /
   # ldm.prediction_type to change them).
   c.pretrained = pretrained
-  c.unet = ml_collections.ConfigDict(dict(folder=config_dict.placeholder(str),
-                                          model=ml_collections.ConfigDict()))
-  c.text_encoder = ml_collections.ConfigDict(dict(
-      folder=config_dict.placeholder(str), model=ml_collections.ConfigDict(), train=False))
-  c.tokenizer = ml_collections.ConfigDict(dict(
-      folder=config_dict.placeholder(str), kind="clip",
-      padding=config_dict.placeholder(str),  # None: the folder's own (SD1 eos, SD2 "!")
-      max_length=config_dict.placeholder(int)))  # None: the folder's (77)
-  c.vae = ml_collections.ConfigDict(dict(
-      folder=config_dict.placeholder(str), workdir=config_dict.placeholder(str),
-      model=ml_collections.ConfigDict(), scaling_factor=config_dict.placeholder(float),
-      scale_from=config_dict.placeholder(str)))  # None: the VAE config's scaling_factor
+  c.unet = ml_collections.ConfigDict(
+      dict(folder=config_dict.placeholder(str), model=ml_collections.ConfigDict())
+  )
+  c.text_encoder = ml_collections.ConfigDict(
+      dict(folder=config_dict.placeholder(str), model=ml_collections.ConfigDict(), train=False)
+  )
+  c.tokenizer = ml_collections.ConfigDict(
+      dict(
+          folder=config_dict.placeholder(str),
+          kind="clip",
+          padding=config_dict.placeholder(str),  # None: the folder's own (SD1 eos, SD2 "!")
+          max_length=config_dict.placeholder(int),
+      )
+  )  # None: the folder's (77)
+  c.vae = ml_collections.ConfigDict(
+      dict(
+          folder=config_dict.placeholder(str),
+          workdir=config_dict.placeholder(str),
+          model=ml_collections.ConfigDict(),
+          scaling_factor=config_dict.placeholder(float),
+          scale_from=config_dict.placeholder(str),
+      )
+  )  # None: the VAE config's scaling_factor
   c.scheduler = ml_collections.ConfigDict(dict(folder=config_dict.placeholder(str)))
   c.schedule = ml_collections.ConfigDict()
   c.prediction_type = config_dict.placeholder(str)
   c.latent_cache_dir = config_dict.placeholder(str)
   c.latent_cache_batch_size = 8
-  c.temporal = ml_collections.ConfigDict(dict(
-      merge_factor=0.5, merge_strategy="learned_with_images", num_frames=frames,
-      text_motion_embedding=False, zero_init_temporal_outputs=True))
+  c.temporal = ml_collections.ConfigDict(
+      dict(
+          merge_factor=0.5,
+          merge_strategy="learned_with_images",
+          num_frames=frames,
+          text_motion_embedding=False,
+          zero_init_temporal_outputs=True,
+      )
+  )
   c.train = "temporal" if stage == "video" else "all"
   c.joint_image_fraction = 0.0  # > 0: that share of each batch as stills (with train='all')
   c.noise_sampling, c.weighting = "uniform", "uniform"
   c.min_snr_gamma = 5.0
   c.p_mean, c.p_std = -1.2, 1.2  # for noise_sampling='lognormal'
-  c.sampler = ml_collections.ConfigDict(dict(
-      name=config_dict.placeholder(str),  # None: the scheduler folder's
-      options=ml_collections.ConfigDict(), num_steps=2 if local else 25, guidance_scale=7.5))
+  c.sampler = ml_collections.ConfigDict(
+      dict(
+          name=config_dict.placeholder(str),  # None: the scheduler folder's
+          options=ml_collections.ConfigDict(),
+          num_steps=2 if local else 25,
+          guidance_scale=7.5,
+      )
+  )
   upsampler = stage == "upsampler"
-  c.upsampler = ml_collections.ConfigDict(dict(
-      factor=UPSAMPLER_FACTOR if upsampler else 0, noise_level=100,
-      num_steps=2 if local else 25, guidance_scale=1.0,
-      train_crop=0,  # > 0: train on random windows of that many latents (sampled whole)
-      low_res_workdir=config_dict.placeholder(str)))
+  c.upsampler = ml_collections.ConfigDict(
+      dict(
+          factor=UPSAMPLER_FACTOR if upsampler else 0,
+          noise_level=100,
+          num_steps=2 if local else 25,
+          guidance_scale=1.0,
+          train_crop=0,  # > 0: train on random windows of that many latents (sampled whole)
+          low_res_workdir=config_dict.placeholder(str),
+      )
+  )
   c.sample_prompts = ("a video",)
   return c

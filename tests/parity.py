@@ -36,3 +36,20 @@ def jit_quick(fn, **kwargs):
   than they save in run time."""
   import jax  # pylint: disable=g-import-not-at-top
   return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0}, **kwargs)
+
+
+def random_params(module, seed):
+  """Random weights of `module`'s init shapes (host-side, nothing to compile): unit-variance
+  outputs, norm scales near 1, non-zero biases."""
+  import jax  # pylint: disable=g-import-not-at-top
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *module.example_inputs()))
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, shape):
+    noise = rng.standard_normal(shape.shape).astype(np.float32)
+    name = path[-1].key
+    if name == "kernel":
+      return noise / np.float32(np.sqrt(np.prod(shape.shape[:-1])))
+    return 1 + 0.1 * noise if name == "scale" else 0.1 * noise
+
+  return jax.tree_util.tree_map_with_path(leaf, shapes["params"])

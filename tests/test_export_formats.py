@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+import parity
 from parity import jit_quick, relative_error
 from vldm import convert
 from vldm.convert import core, native, registry
@@ -49,19 +50,6 @@ def _svd_unet():
   return registry.format_for("UNetSpatioTemporalConditionModel").from_config(SVD_CONFIG)
 
 
-def _random_params(module, seed):
-  """Random weights of the right shapes, every leaf non-trivial (host-side, nothing compiled)."""
-  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *module.example_inputs()))
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, shape):
-    noise = rng.standard_normal(shape.shape).astype(np.float32)
-    name = path[-1].key
-    if name == "kernel":
-      return noise / np.float32(np.sqrt(np.prod(shape.shape[:-1])))
-    return 1 + 0.1 * noise if name == "scale" else 0.1 * noise
-
-  return jax.tree_util.tree_map_with_path(leaf, shapes["params"])
 
 
 def _assert_params_equal(actual, expected):
@@ -128,7 +116,7 @@ def test_a_field_the_diffusers_config_would_lose_selects_the_native_class(monkey
 def test_sd_unet_is_saved_for_diffusers(tmp_path):
   torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
-  params = _random_params(IMAGE_UNET, 0)
+  params = parity.random_params(IMAGE_UNET, 0)
   convert.save_diffusers(IMAGE_UNET, params, str(tmp_path))
   with open(tmp_path / "config.json") as f:
     assert json.load(f)["_class_name"] == "UNet2DConditionModel"
@@ -165,7 +153,7 @@ def test_native_image_unet_round_trip(tmp_path):
       sample_size=(16, 24),
       upcast_attention=True,
   )
-  params = _random_params(module, 1)
+  params = parity.random_params(module, 1)
   convert.save_diffusers(module, params, str(tmp_path))  # chosen: no diffusers class fits
   with open(tmp_path / "config.json") as f:
     config = json.load(f)
@@ -183,7 +171,7 @@ def test_native_image_unet_round_trip(tmp_path):
       forward(module, params, sample[:, 0], timesteps, context),
   )
   # An SD-describable UNet, forced into the native class, round-trips as well.
-  params = _random_params(IMAGE_UNET, 2)
+  params = parity.random_params(IMAGE_UNET, 2)
   convert.save_diffusers(IMAGE_UNET, params, str(tmp_path / "forced"), class_name="VldmUNet")
   forced_module, forced = convert.load_diffusers(str(tmp_path / "forced"))
   assert forced_module == IMAGE_UNET
@@ -199,7 +187,7 @@ def test_native_video_unet_round_trip(tmp_path):
       temporal_conv_implementation="conv3d",
       num_frames=7,
   )
-  params = _random_params(video, 3)
+  params = parity.random_params(video, 3)
   # Computation settings are not saved: the loaded UNet has the defaults until a run sets them.
   convert.save_diffusers(
       video.clone(remat_policy="full", dtype=jnp.bfloat16), params, str(tmp_path)
@@ -226,7 +214,7 @@ def test_native_video_unet_round_trip(tmp_path):
 
 def test_native_folder_errors(tmp_path):
   video = inflate.video_config_from_image(IMAGE_UNET)
-  convert.save_diffusers(video, _random_params(video, 0), str(tmp_path))
+  convert.save_diffusers(video, parity.random_params(video, 0), str(tmp_path))
   config_path = tmp_path / "config.json"
   config = json.loads(config_path.read_text())
   for change, message in [
@@ -254,7 +242,7 @@ def test_native_folder_errors(tmp_path):
 def trained():
   """A 'trained' Video LDM UNet: random spatial and temporal weights."""
   video = inflate.video_config_from_image(IMAGE_UNET)
-  return video, _random_params(video, 4)
+  return video, parity.random_params(video, 4)
 
 
 def test_temporal_layers_file_round_trip(trained, tmp_path):
@@ -271,7 +259,7 @@ def test_temporal_layers_file_round_trip(trained, tmp_path):
 
   # Onto another image model's inflated params: its spatial layers, these temporal layers.
   other_image = jax.tree_util.tree_map(lambda x: x + 0.5, inflate.spatial_params(params))
-  other_video = inflate.transplant_temporal(_random_params(video, 9), other_image)
+  other_video = inflate.transplant_temporal(parity.random_params(video, 9), other_image)
   applied = convert.apply_temporal_layers(other_video, loaded)
   spatial, temporal_applied = inflate.split_params(applied)
   _assert_params_equal(temporal_applied, temporal)
@@ -307,7 +295,7 @@ def test_temporal_layers_errors(trained, tmp_path):
   wide = inflate.video_config_from_image(IMAGE_UNET.clone(block_out_channels=(32, 32)))
   with pytest.raises(convert.ConversionError, match=r"shape mismatches \(\d+\): .*temporal layers"):
     convert.attach_temporal_layers(
-        _random_params(IMAGE_UNET.clone(block_out_channels=(32, 32)), 0), wide, loaded
+        parity.random_params(IMAGE_UNET.clone(block_out_channels=(32, 32)), 0), wide, loaded
     )
   # A whole-UNet weights file is not a temporal-layers file.
   convert.save_diffusers(video, params, str(tmp_path / "unet"))

@@ -8,6 +8,7 @@ import optax
 import pytest
 from flax import traverse_util
 
+import parity
 from parity import jit_quick, relative_error
 from vldm.convert import ConversionError, save_diffusers
 from vldm.models import inflate as inflate_lib
@@ -24,20 +25,6 @@ IMAGE_UNET = UNet(block_out_channels=(32, 64), norm_num_groups=8, cross_attentio
                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
 
 
-def _random_params(module, seed):
-  """Random weights of the right shapes (host-side, nothing to compile): unit-variance outputs,
-  norm scales near 1, non-zero biases."""
-  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *module.example_inputs()))
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, shape):
-    noise = rng.standard_normal(shape.shape).astype(np.float32)
-    name = path[-1].key
-    if name == "kernel":
-      return noise / np.float32(np.sqrt(np.prod(shape.shape[:-1])))
-    return 1 + 0.1 * noise if name == "scale" else 0.1 * noise
-
-  return jax.tree_util.tree_map_with_path(leaf, shapes["params"])
 
 
 def _perturb(params, seed, scale=0.1):
@@ -48,7 +35,7 @@ def _perturb(params, seed, scale=0.1):
 
 @pytest.fixture(scope="module")
 def setup():
-  image_params = _random_params(IMAGE_UNET, 0)
+  image_params = parity.random_params(IMAGE_UNET, 0)
   video = inflate_lib.video_config_from_image(IMAGE_UNET)
   video_params = inflate_lib.inflate(image_params, video, jax.random.key(2))
   rng = np.random.default_rng(0)
@@ -137,7 +124,7 @@ def test_transplant_temporal(setup):
   jax.tree_util.tree_map(np.testing.assert_array_equal, temporal_after, temporal_before)
   other = IMAGE_UNET.clone(block_out_channels=(32, 32))
   with pytest.raises(ValueError, match="shape mismatches"):
-    inflate_lib.transplant_temporal(video_params, _random_params(other, 0))
+    inflate_lib.transplant_temporal(video_params, parity.random_params(other, 0))
   with pytest.raises(ValueError, match="missing in the image params"):
     inflate_lib.transplant_temporal(video_params, {"conv_in": personalised["conv_in"]})
 

@@ -6,6 +6,7 @@ lengths, one unreadable, one too short). Training runs through `python -m vldm.t
 subprocesses with 8 CPU devices and FSDP; sampling through `python -m vldm.sample`; export through
 `python -m vldm.export`.
 """
+
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ from vldm.recipes import ldm
 from vldm.recipes import stages
 from vldm.train import checkpoint as checkpoint_lib
 from vldm.train import config_lib
+from vldm.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "video_ldm.py")
@@ -43,12 +45,25 @@ FSDP = f"--config.mesh=(('data', -1), ('fsdp', {DEVICES}))"
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-  """{'sd1', 'sd2': SD folders, 'videos': a video folder, 'cache': a JAX compilation cache}."""
+  """{'sd1', 'sd2': SD folders, 'videos': a video folder, 'cache': a JAX compilation cache}.
+
+  The cache is this process's and the subprocesses': a program compiled once (a resumed run's
+  step, the same pipeline rebuilt from an exported folder) comes back from disk."""
   base = tmp_path_factory.mktemp("video_ldm")
   out = {style: sd_folders.write_sd_folder(str(base), style) for style in sd_folders.STYLES}
   out["videos"] = media.write_video_folder(str(base / "videos"))["folder"]
   out["cache"] = str(base / "jax_cache")
-  return out
+  previous = (
+      jax.config.jax_compilation_cache_dir,
+      jax.config.jax_persistent_cache_min_compile_time_secs,
+  )
+  compilation_cache.reset_cache()
+  jax.config.update("jax_compilation_cache_dir", out["cache"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  yield out
+  jax.config.update("jax_compilation_cache_dir", previous[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+  compilation_cache.reset_cache()
 
 
 def load(stage, pretrained, data, root="", **overrides):
@@ -59,12 +74,23 @@ def load(stage, pretrained, data, root="", **overrides):
 def run(module, *args, inputs, devices=1, check=True):
   """`python -m vldm.<module> args…` with `devices` CPU devices; returns the completed process."""
   xla = os.environ.get("XLA_FLAGS", "")
-  env = dict(os.environ, XLA_FLAGS=f"{xla} --xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
-             JAX_COMPILATION_CACHE_DIR=inputs["cache"],
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONPATH=REPO)
-  result = subprocess.run([sys.executable, "-m", f"vldm.{module}", *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
+  env = dict(
+      os.environ,
+      XLA_FLAGS=f"{xla} --xla_force_host_platform_device_count={devices}",
+      JAX_PLATFORMS="cpu",
+      JAX_DEFAULT_MATMUL_PRECISION="highest",
+      JAX_COMPILATION_CACHE_DIR=inputs["cache"],
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      PYTHONPATH=REPO,
+  )
+  result = subprocess.run(
+      [sys.executable, "-m", f"vldm.{module}", *args],
+      env=env,
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
   if check and result.returncode:
     raise AssertionError(f"vldm.{module} failed ({result.returncode}):\n{result.stderr[-4000:]}")
   return result
@@ -72,10 +98,21 @@ def run(module, *args, inputs, devices=1, check=True):
 
 def train(stage, style, root, inputs, *extra):
   spec = f"{CONFIG}:stage={stage},pretrained={inputs[style]},data={inputs['videos']},root={root}"
-  return run("train", "--config", spec + ",runlocal", "--workdir", os.path.join(root, stage),
-             FSDP, "--config.checkpoint_every=2", "--config.keep_checkpoints=0",
-             "--config.progress_bar=False", "--config.tensorboard=False", *extra, inputs=inputs,
-             devices=DEVICES)
+  return run(
+      "train",
+      "--config",
+      spec + ",runlocal",
+      "--workdir",
+      os.path.join(root, stage),
+      FSDP,
+      "--config.checkpoint_every=2",
+      "--config.keep_checkpoints=0",
+      "--config.progress_bar=False",
+      "--config.tensorboard=False",
+      *extra,
+      inputs=inputs,
+      devices=DEVICES,
+  )
 
 
 def opt_state_paths(workdir, step):
@@ -101,13 +138,17 @@ def test_stages_batch_and_bad_arguments(inputs):
   assert video.init_from.transform == "inflate" and video.init_from.workdir is None  # no image run
   assert video.data.name == "video_folder" and video.data.kind == "video"
   up = load("upsampler", inputs["sd1"], inputs["videos"], "/runs/x")
-  assert up.init_from.workdir == "/runs/x/video" and up.ldm.upsampler.low_res_workdir == \
-      "/runs/x/video" and up.data.resolution == 2 * video.data.resolution
+  assert (
+      up.init_from.workdir == "/runs/x/video"
+      and up.ldm.upsampler.low_res_workdir == "/runs/x/video"
+      and up.data.resolution == 2 * video.data.resolution
+  )
   assert load("image", inputs["sd1"], inputs["videos"]).data.kind == "image"
   # One batch size: the data's follows the run's.
   assert load("video", inputs["sd1"], inputs["videos"], batch_size=16).data.batch_size == 16
-  with pytest.raises(ValueError, match=r"Unknown stage 'vidoe'; .* \('image', 'video', "
-                                       r"'upsampler'\)"):
+  with pytest.raises(
+      ValueError, match=r"Unknown stage 'vidoe'; .* \('image', 'video', " r"'upsampler'\)"
+  ):
     load("vidoe", inputs["sd1"], inputs["videos"])
   with pytest.raises(ValueError, match="needs data=DIR: a folder of videos with captions.csv"):
     config_lib.load_config(f"{CONFIG}:stage=video,pretrained={inputs['sd1']}")
@@ -118,35 +159,44 @@ def test_bad_inputs_say_what_is_accepted(inputs, tmp_path):
   partial = str(tmp_path / "no_vae")
   shutil.copytree(inputs["sd1"], partial)
   shutil.rmtree(os.path.join(partial, "vae"))
-  with pytest.raises(components_lib.ComponentError, match=r"has no vae/: a pretrained folder "
-                                                          r"needs unet/ \(a UNet2DConditionModel"):
+  with pytest.raises(
+      components_lib.ComponentError,
+      match=r"has no vae/: a pretrained folder " r"needs unet/ \(a UNet2DConditionModel",
+  ):
     ldm.LatentDiffusionTask(load("video", partial, inputs["videos"]))
   wrong = str(tmp_path / "wrong")
   shutil.copytree(inputs["sd1"], wrong)
   shutil.rmtree(os.path.join(wrong, "unet"))
   shutil.copytree(os.path.join(wrong, "vae"), os.path.join(wrong, "unet"))
-  with pytest.raises(components_lib.ComponentError, match="holds a AutoencoderKL; the unet must "
-                                                          "be a UNet2DConditionModel"):
+  with pytest.raises(
+      components_lib.ComponentError,
+      match="holds a AutoencoderKL; the unet must " "be a UNet2DConditionModel",
+  ):
     ldm.LatentDiffusionTask(load("video", wrong, inputs["videos"]))
   # A resolution the VAE (×2) and the UNet (×2) cannot divide.
-  with pytest.raises(ValueError, match=r"data.resolution 30 cannot be divided .* multiple of 4 "
-                                       r"\(the VAE downsamples by 2"):
-    ldm.LatentDiffusionTask(load("video", inputs["sd1"], inputs["videos"],
-                                 **{"data.resolution": 30}))
+  with pytest.raises(
+      ValueError,
+      match=r"data.resolution 30 cannot be divided .* multiple of 4 " r"\(the VAE downsamples by 2",
+  ):
+    ldm.LatentDiffusionTask(
+        load("video", inputs["sd1"], inputs["videos"], **{"data.resolution": 30})
+    )
   # A data folder without a captions file, and one with no readable video.
   empty = tmp_path / "no_captions"
   empty.mkdir()
   media.write_video(str(empty / "a.mp4"), media.make_clip(8, 32, 32), 8)
-  task = ldm.LatentDiffusionTask(load("video", inputs["sd1"], str(empty),
-                                      **{"data.data_dir": str(tmp_path / "tfds")}))
+  task = ldm.LatentDiffusionTask(
+      load("video", inputs["sd1"], str(empty), **{"data.data_dir": str(tmp_path / "tfds")})
+  )
   with pytest.raises(ValueError, match="captions"):
     task.make_data(None, 0, 1)
   unreadable = tmp_path / "unreadable"
   unreadable.mkdir()
   (unreadable / "a.mp4").write_bytes(b"not a video")
   media.write_captions(str(unreadable / "captions.csv"), [{"file": "a.mp4", "caption": "x"}])
-  task = ldm.LatentDiffusionTask(load("video", inputs["sd1"], str(unreadable),
-                                      **{"data.data_dir": str(tmp_path / "tfds")}))
+  task = ldm.LatentDiffusionTask(
+      load("video", inputs["sd1"], str(unreadable), **{"data.data_dir": str(tmp_path / "tfds")})
+  )
   with pytest.raises(ValueError, match="unreadable"):
     task.make_data(None, 0, 1)
 
@@ -169,9 +219,12 @@ def test_inflated_unet_starts_as_the_pretrained_image_unet(inputs, style):
   t = jnp.asarray([10.0, 700.0])
   context = jnp.asarray(rng.standard_normal((2, 5, 32)), jnp.float32)
   video = task.unet.apply({"params": params["unet"]}, x, t, context)
-  per_frame = image_unet.apply({"params": image_params},
-                               x.reshape((-1,) + x.shape[2:]), jnp.repeat(t, frames),
-                               jnp.repeat(context, frames, axis=0))
+  per_frame = image_unet.apply(
+      {"params": image_params},
+      x.reshape((-1,) + x.shape[2:]),
+      jnp.repeat(t, frames),
+      jnp.repeat(context, frames, axis=0),
+  )
   np.testing.assert_array_equal(np.asarray(video).reshape(per_frame.shape), per_frame)
   # Only temporal layers train; the text encoder and every spatial layer are frozen.
   labels = flat(task.trainable_labels(params))
@@ -214,8 +267,18 @@ def test_video_stage_trains_only_temporal_layers_and_resumes_exactly(video_run, 
 def test_video_stage_samples_and_exports(video_run, inputs, tmp_path):
   workdir = os.path.join(video_run, "video")
   out = str(tmp_path / "samples")
-  run("sample", "--workdir", workdir, "--prompt", "a red circle", "--num_samples", "2", "--out",
-      out, inputs=inputs)
+  run(
+      "sample",
+      "--workdir",
+      workdir,
+      "--prompt",
+      "a red circle",
+      "--num_samples",
+      "2",
+      "--out",
+      out,
+      inputs=inputs,
+  )
   records = json.load(open(os.path.join(out, "samples.json")))
   assert [r["seed"] for r in records] == [0, 1] and os.path.isfile(os.path.join(out, "1.mp4"))
   folder = str(tmp_path / "export")
@@ -234,14 +297,14 @@ def test_video_stage_samples_and_exports(video_run, inputs, tmp_path):
   np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # ≈ 2 min on 2 cores: keeps the default suite under 15 min
 def test_upsampler_stage_trains_samples_and_exports(video_run, inputs, tmp_path):
+  """The latent upsampler from the video stage: a cascade that samples and exports (the same
+  code paths as `python -m vldm.sample` / `vldm.export`, in this process)."""
   train("upsampler", "sd2", video_run, inputs)
   workdir = os.path.join(video_run, "upsampler")
-  out = str(tmp_path / "samples")
-  run("sample", "--workdir", workdir, "--prompt", "a red circle", "--out", out, inputs=inputs)
-  assert os.path.isfile(os.path.join(out, "0.gif"))
-  folder = str(tmp_path / "export")
-  run("export", "--workdir", workdir, "--out", folder, inputs=inputs)
+  folder = stages.export(workdir, str(tmp_path / "export"))
+  assert os.path.isfile(os.path.join(folder, folder_lib.UPSAMPLER, "unet", "config.json"))
   trained = stages.pipeline_from_workdir(workdir)
   exported = folder_lib.load_pipeline(folder)
   expected = trained(["a red circle"], rng=5)
@@ -250,11 +313,20 @@ def test_upsampler_stage_trains_samples_and_exports(video_run, inputs, tmp_path)
 
 
 def test_image_stage_exports_a_stable_diffusion_folder(inputs, tmp_path):
-  """The image stage fine-tunes the SD UNet; its export loads in diffusers and matches."""
+  """The image stage fine-tunes the SD UNet (here on this process's one device); its export
+  loads in diffusers and matches."""
   root = str(tmp_path / "runs")
-  train("image", "sd1", root, inputs, "--config.total_steps=2")
-  folder = str(tmp_path / "export")
-  run("export", "--workdir", os.path.join(root, "image"), "--out", folder, inputs=inputs)
+  config = load(
+      "image",
+      inputs["sd1"],
+      inputs["videos"],
+      root,
+      total_steps=2,
+      progress_bar=False,
+      tensorboard=False,
+  )
+  trainer.train_and_evaluate(config, os.path.join(root, "image"))
+  folder = stages.export(os.path.join(root, "image"), str(tmp_path / "export"))
   params = common.load_stage_params(os.path.join(root, "image"))
   module = convert.load_diffusers(os.path.join(folder, "unet"))[0]
   reference = diffusers.UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet")).eval()
@@ -264,8 +336,13 @@ def test_image_stage_exports_a_stable_diffusion_folder(inputs, tmp_path):
   t = np.asarray([3.0, 600.0], np.float32)
   ours = module.apply({"params": params["unet"]}, x, t, context)
   with torch.no_grad():
-    theirs = reference(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t),
-                       torch.from_numpy(context)).sample.permute(0, 2, 3, 1).numpy()
+    theirs = (
+        reference(
+            torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t), torch.from_numpy(context)
+        )
+        .sample.permute(0, 2, 3, 1)
+        .numpy()
+    )
   assert relative_error(ours, theirs) <= 1e-4
   index = json.load(open(os.path.join(folder, "model_index.json")))
   assert index["_class_name"] == "StableDiffusionPipeline"
@@ -273,19 +350,32 @@ def test_image_stage_exports_a_stable_diffusion_folder(inputs, tmp_path):
 
 def test_compute_settings_reach_the_unet(inputs):
   """The run's dtype, remat policy and attention implementation are the UNet's; a bf16 step with
-  rematerialisation gives a finite loss."""
-  config = load("video", inputs["sd1"], inputs["videos"], dtype="bfloat16", remat_policy="full",
-                attention_implementation="xla")
+  rematerialisation and joint image + video batches gives a finite loss."""
+  config = load(
+      "video",
+      inputs["sd1"],
+      inputs["videos"],
+      dtype="bfloat16",
+      remat_policy="full",
+      attention_implementation="xla",
+      **{"ldm.train": "all", "ldm.joint_image_fraction": 0.5},
+  )
   task = ldm.LatentDiffusionTask(config)
   assert task.unet.dtype == jnp.bfloat16 and task.unet.remat_policy == "full"
   assert task.unet.attention_implementation == "xla" and task.unet.temporal
   assert task.unet.sample_size == config.data.resolution // 2  # the stage's size, not SD's
-  params = ldm.inflate_transform({**task.init_params(jax.random.key(0)),
-                                  **task.pretrained_params()}, task.init_params(jax.random.key(0)))
+  params = ldm.inflate_transform(
+      {**task.init_params(jax.random.key(0)), **task.pretrained_params()},
+      task.init_params(jax.random.key(0)),
+  )
   frozen = task.init_frozen(None)
   assert frozen["scale"] == np.float32(0.18215)  # the VAE config's scaling_factor
   rng = np.random.default_rng(0)
-  batch = {"video": jnp.asarray(rng.uniform(-1, 1, (2, 4, 32, 32, 3)), jnp.float32),
-           "input_ids": jnp.asarray(task.tokenizer(["a red circle", ""]))}
+  batch = {
+      "video": jnp.asarray(rng.uniform(-1, 1, (2, 4, 32, 32, 3)), jnp.float32),
+      "input_ids": jnp.asarray(task.tokenizer(["a red circle", ""])),
+  }
   loss, metrics = jax.jit(task.loss_fn)(params, frozen, batch, jax.random.key(1))
   assert np.isfinite(float(loss)) and np.isfinite(float(metrics["mse"]))
+  # Half of each batch goes through as stills: the image-only indicator of the first half.
+  np.testing.assert_array_equal(task._image_only_indicator(2), [[1] * 4, [0] * 4])  # pylint: disable=protected-access

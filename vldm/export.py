@@ -8,6 +8,7 @@ motion module) to move onto another image model; a latent upsampler stage writes
 base stage at the top, upsampler/ beside it). `python -m vldm.sample --pretrained F --prompt …`
 samples every kind (see `vldm.pipelines.folder`).
 """
+
 from __future__ import annotations
 
 import sys
@@ -21,21 +22,16 @@ flags.DEFINE_string("workdir", None, "A training workdir: exports its newest tra
 flags.DEFINE_string("out", None, "The folder to write.")
 
 
-def export(workdir: str, out: str) -> str:
-  """Writes the newest trained stage of `workdir` to `out`; returns out."""
-  from vldm.pipelines import folder  # pylint: disable=g-import-not-at-top  # heavy: after parsing
-  from vldm.recipes import stages  # pylint: disable=g-import-not-at-top
-  return folder.save_pipeline(stages.pipeline_from_workdir(workdir), out)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from vldm.pipelines import PipelineError  # pylint: disable=g-import-not-at-top
   if not FLAGS.workdir or not FLAGS.out:
     sys.exit("vldm.export: error: --workdir and --out are required.")
+  from vldm.pipelines import PipelineError  # pylint: disable=g-import-not-at-top  # heavy
+  from vldm.recipes import stages  # pylint: disable=g-import-not-at-top
+
   try:
-    export(FLAGS.workdir, FLAGS.out)
+    stages.export(FLAGS.workdir, FLAGS.out)
   except (PipelineError, ValueError, FileNotFoundError) as e:
     sys.exit(f"vldm.export: error: {e}")
   logging.info("Wrote %s.", FLAGS.out)

@@ -107,16 +107,17 @@ def torch_to_flax(state: Mapping[str, np.ndarray], template, *, ignore: Iterable
     out[path] = value
   missing = [flax_path_to_torch_key(p) for p in flat_template if p not in out]
   missing = [k for k in missing if k not in {w.split(':')[0] for w in wrong_shape}]
-  problems = []
-  if missing:
-    problems.append(f"missing weights ({len(missing)}): {_list_names(missing)}")
-  if unexpected:
-    problems.append(f"unexpected weights ({len(unexpected)}): {_list_names(unexpected)}")
-  if wrong_shape:
-    problems.append(f"shape mismatches ({len(wrong_shape)}): {_list_names(wrong_shape)}")
-  if problems:
-    raise ConversionError("The weights do not fit the model: " + "; ".join(problems) + ".")
+  _raise_misfits("The weights do not fit the model", (
+      ("missing weights", missing), ("unexpected weights", unexpected),
+      ("shape mismatches", wrong_shape)))
   return traverse_util.unflatten_dict(out)
+
+
+def _raise_misfits(headline: str, kinds) -> None:
+  """ConversionError listing each non-empty (label, names) kind of misfit, or nothing."""
+  problems = [f"{label} ({len(names)}): {_list_names(names)}" for label, names in kinds if names]
+  if problems:
+    raise ConversionError(f"{headline}: " + "; ".join(problems) + ".")
 
 
 def flax_to_torch(params) -> dict[str, np.ndarray]:
@@ -210,12 +211,6 @@ def check_fits(
       for p, v in flat.items()
       if p in flat_template and tuple(v.shape) != tuple(flat_template[p].shape)
   ]
-  problems = []
-  if missing:
-    problems.append(f"missing in the {source} ({len(missing)}): {_list_names(missing)}")
-  if unexpected:
-    problems.append(f"not in the {target} ({len(unexpected)}): {_list_names(unexpected)}")
-  if wrong_shape:
-    problems.append(f"shape mismatches ({len(wrong_shape)}): {_list_names(wrong_shape)}")
-  if problems:
-    raise ConversionError(f"The {source} do not fit the {target}: " + "; ".join(problems) + ".")
+  _raise_misfits(f"The {source} do not fit the {target}", (
+      (f"missing in the {source}", missing), (f"not in the {target}", unexpected),
+      ("shape mismatches", wrong_shape)))

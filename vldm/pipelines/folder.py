@@ -13,8 +13,10 @@ writes and `python -m vldm.sample --pretrained FOLDER` reads.
                                     move onto another image model (`convert.load_temporal_layers`)
   FOLDER/upsampler/                 a cascade's latent upsampler: unet/ and upsampler.json
                                     (low_res_factor, low_res_noise_level, num_steps,
-                                    guidance_scale); the rest of FOLDER is its base
+                                    guidance_scale), text_encoder/ where it differs from the
+                                    base's; the rest of FOLDER is its base
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,7 +24,9 @@ import json
 import os
 from typing import Union
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vldm import convert
 from vldm.diffusion import samplers
@@ -48,8 +52,11 @@ def _portable(module):
 
 
 def _library(class_name: str) -> str:
-  return "vldm" if class_name.startswith("Vldm") else (
-      "transformers" if class_name.startswith("CLIP") else "diffusers")
+  return (
+      "vldm"
+      if class_name.startswith("Vldm")
+      else ("transformers" if class_name.startswith("CLIP") else "diffusers")
+  )
 
 
 def _save_model(module, params, path: str) -> list[str]:
@@ -57,6 +64,14 @@ def _save_model(module, params, path: str) -> list[str]:
   convert.save_diffusers(module, params, path)
   class_name = convert.export_class_of(module)
   return [_library(class_name), class_name]
+
+
+def _same(a, b) -> bool:
+  """Whether two parameter trees hold the same arrays."""
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  return jax.tree.structure(a) == jax.tree.structure(b) and all(
+      x.shape == y.shape and np.array_equal(np.asarray(x), np.asarray(y))
+      for x, y in zip(leaves_a, leaves_b))
 
 
 def _save_unet(unet, params, folder: str) -> list[str]:
@@ -72,15 +87,21 @@ def save_pipeline(pipe: Pipeline, folder: str) -> str:
   if isinstance(pipe, CascadePipeline):
     pipe, upsampler = pipe.base, pipe
   os.makedirs(folder, exist_ok=True)
-  index = {"_class_name": VIDEO_PIPELINE_CLASS if pipe.unet.temporal else IMAGE_PIPELINE_CLASS,
-           "_diffusers_version": "0.35.0"}
+  index = {
+      "_class_name": VIDEO_PIPELINE_CLASS if pipe.unet.temporal else IMAGE_PIPELINE_CLASS,
+      "_diffusers_version": "0.35.0",
+  }
   index["unet"] = _save_unet(pipe.unet, pipe.params["unet"], folder)
   index["vae"] = _save_model(pipe.vae, pipe.params["vae"], os.path.join(folder, "vae"))
-  index["text_encoder"] = _save_model(pipe.text_encoder, pipe.params["text_encoder"],
-                                      os.path.join(folder, "text_encoder"))
+  index["text_encoder"] = _save_model(
+      pipe.text_encoder, pipe.params["text_encoder"], os.path.join(folder, "text_encoder")
+  )
   tokenizer_lib.save_tokenizer(pipe.tokenizer, os.path.join(folder, "tokenizer"))
-  index["tokenizer"] = ["transformers", "CLIPTokenizer"] if isinstance(
-      pipe.tokenizer, tokenizer_lib.CLIPBPETokenizer) else ["vldm", "WordTokenizer"]
+  index["tokenizer"] = (
+      ["transformers", "CLIPTokenizer"]
+      if isinstance(pipe.tokenizer, tokenizer_lib.CLIPBPETokenizer)
+      else ["vldm", "WordTokenizer"]
+  )
   s = pipe.sampler
   scheduler = samplers.to_scheduler_config(s.sampler, s.schedule, s.options, s.prediction_type)
   os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
@@ -88,18 +109,30 @@ def save_pipeline(pipe: Pipeline, folder: str) -> str:
     json.dump(scheduler, f, indent=2, sort_keys=True)
   index["scheduler"] = ["diffusers", scheduler["_class_name"]]
   if IMAGE_PIPELINE_CLASS == index["_class_name"]:  # what StableDiffusionPipeline expects too
-    index.update(safety_checker=[None, None], feature_extractor=[None, None],
-                 requires_safety_checker=False)
-  index["vldm"] = {"num_steps": pipe.default_num_steps,
-                   "guidance_scale": pipe.default_guidance_scale}
+    index.update(
+        safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False
+    )
+  index["vldm"] = {
+      "num_steps": pipe.default_num_steps,
+      "guidance_scale": pipe.default_guidance_scale,
+  }
   if upsampler is not None:
     up = upsampler.upsampler
     path = os.path.join(folder, UPSAMPLER)
     index["vldm"]["upsampler"] = _save_unet(up.unet, up.params["unet"], path)
+    if not _same(up.params["text_encoder"], pipe.params["text_encoder"]):  # trained with it
+      _save_model(up.text_encoder, up.params["text_encoder"], os.path.join(path, "text_encoder"))
     with open(os.path.join(path, UPSAMPLER_CONFIG), "w", encoding="utf-8") as f:
-      json.dump({"low_res_factor": up.low_res_factor, "low_res_noise_level": up.low_res_noise_level,
-                 "num_steps": upsampler.upsampler_num_steps,
-                 "guidance_scale": upsampler.upsampler_guidance_scale}, f, indent=2)
+      json.dump(
+          {
+              "low_res_factor": up.low_res_factor,
+              "low_res_noise_level": up.low_res_noise_level,
+              "num_steps": upsampler.upsampler_num_steps,
+              "guidance_scale": upsampler.upsampler_guidance_scale,
+          },
+          f,
+          indent=2,
+      )
   with open(os.path.join(folder, common.MODEL_INDEX), "w", encoding="utf-8") as f:
     json.dump(index, f, indent=2)
   return folder
@@ -109,17 +142,32 @@ def load_pipeline(folder: str) -> Pipeline:
   """The text-to-video pipeline of a diffusers-layout folder (see the module docstring): a
   CascadePipeline when it has an upsampler/, its sampling defaults from model_index.json."""
   index = common.check_components(folder, "text-to-video", NEEDS)
-  defaults = {f"default_{k}": v for k, v in index.get("vldm", {}).items()
-              if k in ("num_steps", "guidance_scale")}
+  defaults = {
+      f"default_{k}": v
+      for k, v in index.get("vldm", {}).items()
+      if k in ("num_steps", "guidance_scale")
+  }
   base = TextToVideoPipeline.from_pretrained(folder, **defaults)
   path = os.path.join(folder, UPSAMPLER)
   if not os.path.isdir(path):
     return base
   options = common.read_json(os.path.join(path, UPSAMPLER_CONFIG))
   unet, params = common.load_component(path, "unet", [unet_lib.UNet], NEEDS["unet"])
+  encoder = base.text_encoder, base.params["text_encoder"]
+  if os.path.isdir(os.path.join(path, "text_encoder")):  # its own, where it trained the encoder
+    encoder = common.load_component(path, "text_encoder", [type(base.text_encoder)],
+                                    NEEDS["text_encoder"])
   upsampler = dataclasses.replace(
-      base, unet=unet, params=dict(base.params, unet=params),
-      low_res_factor=options["low_res_factor"], low_res_noise_level=options["low_res_noise_level"])
-  return CascadePipeline(base=base, upsampler=upsampler,
-                         upsampler_num_steps=options["num_steps"],
-                         upsampler_guidance_scale=options["guidance_scale"])
+      base,
+      unet=unet,
+      text_encoder=encoder[0],
+      params=dict(base.params, unet=params, text_encoder=encoder[1]),
+      low_res_factor=options["low_res_factor"],
+      low_res_noise_level=options["low_res_noise_level"],
+  )
+  return CascadePipeline(
+      base=base,
+      upsampler=upsampler,
+      upsampler_num_steps=options["num_steps"],
+      upsampler_guidance_scale=options["guidance_scale"],
+  )

@@ -11,6 +11,7 @@ Module architectures come from folders' config.json files (no weights are read t
 weights are read by `pretrained_params` and `frozen_vae`. The schedule and the prediction type come
 from the folder's scheduler/scheduler_config.json unless the config sets them.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,13 @@ from vldm.models import tokenizer as tokenizer_lib
 from vldm.models import unet as unet_lib
 from vldm.recipes import common
 
-SUBFOLDERS = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder",
-              "tokenizer": "tokenizer", "scheduler": "scheduler"}
+SUBFOLDERS = {
+    "unet": "unet",
+    "vae": "vae",
+    "text_encoder": "text_encoder",
+    "tokenizer": "tokenizer",
+    "scheduler": "scheduler",
+}
 NEEDS = {
     "unet": "a UNet2DConditionModel (config.json + diffusion_pytorch_model.safetensors)",
     "vae": "an AutoencoderKL or AutoencoderKLTemporalDecoder",
@@ -70,14 +76,18 @@ def check_pretrained(config) -> None:
   if not c.get("pretrained"):
     return
   if not os.path.isdir(c.pretrained):
-    raise ComponentError(f"ldm.pretrained={c.pretrained!r} is not a folder; expected a diffusers "
-                         f"Stable Diffusion folder with {', '.join(s + '/' for s in NEEDS)}.")
+    raise ComponentError(
+        f"ldm.pretrained={c.pretrained!r} is not a folder; expected a diffusers "
+        f"Stable Diffusion folder with {', '.join(s + '/' for s in NEEDS)}."
+    )
   paths = {name: folder(config, name) for name in NEEDS}
   missing = [name for name, path in paths.items() if path and not os.path.isdir(path)]
   if missing:
     wanted = "; ".join(f"{n}/ ({what})" for n, what in NEEDS.items())
-    raise ComponentError(f"{c.pretrained} has no {', '.join(m + '/' for m in missing)}: a "
-                         f"pretrained folder needs {wanted}.")
+    raise ComponentError(
+        f"{c.pretrained} has no {', '.join(m + '/' for m in missing)}: a "
+        f"pretrained folder needs {wanted}."
+    )
 
 
 def _module_from_folder(path: str, name: str, accepted: tuple):
@@ -95,8 +105,11 @@ def _module_from_folder(path: str, name: str, accepted: tuple):
 
 def _compute_options(config) -> dict:
   """The run's compute settings, which every UNet of the stage takes."""
-  return dict(dtype=jnp.dtype(config.dtype), remat_policy=config.get("remat_policy") or "none",
-              attention_implementation=config.get("attention_implementation"))
+  return dict(
+      dtype=jnp.dtype(config.dtype),
+      remat_policy=config.get("remat_policy") or "none",
+      attention_implementation=config.get("attention_implementation"),
+  )
 
 
 # -------------------------------------------------------------------------------------- UNet
@@ -106,8 +119,10 @@ def image_unet(config) -> unet_lib.UNet:
   if path:
     unet = _module_from_folder(path, "unet", (unet_lib.UNet,))
     if unet.temporal:
-      raise ComponentError(f"{path} holds a {unet.reference_class}; this recipe inflates an image "
-                           f"UNet: the unet must be {NEEDS['unet']}.")
+      raise ComponentError(
+          f"{path} holds a {unet.reference_class}; this recipe inflates an image "
+          f"UNet: the unet must be {NEEDS['unet']}."
+      )
     upsampler = config.ldm.upsampler.factor if "upsampler" in config.ldm else 0
     if upsampler:  # the latent upsampler also takes the low-resolution latents
       unet = unet.clone(in_channels=2 * unet.in_channels)
@@ -134,11 +149,14 @@ def make_tokenizer(config) -> tokenizer_lib.Tokenizer:
     return common.shapes_tokenizer(c.max_length)
   path = folder(config, "tokenizer")
   if not path:
-    raise ComponentError("ldm.tokenizer.kind='clip' reads a CLIP tokenizer folder: set "
-                         "ldm.tokenizer.folder or ldm.pretrained.")
+    raise ComponentError(
+        "ldm.tokenizer.kind='clip' reads a CLIP tokenizer folder: set "
+        "ldm.tokenizer.folder or ldm.pretrained."
+    )
   try:  # padding None keeps the folder's own rule (SD1 pads with eos, SD2 with "!")
-    return tokenizer_lib.CLIPBPETokenizer(path, padding=c.get("padding"),
-                                          max_length=c.get("max_length"))
+    return tokenizer_lib.CLIPBPETokenizer(
+        path, padding=c.get("padding"), max_length=c.get("max_length")
+    )
   except (OSError, ValueError) as e:
     raise ComponentError(f"Cannot use {path} as the tokenizer ({NEEDS['tokenizer']}): {e}") from e
 
@@ -148,11 +166,14 @@ def make_text_encoder(config, tokenizer) -> clip_lib.CLIPTextModel:
   if path:
     encoder = _module_from_folder(path, "text_encoder", (clip_lib.CLIPTextModel,))
     if tokenizer.max_length > encoder.max_position_embeddings:
-      raise ComponentError(f"The tokenizer pads to {tokenizer.max_length} tokens; the text "
-                           f"encoder in {path} has {encoder.max_position_embeddings} positions.")
+      raise ComponentError(
+          f"The tokenizer pads to {tokenizer.max_length} tokens; the text "
+          f"encoder in {path} has {encoder.max_position_embeddings} positions."
+      )
     return encoder
-  return clip_lib.CLIPTextModel(**config.ldm.text_encoder.model.to_dict(),
-                                **tokenizer.text_model_config())
+  return clip_lib.CLIPTextModel(
+      **config.ldm.text_encoder.model.to_dict(), **tokenizer.text_model_config()
+  )
 
 
 # ------------------------------------------------------------------------------------- VAE
@@ -165,8 +186,11 @@ def make_vae(config):
   kind = model.pop("kind", "temporal_decoder")
   if kind not in VAE_KINDS:
     raise ComponentError(f"ldm.vae.model.kind must be one of {VAE_KINDS}; got {kind!r}.")
-  cls = (autoencoder_lib.AutoencoderKLTemporalDecoder if kind == "temporal_decoder"
-         else autoencoder_lib.AutoencoderKL)
+  cls = (
+      autoencoder_lib.AutoencoderKLTemporalDecoder
+      if kind == "temporal_decoder"
+      else autoencoder_lib.AutoencoderKL
+  )
   return cls(**model)
 
 
@@ -177,8 +201,10 @@ def vae_params(config, mesh=None):
     return _load_weights(path, "vae")
   workdir = config.ldm.vae.get("workdir")
   if not workdir:
-    raise ComponentError("The VAE needs weights: set ldm.vae.workdir (an autoencoder stage), "
-                         "ldm.vae.folder or ldm.pretrained.")
+    raise ComponentError(
+        "The VAE needs weights: set ldm.vae.workdir (an autoencoder stage), "
+        "ldm.vae.folder or ldm.pretrained."
+    )
   return common.load_stage_params(workdir, mesh)
 
 
@@ -191,8 +217,10 @@ def scaling_factor(config, vae, params) -> float:
     return float(vae.scaling_factor)
   source = c.get("scale_from")
   if source not in SCALE_SOURCES:
-    raise ComponentError(f"A VAE trained here has no scaling factor: set ldm.vae.scaling_factor, "
-                         f"or ldm.vae.scale_from to one of {SCALE_SOURCES}; got {source!r}.")
+    raise ComponentError(
+        f"A VAE trained here has no scaling factor: set ldm.vae.scaling_factor, "
+        f"or ldm.vae.scale_from to one of {SCALE_SOURCES}; got {source!r}."
+    )
   return measured_scale(vae, params, c.model.sample_size)
 
 
@@ -200,8 +228,17 @@ def measured_scale(vae, params, size: int) -> float:
   """1 / std of the VAE's latent means on fixed rendered shapes frames (LDM's scale_factor), at the
   autoencoder's training resolution: the same value for every stage, whatever its resolution."""
   import jax  # pylint: disable=g-import-not-at-top
-  images = np.stack([shapes.make_example("image", "train", i, size=size)["image"]
-                     for i in range(SCALE_EXAMPLES)]).astype(np.float32) / 127.5 - 1.0
+
+  images = (
+      np.stack(
+          [
+              shapes.make_example("image", "train", i, size=size)["image"]
+              for i in range(SCALE_EXAMPLES)
+          ]
+      ).astype(np.float32)
+      / 127.5
+      - 1.0
+  )
   encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode").mean)
   return float(1.0 / np.std(np.asarray(encode(params, images))))
 
@@ -232,9 +269,11 @@ def _scheduler_config(config) -> Optional[dict]:
     return None
   file = os.path.join(path, SCHEDULER_CONFIG)
   if not os.path.isfile(file):
-    raise ComponentError(f"{path} has no {SCHEDULER_CONFIG}; the scheduler must be "
-                         f"{NEEDS['scheduler']}.")
+    raise ComponentError(
+        f"{path} has no {SCHEDULER_CONFIG}; the scheduler must be " f"{NEEDS['scheduler']}."
+    )
   import json  # pylint: disable=g-import-not-at-top
+
   with open(file, encoding="utf-8") as f:
     return json.load(f)
 
@@ -254,16 +293,19 @@ def schedule_and_prediction(config) -> tuple[DiscreteSchedule, str, Optional[str
     try:
       name, schedule, options, prediction = samplers.from_scheduler_config(scheduler)
     except ValueError as e:
-      raise ComponentError(f"Cannot use the scheduler of {folder(config, 'scheduler')}: {e}"
-                           ) from e
+      raise ComponentError(f"Cannot use the scheduler of {folder(config, 'scheduler')}: {e}") from e
   if c.get("schedule"):
     schedule = DiscreteSchedule(**c.schedule.to_dict())
   elif scheduler is None:
-    raise ComponentError("The stage has no noise schedule: set ldm.schedule, or a scheduler "
-                         "folder (ldm.pretrained or ldm.scheduler.folder).")
+    raise ComponentError(
+        "The stage has no noise schedule: set ldm.schedule, or a scheduler "
+        "folder (ldm.pretrained or ldm.scheduler.folder)."
+    )
   if c.get("prediction_type"):
     prediction = c.prediction_type
   elif scheduler is None:
-    raise ComponentError("The stage has no prediction type: set ldm.prediction_type ('epsilon' "
-                         "or 'v_prediction'), or a scheduler folder.")
+    raise ComponentError(
+        "The stage has no prediction type: set ldm.prediction_type ('epsilon' "
+        "or 'v_prediction'), or a scheduler folder."
+    )
   return schedule, prediction, name, options

@@ -4,6 +4,7 @@
 here. A stage is rebuilt from the config saved beside its newest checkpoint
 (`RUN/checkpoints/<step>/config`), so sampling uses the stage's own components and sampler settings.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ from typing import Mapping
 import ml_collections
 
 from vldm.pipelines import common as pipeline_common
+from vldm.pipelines import folder as pipeline_folder
 from vldm.pipelines import workdir as workdir_lib
 from vldm.recipes import common
 from vldm.recipes import ldm
@@ -53,7 +55,8 @@ def restore_stage(stage: workdir_lib.TrainedStage):
   except (FileNotFoundError, KeyError, ValueError) as e:
     raise pipeline_common.PipelineError(
         f"Found the trained stage {stage.name!r} at {stage.path} (step {stage.step}), but cannot "
-        f"rebuild its modules and params: {e}") from e
+        f"rebuild its modules and params: {e}"
+    ) from e
 
 
 def components_of(stage: workdir_lib.TrainedStage) -> Mapping:
@@ -66,3 +69,9 @@ def pipeline_from_workdir(workdir: str):
   """The text-to-video pipeline of the newest trained stage in `workdir` (a CascadePipeline for
   a latent upsampler stage), with the stage's own sampler settings as its defaults."""
   return workdir_lib.pipeline_from_components(components_of(workdir_lib.newest_stage(workdir)))
+
+
+def export(workdir: str, out: str) -> str:
+  """Writes the newest trained stage of `workdir` as a diffusers-layout folder (see
+  `vldm.pipelines.folder`); returns out. `python -m vldm.export` runs this."""
+  return pipeline_folder.save_pipeline(pipeline_from_workdir(workdir), out)
