@@ -31,6 +31,7 @@ from vldm.models import inflate
 from vldm.models import tokenizer as tokenizer_lib
 from vldm.models import unet as unet_lib
 from vldm.recipes import common
+from vldm.train import tasks as tasks_lib
 
 SUBFOLDERS = {
     "unet": "unet",
@@ -55,7 +56,7 @@ FALLBACK_SCHEDULER = "DDIMScheduler"  # samples a scheduler class vldm has no sa
 VAES = (autoencoder_lib.AutoencoderKL, autoencoder_lib.AutoencoderKLTemporalDecoder)
 
 
-class ComponentError(ValueError):
+class ComponentError(tasks_lib.TaskInputError):
   """A component folder or config the recipe cannot use; the message says what is accepted."""
 
 

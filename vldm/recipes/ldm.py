@@ -94,11 +94,11 @@ class LatentDiffusionTask(tasks_lib.Task):
     super().__init__(config)
     c = config.ldm
     if c.kind not in KINDS:
-      raise ValueError(f"ldm.kind must be one of {KINDS}, got {c.kind!r}.")
+      raise components_lib.ComponentError(f"ldm.kind must be one of {KINDS}, got {c.kind!r}.")
     if c.train not in TRAIN_CHOICES:
-      raise ValueError(f"ldm.train must be one of {TRAIN_CHOICES}, got {c.train!r}.")
+      raise components_lib.ComponentError(f"ldm.train must be one of {TRAIN_CHOICES}, got {c.train!r}.")
     if c.kind != config.data.kind:
-      raise ValueError(f"ldm.kind {c.kind!r} needs data.kind {c.kind!r}, got "
+      raise components_lib.ComponentError(f"ldm.kind {c.kind!r} needs data.kind {c.kind!r}, got "
                        f"{config.data.kind!r}.")
     components_lib.check_pretrained(config)
     self.upsample = c.upsampler.factor
@@ -128,23 +128,23 @@ class LatentDiffusionTask(tasks_lib.Task):
     if self.unet.in_channels != wanted:
       what = (f"a latent upsampler (ldm.upsampler.factor={self.upsample}) needs 2 × the VAE's "
               if self.upsample else "the UNet denoises the VAE's ")
-      raise ValueError(f"The UNet takes {self.unet.in_channels} input channels; {what}"
+      raise components_lib.ComponentError(f"The UNet takes {self.unet.in_channels} input channels; {what}"
                        f"{latent_channels} latent channels = {wanted}.")
     if self.unet.out_channels != latent_channels:
-      raise ValueError(f"The UNet predicts {self.unet.out_channels} channels; the VAE has "
+      raise components_lib.ComponentError(f"The UNet predicts {self.unet.out_channels} channels; the VAE has "
                        f"{latent_channels} latent channels.")
     if self.unet.context_dim != self.text_encoder.hidden_size:
-      raise ValueError(f"The UNet's cross_attention_dim is {self.unet.context_dim}; the text "
+      raise components_lib.ComponentError(f"The UNet's cross_attention_dim is {self.unet.context_dim}; the text "
                        f"encoder's hidden_size is {self.text_encoder.hidden_size}.")
     vae_factor, multiple = pipeline_common.size_multiple(self.vae, self.unet)
     if self.upsample:
       multiple *= self.upsample
       if c.kind != "video" or self.upsample < 2:
-        raise ValueError(f"ldm.upsampler.factor={self.upsample} needs kind 'video' and a factor "
+        raise components_lib.ComponentError(f"ldm.upsampler.factor={self.upsample} needs kind 'video' and a factor "
                          f"≥ 2 (0: not an upsampler); got kind {c.kind!r}.")
     if config.data.resolution % multiple:
       why = f" × the upsampling factor {self.upsample}" if self.upsample else ""
-      raise ValueError(
+      raise components_lib.ComponentError(
           f"data.resolution {config.data.resolution} cannot be divided by the VAE and UNet: it "
           f"must be a multiple of {multiple} (the VAE downsamples by {vae_factor}, the UNet's "
           f"{len(self.unet.block_out_channels)} levels by "
@@ -155,13 +155,13 @@ class LatentDiffusionTask(tasks_lib.Task):
       latent_size = config.data.resolution // vae_factor
       crop = c.upsampler.train_crop
       if crop % window_multiple or crop > latent_size:
-        raise ValueError(
+        raise components_lib.ComponentError(
             f"ldm.upsampler.train_crop is {crop}; it must be 0 (whole latents) or a window ≤ the "
             f"latent size {latent_size} divisible by {window_multiple} (the UNet's size multiple "
             f"× the factor: the low-resolution window must be whole too).")
     fraction = c.joint_image_fraction
     if not 0 <= fraction < 1 or (fraction and c.kind != "video"):
-      raise ValueError(f"ldm.joint_image_fraction must be in [0, 1) and needs kind 'video'; got "
+      raise components_lib.ComponentError(f"ldm.joint_image_fraction must be in [0, 1) and needs kind 'video'; got "
                        f"{fraction} (kind {c.kind!r}).")
 
   @property

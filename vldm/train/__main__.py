@@ -1,4 +1,6 @@
 """python -m vldm.train --config configs/FILE.py[:args] --workdir DIR [--config.KEY=VALUE ...]"""
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -21,9 +23,13 @@ def main(argv):
   logging.get_absl_logger().addFilter(metrics.QuietOrbax())
   from vldm.train import distributed  # pylint: disable=g-import-not-at-top
   distributed.maybe_initialize()
+  from vldm.train import tasks  # pylint: disable=g-import-not-at-top
   from vldm.train import trainer  # pylint: disable=g-import-not-at-top  # heavy: after parsing
   logging.info("Config:\n%s", FLAGS.config)
-  trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except tasks.TaskInputError as e:
+    sys.exit(f"vldm.train: error: {e}")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,11 @@ PyTree = Any
 TRAIN, FREEZE = "train", "freeze"
 
 
+class TaskInputError(ValueError):
+  """A task's config, folders or data cannot be used; the message says what is accepted.
+  `python -m vldm.train` prints it without a traceback."""
+
+
 class DataIterator(Protocol):
   def __iter__(self) -> Iterator[PyTree]: ...
   def __next__(self) -> PyTree: ...
