@@ -19,6 +19,7 @@ frozen: {'vae', 'scale'} (+ 'low_res', the upsampler's base). With `ldm.latent_c
 stage first writes the VAE posterior (mean, std) of every training example there and trains on it,
 sampling the posterior each step: the encoder runs once per example instead of once per step.
 """
+
 from __future__ import annotations
 
 import os
@@ -74,7 +75,8 @@ def widen_input_transform(source, target):
   if new_in < 0:
     raise tasks_lib.CheckpointMismatchError(
         f"widen_input: the source UNet takes {kernel.shape[-2]} input channels, more than the "
-        f"target's {target['unet']['conv_in']['kernel'].shape[-2]}.")
+        f"target's {target['unet']['conv_in']['kernel'].shape[-2]}."
+    )
   pad = [(0, 0)] * (kernel.ndim - 2) + [(0, new_in), (0, 0)]
   widened["conv_in"] = dict(source["unet"]["conv_in"], kernel=jnp.pad(kernel, pad))
   return tasks_lib.as_is(dict(source, unet=widened), target)
@@ -83,8 +85,11 @@ def widen_input_transform(source, target):
 def inflate_transform(source, target):
   """Image stage (or a pretrained image UNet) → video stage: spatial layers and text encoder from
   the source, temporal layers as initialised in the target (zero output layers)."""
-  return dict(target, unet=inflate.transplant_temporal(target["unet"], source["unet"]),
-              text_encoder=tasks_lib.as_is(source["text_encoder"], target["text_encoder"]))
+  return dict(
+      target,
+      unet=inflate.transplant_temporal(target["unet"], source["unet"]),
+      text_encoder=tasks_lib.as_is(source["text_encoder"], target["text_encoder"]),
+  )
 
 
 class LatentDiffusionTask(tasks_lib.Task):
@@ -96,18 +101,22 @@ class LatentDiffusionTask(tasks_lib.Task):
     if c.kind not in KINDS:
       raise components_lib.ComponentError(f"ldm.kind must be one of {KINDS}, got {c.kind!r}.")
     if c.train not in TRAIN_CHOICES:
-      raise components_lib.ComponentError(f"ldm.train must be one of {TRAIN_CHOICES}, got {c.train!r}.")
+      raise components_lib.ComponentError(
+          f"ldm.train must be one of {TRAIN_CHOICES}, got {c.train!r}."
+      )
     if c.kind != config.data.kind:
-      raise components_lib.ComponentError(f"ldm.kind {c.kind!r} needs data.kind {c.kind!r}, got "
-                       f"{config.data.kind!r}.")
+      raise components_lib.ComponentError(
+          f"ldm.kind {c.kind!r} needs data.kind {c.kind!r}, got " f"{config.data.kind!r}."
+      )
     components_lib.check_pretrained(config)
     self.upsample = c.upsampler.factor
     self.tokenizer = components_lib.make_tokenizer(config)
     self.unet = components_lib.make_unet(config)
     self.text_encoder = components_lib.make_text_encoder(config, self.tokenizer)
     self.vae = components_lib.make_vae(config)
-    (self.schedule, self.prediction_type, self._scheduler_sampler,
-     self._scheduler_options) = components_lib.schedule_and_prediction(config)
+    self.schedule, self.prediction_type, self._scheduler_sampler, self._scheduler_options = (
+        components_lib.schedule_and_prediction(config)
+    )
     self._check_fit(config)
     # Sampling defaults to the size the stage trains at, not the pretrained config's.
     vae_factor, _ = pipeline_common.size_multiple(self.vae, self.unet)
@@ -126,22 +135,33 @@ class LatentDiffusionTask(tasks_lib.Task):
     latent_channels = self.vae.latent_channels
     wanted = latent_channels * (2 if self.upsample else 1)
     if self.unet.in_channels != wanted:
-      what = (f"a latent upsampler (ldm.upsampler.factor={self.upsample}) needs 2 × the VAE's "
-              if self.upsample else "the UNet denoises the VAE's ")
-      raise components_lib.ComponentError(f"The UNet takes {self.unet.in_channels} input channels; {what}"
-                       f"{latent_channels} latent channels = {wanted}.")
+      what = (
+          f"a latent upsampler (ldm.upsampler.factor={self.upsample}) needs 2 × the VAE's "
+          if self.upsample
+          else "the UNet denoises the VAE's "
+      )
+      raise components_lib.ComponentError(
+          f"The UNet takes {self.unet.in_channels} input channels; {what}"
+          f"{latent_channels} latent channels = {wanted}."
+      )
     if self.unet.out_channels != latent_channels:
-      raise components_lib.ComponentError(f"The UNet predicts {self.unet.out_channels} channels; the VAE has "
-                       f"{latent_channels} latent channels.")
+      raise components_lib.ComponentError(
+          f"The UNet predicts {self.unet.out_channels} channels; the VAE has "
+          f"{latent_channels} latent channels."
+      )
     if self.unet.context_dim != self.text_encoder.hidden_size:
-      raise components_lib.ComponentError(f"The UNet's cross_attention_dim is {self.unet.context_dim}; the text "
-                       f"encoder's hidden_size is {self.text_encoder.hidden_size}.")
+      raise components_lib.ComponentError(
+          f"The UNet's cross_attention_dim is {self.unet.context_dim}; the text "
+          f"encoder's hidden_size is {self.text_encoder.hidden_size}."
+      )
     vae_factor, multiple = pipeline_common.size_multiple(self.vae, self.unet)
     if self.upsample:
       multiple *= self.upsample
       if c.kind != "video" or self.upsample < 2:
-        raise components_lib.ComponentError(f"ldm.upsampler.factor={self.upsample} needs kind 'video' and a factor "
-                         f"≥ 2 (0: not an upsampler); got kind {c.kind!r}.")
+        raise components_lib.ComponentError(
+            f"ldm.upsampler.factor={self.upsample} needs kind 'video' and a factor "
+            f"≥ 2 (0: not an upsampler); got kind {c.kind!r}."
+        )
     if config.data.resolution % multiple:
       why = f" × the upsampling factor {self.upsample}" if self.upsample else ""
       raise components_lib.ComponentError(
@@ -149,7 +169,8 @@ class LatentDiffusionTask(tasks_lib.Task):
           f"must be a multiple of {multiple} (the VAE downsamples by {vae_factor}, the UNet's "
           f"{len(self.unet.block_out_channels)} levels by "
           f"{2 ** (len(self.unet.block_out_channels) - 1)}{why}); e.g. "
-          f"{max(multiple, config.data.resolution // multiple * multiple)}.")
+          f"{max(multiple, config.data.resolution // multiple * multiple)}."
+      )
     if self.upsample and c.upsampler.train_crop:
       window_multiple = multiple // vae_factor
       latent_size = config.data.resolution // vae_factor
@@ -158,11 +179,14 @@ class LatentDiffusionTask(tasks_lib.Task):
         raise components_lib.ComponentError(
             f"ldm.upsampler.train_crop is {crop}; it must be 0 (whole latents) or a window ≤ the "
             f"latent size {latent_size} divisible by {window_multiple} (the UNet's size multiple "
-            f"× the factor: the low-resolution window must be whole too).")
+            f"× the factor: the low-resolution window must be whole too)."
+        )
     fraction = c.joint_image_fraction
     if not 0 <= fraction < 1 or (fraction and c.kind != "video"):
-      raise components_lib.ComponentError(f"ldm.joint_image_fraction must be in [0, 1) and needs kind 'video'; got "
-                       f"{fraction} (kind {c.kind!r}).")
+      raise components_lib.ComponentError(
+          f"ldm.joint_image_fraction must be in [0, 1) and needs kind 'video'; got "
+          f"{fraction} (kind {c.kind!r})."
+      )
 
   @property
   def video(self) -> bool:
@@ -177,8 +201,10 @@ class LatentDiffusionTask(tasks_lib.Task):
 
     def init(key):
       unet_key, text_key = jax.random.split(key)
-      return {"unet": self.unet.init(unet_key, latent, jnp.zeros((1,)), context)["params"],
-              "text_encoder": self.text_encoder.init(text_key, ids)["params"]}
+      return {
+          "unet": self.unet.init(unet_key, latent, jnp.zeros((1,)), context)["params"],
+          "text_encoder": self.text_encoder.init(text_key, ids)["params"],
+      }
 
     mix = self.config.ldm.temporal.merge_factor
     params = common.task_init(self, init, rng, {"mix_factor": mix})
@@ -233,8 +259,9 @@ class LatentDiffusionTask(tasks_lib.Task):
     """VAE posterior (mean, std) of pixels [B, (F,) H, W, 3] in [-1, 1], unscaled (less the VAE's
     shift_factor, if any), shaped [B, (F,) h, w, c]."""
     lead = pixels.shape[:-3]
-    posterior = self.vae.apply({"params": vae_params}, pixels.reshape((-1,) + pixels.shape[-3:]),
-                               method="encode")
+    posterior = self.vae.apply(
+        {"params": vae_params}, pixels.reshape((-1,) + pixels.shape[-3:]), method="encode"
+    )
     mean = posterior.mean
     shift = getattr(self.vae, "shift_factor", None)
     if shift is not None:
@@ -259,8 +286,9 @@ class LatentDiffusionTask(tasks_lib.Task):
     encoding its pixels."""
     if "latent_mean" not in batch:
       batch = self.moments(frozen["vae"], batch["video" if self.video else "image"])
-    names, keys = (("latent", "low_res"), jax.random.split(rng)) if self.upsample else (
-        ("latent",), [rng])
+    names, keys = (
+        (("latent", "low_res"), jax.random.split(rng)) if self.upsample else (("latent",), [rng])
+    )
     out = {}
     for name, key in zip(names, keys):
       mean, std = batch[f"{name}_mean"], batch[f"{name}_std"]
@@ -274,7 +302,8 @@ class LatentDiffusionTask(tasks_lib.Task):
     if not images:
       return None
     return jnp.broadcast_to((jnp.arange(batch) < images)[:, None], (batch, self.frames)).astype(
-        jnp.float32)
+        jnp.float32
+    )
 
   def loss_fn(self, params, frozen, batch, rng):
     c = self.config.ldm
@@ -286,12 +315,16 @@ class LatentDiffusionTask(tasks_lib.Task):
     if self.upsample:  # as the pipeline conditions it: see pipelines.common.low_res_condition
       low_res = latents["low_res"]
       if self.train_crop:
-        x0, low_res = random_windows(x0, low_res, self.train_crop, self.upsample,
-                                     jax.random.fold_in(encode_rng, 2))
+        x0, low_res = random_windows(
+            x0, low_res, self.train_crop, self.upsample, jax.random.fold_in(encode_rng, 2)
+        )
       alpha_bar = self.schedule.alphas_cumprod[c.upsampler.noise_level]
       condition = pipeline_common.low_res_condition(
-          low_res, jax.random.normal(jax.random.fold_in(encode_rng, 1), low_res.shape), alpha_bar,
-          self.upsample)
+          low_res,
+          jax.random.normal(jax.random.fold_in(encode_rng, 1), low_res.shape),
+          alpha_bar,
+          self.upsample,
+      )
     extra = {}
     if self.video:
       indicator = self._image_only_indicator(x0.shape[0])
@@ -303,10 +336,18 @@ class LatentDiffusionTask(tasks_lib.Task):
         x = jnp.concatenate([x, condition], axis=-1)
       return self.unet.apply({"params": params["unet"]}, x, t, context, **extra)
 
-    loss, aux = losses.diffusion_loss(network, x0, loss_rng, parameterization=self.prediction_type,
-                                      schedule=self.schedule, noise_sampling=c.noise_sampling,
-                                      p_mean=c.p_mean, p_std=c.p_std, weighting=c.weighting,
-                                      min_snr_gamma=c.min_snr_gamma)
+    loss, aux = losses.diffusion_loss(
+        network,
+        x0,
+        loss_rng,
+        parameterization=self.prediction_type,
+        schedule=self.schedule,
+        noise_sampling=c.noise_sampling,
+        p_mean=c.p_mean,
+        p_std=c.p_std,
+        weighting=c.weighting,
+        min_snr_gamma=c.min_snr_gamma,
+    )
     return jnp.mean(loss), dict(mse=jnp.mean(aux["mse"]), latent_std=jnp.std(x0))
 
   # ---- sampling -------------------------------------------------------------------------------
@@ -324,17 +365,28 @@ class LatentDiffusionTask(tasks_lib.Task):
     for `vldm.pipelines.pipeline_from_components`; an upsampler adds its base stage's
     (`low_res`) and its own sampling settings (`ldm.sampler` is then the base's)."""
     s = self.config.ldm.sampler
-    out = dict(unet=(self.unet, params["unet"]),
-               vae=(self.vae.clone(scaling_factor=float(frozen["scale"])), frozen["vae"]),
-               text_encoder=(self.text_encoder, params["text_encoder"]),
-               tokenizer=self.tokenizer, sampler=self.sampler_settings(),
-               num_steps=s.num_steps, guidance_scale=s.guidance_scale)
+    out = dict(
+        unet=(self.unet, params["unet"]),
+        vae=(self.vae.clone(scaling_factor=float(frozen["scale"])), frozen["vae"]),
+        text_encoder=(self.text_encoder, params["text_encoder"]),
+        tokenizer=self.tokenizer,
+        sampler=self.sampler_settings(),
+        num_steps=s.num_steps,
+        guidance_scale=s.guidance_scale,
+    )
     if self.upsample:
       up, base = self.config.ldm.upsampler, frozen["low_res"]
-      out.update(low_res=dict(out, unet=(self.base_unet, base["unet"]),
-                              text_encoder=(self.text_encoder, base["text_encoder"])),
-                 low_res_factor=up.factor, low_res_noise_level=up.noise_level,
-                 upsampler_num_steps=up.num_steps, upsampler_guidance_scale=up.guidance_scale)
+      out.update(
+          low_res=dict(
+              out,
+              unet=(self.base_unet, base["unet"]),
+              text_encoder=(self.text_encoder, base["text_encoder"]),
+          ),
+          low_res_factor=up.factor,
+          low_res_noise_level=up.noise_level,
+          upsampler_num_steps=up.num_steps,
+          upsampler_guidance_scale=up.guidance_scale,
+      )
     return out
 
   def pipeline(self, params, frozen):
@@ -346,20 +398,36 @@ class LatentDiffusionTask(tasks_lib.Task):
     else:  # same modules: keep the compiled functions, swap the parameters
       pipes = [(self._pipeline, components)]
       if self.upsample:
-        pipes = [(self._pipeline.upsampler, components),
-                 (self._pipeline.base, components["low_res"])]
+        pipes = [
+            (self._pipeline.upsampler, components),
+            (self._pipeline.base, components["low_res"]),
+        ]
       for pipe, parts in pipes:
         pipe.params = {k: parts[k][1] for k in ("unet", "vae", "text_encoder")}
     return self._pipeline
 
-  def generate(self, params, frozen, prompts: Sequence[str], rng, *,
-               num_frames: Optional[int] = None, size: Optional[int] = None, **kwargs):
+  def generate(
+      self,
+      params,
+      frozen,
+      prompts: Sequence[str],
+      rng,
+      *,
+      num_frames: Optional[int] = None,
+      size: Optional[int] = None,
+      **kwargs,
+  ):
     """Clips [B, F, H, W, 3] in [0, 1], one per prompt (still frames for the image stage), with
     the stage's sampler settings unless kwargs (num_steps, guidance_scale, …) say otherwise."""
     size = size or self.size
     return self.pipeline(params, frozen)(
-        list(prompts), num_frames=num_frames or (self.frames if self.video else 1), height=size,
-        width=size, rng=rng, **kwargs)
+        list(prompts),
+        num_frames=num_frames or (self.frames if self.video else 1),
+        height=size,
+        width=size,
+        rng=rng,
+        **kwargs,
+    )
 
   def sample_fn(self, params, frozen, rng):
     prompts = self.config.ldm.sample_prompts
@@ -367,8 +435,9 @@ class LatentDiffusionTask(tasks_lib.Task):
     return {f"prompt_{i}": clip for i, clip in enumerate(clips)}
 
 
-def build_latent_cache(task: LatentDiffusionTask, data_config, cache_dir, vae_params,
-                       process_index, process_count):
+def build_latent_cache(
+    task: LatentDiffusionTask, data_config, cache_dir, vae_params, process_index, process_count
+):
   """Writes the VAE posterior moments (`LatentDiffusionTask.moments`) of every training example of
   `data_config` to cache_dir/<train split> unless a complete cache is there (a resumed stage
   reuses it). Unscaled: the stage applies its scale, and samples the posterior every step."""
@@ -378,9 +447,15 @@ def build_latent_cache(task: LatentDiffusionTask, data_config, cache_dir, vae_pa
   moments_fn = jax.jit(task.moments)
   moments = lambda pixels: jax.device_get(moments_fn(vae_params, *devices.split_batch(pixels)))
 
-  sources.build_cache(data_config, data_config.train_split, cache_dir,
-                      moments, lambda captions: {},
-                      batch_size=task.config.ldm.latent_cache_batch_size,
-                      process_index=process_index, process_count=process_count)
+  sources.build_cache(
+      data_config,
+      data_config.train_split,
+      cache_dir,
+      moments,
+      lambda captions: {},
+      batch_size=task.config.ldm.latent_cache_batch_size,
+      process_index=process_index,
+      process_count=process_count,
+  )
   if process_count > 1:  # every process reads every process's rows
     multihost_utils.sync_global_devices(f"latent cache {directory}")
