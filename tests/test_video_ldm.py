@@ -188,16 +188,17 @@ def test_bad_inputs_say_what_is_accepted(inputs, tmp_path):
   task = ldm.LatentDiffusionTask(
       load("video", inputs["sd1"], str(empty), **{"data.data_dir": str(tmp_path / "tfds")})
   )
-  with pytest.raises(ValueError, match="captions"):
+  with pytest.raises(ValueError, match="No captions file for the videos in .*: looked for"):
     task.make_data(None, 0, 1)
   unreadable = tmp_path / "unreadable"
   unreadable.mkdir()
   (unreadable / "a.mp4").write_bytes(b"not a video")
-  media.write_captions(str(unreadable / "captions.csv"), [{"file": "a.mp4", "caption": "x"}])
+  media.write_captions(str(unreadable / "captions.csv"), [("a.mp4", "x")])
   task = ldm.LatentDiffusionTask(
       load("video", inputs["sd1"], str(unreadable), **{"data.data_dir": str(tmp_path / "tfds")})
   )
-  with pytest.raises(ValueError, match="unreadable"):
+  with pytest.raises(ValueError, match=r"No video of split 'train' .* could be read: skipped per "
+                                       r"reason \{'unreadable': 1\}"):
     task.make_data(None, 0, 1)
 
 
@@ -364,10 +365,8 @@ def test_compute_settings_reach_the_unet(inputs):
   assert task.unet.dtype == jnp.bfloat16 and task.unet.remat_policy == "full"
   assert task.unet.attention_implementation == "xla" and task.unet.temporal
   assert task.unet.sample_size == config.data.resolution // 2  # the stage's size, not SD's
-  params = ldm.inflate_transform(
-      {**task.init_params(jax.random.key(0)), **task.pretrained_params()},
-      task.init_params(jax.random.key(0)),
-  )
+  target = task.init_params(jax.random.key(0))
+  params = ldm.inflate_transform({**target, **task.pretrained_params()}, target)
   frozen = task.init_frozen(None)
   assert frozen["scale"] == np.float32(0.18215)  # the VAE config's scaling_factor
   rng = np.random.default_rng(0)

@@ -33,6 +33,7 @@ from vldm.diffusion import samplers
 from vldm.models import tokenizer as tokenizer_lib
 from vldm.models import unet as unet_lib
 from vldm.pipelines import common
+from vldm.pipelines import workdir as workdir_lib
 from vldm.pipelines.cascade import CascadePipeline
 from vldm.pipelines.text_to_video import NEEDS, TextToVideoPipeline
 
@@ -145,7 +146,7 @@ def load_pipeline(folder: str) -> Pipeline:
   defaults = {
       f"default_{k}": v
       for k, v in index.get("vldm", {}).items()
-      if k in ("num_steps", "guidance_scale")
+      if k in workdir_lib.DEFAULTS
   }
   base = TextToVideoPipeline.from_pretrained(folder, **defaults)
   path = os.path.join(folder, UPSAMPLER)
