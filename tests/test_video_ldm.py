@@ -247,7 +247,7 @@ def test_video_stage_trains_only_temporal_layers_and_resumes_exactly(video_run, 
   image_params = convert.load_diffusers(os.path.join(inputs["sd2"], "unet"))[1]
   text_params = convert.load_diffusers(os.path.join(inputs["sd2"], "text_encoder"))[1]
   # Spatial layers and the text encoder bit-identical to the folder's; temporal layers moved.
-  spatial, temporal = inflate.split_params(final["unet"])
+  _, temporal = inflate.split_params(final["unet"])
   assert flat(inflate.spatial_params(final["unet"])).keys() == flat(image_params).keys()
   for key, value in flat(inflate.spatial_params(final["unet"])).items():
     np.testing.assert_array_equal(value, flat(image_params)[key], err_msg=key)
