@@ -27,6 +27,7 @@ setuptools.setup(
         "numpy",
         "imageio>=2.30",
         "imageio-ffmpeg",  # ships its own ffmpeg binary for MP4
+        "opencv-python-headless>=4.8",  # optical flow for clip motion scores (later: curation)
         "pillow",
         "tqdm",
     ],

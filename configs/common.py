@@ -4,6 +4,7 @@ A config file defines `get_config(arg=None)`; the string after ':' in
 `--config configs/FILE.py:stage=video,runlocal=True` arrives as `arg`. Single keys are then
 overridden with `--config.KEY=VALUE` (the config is locked: unknown keys are errors).
 """
+
 import difflib
 
 import ml_collections
@@ -26,9 +27,11 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
     key = key.strip()
     if key not in defaults:
       close = difflib.get_close_matches(key, list(defaults), n=3, cutoff=0.5)
-      raise ValueError(f"Unknown config argument {key!r} in {arg!r}"
-                       + (f"; did you mean {' or '.join(map(repr, close))}?" if close else "")
-                       + f" Accepted: {sorted(defaults)}.")
+      raise ValueError(
+          f"Unknown config argument {key!r} in {arg!r}"
+          + (f"; did you mean {' or '.join(map(repr, close))}?" if close else "")
+          + f" Accepted: {sorted(defaults)}."
+      )
     default = defaults[key]
     if not has_value:
       if not isinstance(default, bool):
@@ -52,25 +55,26 @@ def _convert(key, value, default):
   try:
     return type(default)(value)
   except ValueError:
-    raise ValueError(f"Config argument {key}={value} must be of type {type(default).__name__}."
-                     ) from None
+    raise ValueError(
+        f"Config argument {key}={value} must be of type {type(default).__name__}."
+    ) from None
 
 
 def base_config() -> ml_collections.ConfigDict:
   """The keys every training run has; task configs fill `task`, `model`/task sections, data."""
   config = ml_collections.ConfigDict()
-  config.task = ""                 # a registered task name (vldm.train.tasks) or 'module:Class'
+  config.task = ""  # a registered task name (vldm.train.tasks) or 'module:Class'
   config.seed = 0
   # The train state's PRNG implementation (a jax name: 'threefry2x32', 'rbg', ...), whatever the
   # process default is: a run resumes only under the one it started with (the key's shape).
   config.prng_impl = "threefry2x32"
   config.total_steps = 1000
-  config.batch_size = 32           # global: split over all devices and processes
-  config.log_every = 50            # metrics.jsonl + TensorBoard
-  config.checkpoint_every = 1000   # also at the end and on preemption; 0: only those
-  config.keep_checkpoints = 3      # keep the newest N (0: all)
+  config.batch_size = 32  # global: split over all devices and processes
+  config.log_every = 50  # metrics.jsonl + TensorBoard
+  config.checkpoint_every = 1000  # also at the end and on preemption; 0: only those
+  config.keep_checkpoints = 3  # keep the newest N (0: all)
   config.async_checkpointing = True
-  config.sample_every = 0          # sample GIFs with the task's sample_fn; 0: never
+  config.sample_every = 0  # sample GIFs with the task's sample_fn; 0: never
   config.tensorboard = True
   config.progress_bar = True
 
@@ -84,16 +88,16 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = 1e-4
   config.optim.warmup_steps = 500
-  config.optim.decay = "cosine"    # or 'constant'
+  config.optim.decay = "cosine"  # or 'constant'
   config.optim.end_lr_factor = 0.0
   config.optim.b1 = 0.9
   config.optim.b2 = 0.999
   config.optim.eps = 1e-8
   config.optim.weight_decay = 0.0
-  config.optim.grad_clip = 1.0     # global-norm clipping; 0: off
-  config.ema_decay = 0.9999        # 0: no EMA
+  config.optim.grad_clip = 1.0  # global-norm clipping; 0: off
+  config.ema_decay = 0.9999  # 0: no EMA
 
-  config.dtype = "float32"         # compute dtype passed to the model; params stay float32
+  config.dtype = "float32"  # compute dtype passed to the model; params stay float32
   config.remat_policy = config_dict.placeholder(str)  # a model's remat policy name (None: none)
   config.attention_implementation = config_dict.placeholder(str)  # 'xla', 'cudnn'; None: JAX's
 
@@ -102,4 +106,27 @@ def base_config() -> ml_collections.ConfigDict:
   config.sharding = ml_collections.ConfigDict()
   config.sharding.params = ((".*", "fsdp"),)  # (regex on 'params/...' paths, 'fsdp'|'replicate')
   config.sharding.activations = (("batch", ("data", "fsdp")),)  # logical name -> mesh axes
+  return config
+
+
+def pretrained_stage_config(task: str, stage: str, schedule: tuple, local: bool):
+  """The base config of a stage fine-tuned from published weights (configs/video_ldm.py,
+  configs/svd.py): `schedule` = (steps, batch size, peak learning rate, warmup), constant after
+  warmup, EMA 0.9999, bf16 compute with float32 parameters; `local` (runlocal): 3 steps of batch
+  8 in float32 (exact checks), without EMA, tiny models drawn on the host."""
+  config = base_config()
+  config.task = task
+  config.stage = stage
+  steps, batch, lr, warmup = schedule
+  config.total_steps = 3 if local else steps
+  config.batch_size = 8 if local else batch
+  config.log_every = 1 if local else 50
+  config.checkpoint_every = 0 if local else 1000
+  config.sample_every = 0
+  config.optim.lr = lr
+  config.optim.warmup_steps = 1 if local else warmup
+  config.optim.decay = "constant"
+  config.ema_decay = 0.0 if local else 0.9999
+  config.dtype = "float32" if local else "bfloat16"
+  config.host_init = local  # large models use their own init, sharded
   return config

@@ -60,22 +60,7 @@ def get_config(arg=None):
     )
   stage, local = arg.stage, arg.runlocal
   root = os.path.abspath(arg.root) if arg.root else ""
-  config = common.base_config()
-  config.task = TASK
-  config.stage = stage
-  steps, batch, lr, warmup = SCHEDULE[stage]
-  config.total_steps = 3 if local else steps
-  config.batch_size = 8 if local else batch
-  config.log_every = 1 if local else 50
-  config.checkpoint_every = 0 if local else 1000
-  config.sample_every = 0
-  config.optim.lr = lr
-  config.optim.warmup_steps = 1 if local else warmup
-  config.optim.decay = "constant"
-  config.ema_decay = 0.0 if local else 0.9999
-  # bf16 compute with float32 parameters at full size; runlocal stays float32 (exact checks).
-  config.dtype = "float32" if local else "bfloat16"
-  config.host_init = local  # tiny models: drawn on the host; large ones by their own init, sharded
+  config = common.pretrained_stage_config(TASK, stage, SCHEDULE[stage], local)
 
   base_resolution = arg.resolution or (32 if local else 256)
   resolution = base_resolution * (

@@ -84,6 +84,7 @@ def test_micro_case_runs_against_diffusers(tmp_path):
   assert "load_average" in result and result["machine"]["jax_backend"] == "cpu"
 
 
+@pytest.mark.slow  # ≈ 40 s on 2 cores: keeps the default suite under 15 min
 def test_training_step_splits_over_cpu_devices(tmp_path):
   """`--cpu_devices 2`: vldm's batch split over two XLA:CPU devices, the gradients summed over
   them; the first step's loss is still diffusers'."""

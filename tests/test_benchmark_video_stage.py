@@ -145,6 +145,7 @@ def test_configs_parse_and_bad_ones_are_named():
     vs.StepConfig.parse("1:none:flash")
 
 
+@pytest.mark.slow  # ≈ 40 s on 2 cores: keeps the default suite under 15 min
 def test_suite_rows_without_a_reference():
   names = [c.name for c in suites.get_suite("gpu_video_ldm")]
   assert names == ["video_stage_b1_none_cudnn", "video_stage_b2_none_cudnn",

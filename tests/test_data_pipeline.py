@@ -267,6 +267,32 @@ def test_latent_cache_roundtrip_through_the_pipeline(tmp_path):
       np.testing.assert_array_equal(batch["latents"][k], row["latents"])
 
 
+def test_motion_scores_reach_pixel_batches_and_the_cache(tmp_path):
+  source = fake_source(n=8, height=8, width=8)
+  for i, example in enumerate(source):
+    example["motion"] = np.float32(0.01 * i)  # as the video-folder builder stores it
+  batch = next(pipeline_lib.Pipeline(source, global_batch_size=4, frames=3, frame_stride=(1, 2),
+                                     seed=2, process_index=0, process_count=1))
+  assert batch["motion"].dtype == np.float32 and batch["motion"].shape == (4,)
+  np.testing.assert_allclose(batch["motion"], 0.01 * batch["index"], rtol=1e-6)  # stride-free
+  directory = str(tmp_path / "cache")
+  cache.build_latent_cache(source, directory, toy_encode_video, toy_encode_text, batch_size=4,
+                           frames=3, process_index=0, process_count=1)
+  cached = cache.LatentCache(directory)
+  assert "motion" in cached.fields
+  stream = pipeline_lib.Pipeline(cached, global_batch_size=4, caption_dropout=1.0, seed=1,
+                                 process_index=0, process_count=1)
+  batch = next(stream)
+  assert batch["motion"].dtype == np.float32 and batch["motion"].shape == (4,)
+  by_index = {int(i): cached[int(i)] for i in batch["index"]}
+  np.testing.assert_array_equal(batch["motion"],
+                                [by_index[int(i)]["motion"] for i in batch["index"]])
+  assert sorted(np.round(cached[i]["motion"] * 100) for i in range(8)) == list(range(8))
+  # No source motion, no batch field.
+  assert "motion" not in next(pipeline_lib.Pipeline(fake_source(n=4, height=8, width=8),
+                                                    global_batch_size=4, frames=3))
+
+
 def test_incomplete_cache_is_refused(tmp_path):
   directory = str(tmp_path / "cache")
   cache.build_latent_cache(fake_source(n=6, height=8, width=8), directory, toy_encode_video,

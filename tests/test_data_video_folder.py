@@ -10,6 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from vldm.data import config as config_lib
+from vldm.data import motion
 from vldm.data import pipeline as pipeline_lib
 from vldm.data import sources
 from vldm.data import standard
@@ -185,6 +186,38 @@ def test_long_video_gives_segments_spread_over_it(tmp_path):
   ]
   assert {float(e["fps"]) for e in examples} == {5.0}
   np.testing.assert_array_equal(np.stack(examples[-1]["video"]), decoded[96::2])
+
+
+def test_examples_carry_a_motion_score(tmp_path):
+  folder = str(tmp_path / "motion")
+  os.makedirs(folder)
+  moving = media.make_clip(16, 32, 32)  # a square moving a pixel per frame
+  media.write_video(os.path.join(folder, "moving.mp4"), moving, 8)
+  media.write_video(os.path.join(folder, "still.mp4"), np.repeat(moving[:1], 16, axis=0), 8)
+  media.write_captions(
+      os.path.join(folder, "captions.csv"), [("moving.mp4", "moves"), ("still.mp4", "stays")]
+  )
+  builder = video_folder.video_folder_builder(
+      folder, resolution=32, min_frames=4, data_dir=str(tmp_path / "tfds")
+  )
+  assert str(builder.info.version) == "1.2.0"
+  builder.download_and_prepare(file_format="array_record")
+  source = builder.as_data_source("train")
+  examples = {e["file"].decode(): e for e in (source[i] for i in range(len(source)))}
+  still, move = float(examples["still.mp4"]["motion"]), float(examples["moving.mp4"]["motion"])
+  assert 0 <= still < 1e-2 < move
+  # The stored score is motion_score of the stored frames at the stored fps.
+  video = np.stack(examples["moving.mp4"]["video"])
+  assert move == pytest.approx(motion.motion_score(video, 8.0), rel=1e-5)
+  # And it reaches the batches, float32 [B].
+  batch = next(
+      pipeline_lib.Pipeline(
+          source, global_batch_size=2, frames=4, shuffle=False, process_index=0, process_count=1
+      )
+  )
+  assert batch["motion"].dtype == np.float32 and batch["motion"].shape == (2,)
+  expected = [float(source[int(i)]["motion"]) for i in batch["index"]]
+  np.testing.assert_allclose(batch["motion"], expected)
 
 
 def test_segment_planning():

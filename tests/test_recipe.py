@@ -93,7 +93,7 @@ def test_captioned_data_tokenizes_counts_steps_and_resumes():
       prefetch=1), common.shapes_tokenizer())
   data = make()
   batches = [next(data) for _ in range(6)]
-  assert set(batches[0]) == {"image", "input_ids", "step"}
+  assert set(batches[0]) == {"image", "input_ids", "step", "fps"}  # fps: micro-conditioning
   assert [int(b["step"][0]) for b in batches] == list(range(6))  # over two epochs
   tokenizer = common.shapes_tokenizer()
   ids = np.concatenate([b["input_ids"] for b in batches])
@@ -199,7 +199,7 @@ def cache_and_render(stage, tmp_path, num_examples):
 
 def test_latent_cache_holds_the_vae_posterior_and_feeds_the_same_loss(tmp_path):
   task, vae_params, cached, pixels = cache_and_render("video", tmp_path, 6)
-  assert set(cached) == {"latent_mean", "latent_std", "input_ids", "step"}
+  assert set(cached) == {"latent_mean", "latent_std", "input_ids", "step", "fps"}
   np.testing.assert_array_equal(cached["input_ids"], pixels["input_ids"])
   posterior = task.vae.apply({"params": vae_params}, pixels["video"].reshape(-1, 8, 8, 3),
                              method="encode")

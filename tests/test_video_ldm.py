@@ -10,8 +10,6 @@ subprocesses with 8 CPU devices and FSDP; sampling through `python -m vldm.sampl
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import diffusers
 import jax
@@ -20,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 from flax import traverse_util
-from jax.experimental.compilation_cache import compilation_cache
 
 import media
+import recipe_runs
 import sd_folders
 from parity import relative_error
 from vldm import convert
@@ -53,17 +51,8 @@ def inputs(tmp_path_factory):
   out = {style: sd_folders.write_sd_folder(str(base), style) for style in sd_folders.STYLES}
   out["videos"] = media.write_video_folder(str(base / "videos"))["folder"]
   out["cache"] = str(base / "jax_cache")
-  previous = (
-      jax.config.jax_compilation_cache_dir,
-      jax.config.jax_persistent_cache_min_compile_time_secs,
-  )
-  compilation_cache.reset_cache()
-  jax.config.update("jax_compilation_cache_dir", out["cache"])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  yield out
-  jax.config.update("jax_compilation_cache_dir", previous[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
-  compilation_cache.reset_cache()
+  with recipe_runs.shared_compilation_cache(out["cache"]):
+    yield out
 
 
 def load(stage, pretrained, data, root="", **overrides):
@@ -71,34 +60,9 @@ def load(stage, pretrained, data, root="", **overrides):
   return config_lib.load_config(f"{CONFIG}:{arg}", overrides)
 
 
-def run(module, *args, inputs, devices=1, check=True):
-  """`python -m vldm.<module> args…` with `devices` CPU devices; returns the completed process."""
-  xla = os.environ.get("XLA_FLAGS", "")
-  env = dict(
-      os.environ,
-      XLA_FLAGS=f"{xla} --xla_force_host_platform_device_count={devices}",
-      JAX_PLATFORMS="cpu",
-      JAX_DEFAULT_MATMUL_PRECISION="highest",
-      JAX_COMPILATION_CACHE_DIR=inputs["cache"],
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      PYTHONPATH=REPO,
-  )
-  result = subprocess.run(
-      [sys.executable, "-m", f"vldm.{module}", *args],
-      env=env,
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=900,
-  )
-  if check and result.returncode:
-    raise AssertionError(f"vldm.{module} failed ({result.returncode}):\n{result.stderr[-4000:]}")
-  return result
-
-
 def train(stage, style, root, inputs, *extra):
   spec = f"{CONFIG}:stage={stage},pretrained={inputs[style]},data={inputs['videos']},root={root}"
-  return run(
+  return recipe_runs.run(
       "train",
       "--config",
       spec + ",runlocal",
@@ -161,7 +125,8 @@ def test_bad_inputs_say_what_is_accepted(inputs, tmp_path):
   shutil.rmtree(os.path.join(partial, "vae"))
   with pytest.raises(
       components_lib.ComponentError,
-      match=r"has no vae/: a pretrained folder " r"needs unet/ \(a UNet2DConditionModel",
+      match=r"has no vae/: ldm.pretrained must be a diffusers Stable Diffusion folder, with "
+      r"unet/ \(a UNet2DConditionModel",
   ):
     ldm.LatentDiffusionTask(load("video", partial, inputs["videos"]))
   wrong = str(tmp_path / "wrong")
@@ -268,7 +233,7 @@ def test_video_stage_trains_only_temporal_layers_and_resumes_exactly(video_run, 
 def test_video_stage_samples_and_exports(video_run, inputs, tmp_path):
   workdir = os.path.join(video_run, "video")
   out = str(tmp_path / "samples")
-  run(
+  recipe_runs.run(
       "sample",
       "--workdir",
       workdir,
@@ -283,7 +248,7 @@ def test_video_stage_samples_and_exports(video_run, inputs, tmp_path):
   records = json.load(open(os.path.join(out, "samples.json")))
   assert [r["seed"] for r in records] == [0, 1] and os.path.isfile(os.path.join(out, "1.mp4"))
   folder = str(tmp_path / "export")
-  run("export", "--workdir", workdir, "--out", folder, inputs=inputs)
+  recipe_runs.run("export", "--workdir", workdir, "--out", folder, inputs=inputs)
   index = json.load(open(os.path.join(folder, "model_index.json")))
   assert index["unet"] == ["vldm", "VldmUNet"] and index["text_encoder"][1] == "CLIPTextModel"
   assert index["vldm"] == {"num_steps": 2, "guidance_scale": 7.5}

@@ -3,8 +3,10 @@
   text-to-video from the newest trained stage of a workdir:
     python -m vldm.sample --workdir DIR --prompt "a red circle moving left" [--prompt …]
         [--num_samples N] [--seed S] --out OUT
-  image-to-video (Stable Video Diffusion) from a diffusers pipeline folder:
+  image-to-video (Stable Video Diffusion) from a diffusers pipeline folder, or from the newest
+  trained stage of a workdir when it is an image-to-video stage:
     python -m vldm.sample --pretrained SVD_DIR --image img.png [--image …] --out OUT
+    python -m vldm.sample --workdir DIR --image img.png --out OUT
   text-to-video from a diffusers-layout folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/;
   a UNet2DConditionModel unet generates each frame as an image of its own):
     python -m vldm.sample --pretrained DIR --prompt "…" --out OUT
@@ -14,7 +16,8 @@ alone, so `--seed S+k --num_samples 1` reproduces it (to float rounding; a stoch
 per-step noise comes from the batch's first seed). Writes OUT/<k>.gif, OUT/<k>.mp4 and
 OUT/samples.json, a list of {file (the GIF), mp4, prompt, seed} (image runs: prompt null, + image).
 Sampler flags left unset keep the model's own settings (a trained stage's steps and guidance, the
-pipeline's defaults otherwise).
+pipeline's defaults otherwise; SVD's fps, motion_bucket_id and noise_aug_strength too, and the
+files' frame rate is then the pipeline's default fps).
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ flags.DEFINE_string("pretrained", None, "A diffusers pipeline folder (SVD for --
                     "text-to-video layout for --prompt).")
 flags.DEFINE_multi_string("prompt", [], "A text prompt (repeat for several).")
 flags.DEFINE_multi_string("image", [], "A conditioning image for image-to-video (repeat for "
-                          "several); needs --pretrained.")
+                          "several); with --pretrained (an SVD folder) or --workdir (an "
+                          "image-to-video stage).")
 flags.DEFINE_string("out", None, "Output folder.")
 flags.DEFINE_integer("num_samples", 1, "Clips per prompt or image.")
 flags.DEFINE_integer("seed", 0, "Seed of the first clip; clip k uses seed + k.")
@@ -78,10 +82,7 @@ def _check_flags() -> None:
   if FLAGS.image and FLAGS.prompt:
     raise ValueError("Pass --prompt (text-to-video) or --image (image-to-video), not both.")
   if not FLAGS.image and not FLAGS.prompt:
-    raise ValueError("Pass at least one --prompt (or --image with --pretrained).")
-  if FLAGS.image and not FLAGS.pretrained:
-    raise ValueError("--image needs --pretrained (a diffusers StableVideoDiffusionPipeline "
-                     "folder).")
+    raise ValueError("Pass at least one --prompt (text-to-video) or --image (image-to-video).")
   if FLAGS.num_samples < 1:
     raise ValueError(f"--num_samples must be ≥ 1; got {FLAGS.num_samples}.")
 
@@ -92,11 +93,20 @@ def load_pipeline():
   if FLAGS.workdir:
     from vldm.recipes import stages  # pylint: disable=g-import-not-at-top
     pipe = stages.pipeline_from_workdir(FLAGS.workdir)  # the stage's own sampler settings
+    source = f"The newest trained stage in {FLAGS.workdir}"
   elif FLAGS.image:
-    pipe = pipelines.ImageToVideoPipeline.from_pretrained(FLAGS.pretrained)
+    from vldm.pipelines import folder  # pylint: disable=g-import-not-at-top
+    pipe = folder.load_image_to_video(FLAGS.pretrained)  # + the defaults vldm wrote, if any
+    source = FLAGS.pretrained
   else:
     from vldm.pipelines import folder  # pylint: disable=g-import-not-at-top
     pipe = folder.load_pipeline(FLAGS.pretrained)  # a cascade when it holds an upsampler
+    source = FLAGS.pretrained
+  image_to_video = isinstance(pipe, pipelines.ImageToVideoPipeline)
+  if bool(FLAGS.image) != image_to_video:
+    kind, wanted, given = (("an image-to-video (SVD)", "--image", "--prompt") if image_to_video
+                           else ("a text-to-video", "--prompt", "--image"))
+    raise pipelines.PipelineError(f"{source} is {kind} pipeline: pass {wanted}, not {given}.")
   return pipe.with_sampler(FLAGS.sampler) if FLAGS.sampler else pipe
 
 
@@ -120,7 +130,7 @@ def generate(pipe, out: str) -> list[dict]:
     start = time.time()
     frames = pipe([condition] * n, rng=_keys(seeds), **call_kwargs())
     names = [str(i * n + j) for j in range(n)]
-    fps = FILE_FPS if FLAGS.fps is None else FLAGS.fps
+    fps = getattr(pipe, "default_fps", FILE_FPS) if FLAGS.fps is None else FLAGS.fps
     written = pipelines.write_clips(frames, out, names, fps=fps)
     logging.info("%d clip(s) for %r in %.1f s.", n, condition, time.time() - start)
     for seed, files in zip(seeds, written):

@@ -10,6 +10,9 @@
              layers (spatial layers frozen), 16 frames × 32×32 latents, bf16: batch 1 with cuDNN
              and XLA attention, batch 2, and batch 8 with every block recomputed
              (`vldm.benchmark.video_stage`; no reference: its columns stay empty).
+  gpu_svd_i2v  one SVD image-to-video training step at 14 frames × 576×1024: the whole UNet
+             trained, the VAE encoder and CLIP ViT-H image encoder frozen in the same step, bf16
+             (`vldm.benchmark.svd_stage`'s default rows; no reference: its columns stay empty).
   smoke      a 2-level micro UNet, for tests: seconds, not a measurement.
 
 `run(cases, repeats, warmup)` builds each case, times vldm and the reference alternately
@@ -110,6 +113,13 @@ def gpu_video_ldm() -> list:
           for config in video_stage.parse_configs(video_stage.DEFAULT_CONFIGS["sd15"])]
 
 
+def gpu_svd_i2v() -> list:
+  from vldm.benchmark import svd_stage  # pylint: disable=g-import-not-at-top
+  size = svd_stage.SIZES["svd"]
+  return [svd_stage.case(f"svd_stage_{config.name}", size, config)
+          for config in svd_stage.parse_configs(svd_stage.DEFAULT_CONFIGS["svd"])]
+
+
 def smoke() -> list:
   setup = cases_lib.UNetSetup.make(MICRO_UNET, 2, 2, 8, 8)  # batch 2: splits over 2 devices
   return [cases_lib.unet_train_case("train_step", setup),
@@ -117,6 +127,7 @@ def smoke() -> list:
 
 
 SUITES: dict[str, Callable[[], list]] = {"cpu_small": cpu_small, "gpu_svd": gpu_svd,
+                                          "gpu_svd_i2v": gpu_svd_i2v,
                                           "gpu_video_ldm": gpu_video_ldm, "smoke": smoke}
 
 

@@ -410,6 +410,25 @@ def _measure_config(bench: Bench, config: StepConfig, row: dict, steps: int, war
     if row["program_work_bytes"] > free:  # it would fail and take the donated state with it
       raise MemoryError(f"needs {row['program_work_bytes'] / 2**30:.1f} GiB beyond its state and "
                         f"inputs; {free / 2**30:.1f} GiB free")
+  timing, _ = time_steps(bench, compiled, batch, row["flops"], config.batch, steps=steps,
+                        warmup=warmup, peak_tflops=peak_tflops)
+  row.update(timing, xla_tflops_per_s=(row["xla_flops"] / timing["step_s"] / 1e12
+                                       if row["xla_flops"] else None))
+  after = _device_memory()
+  if after:
+    row.update(device_bytes_in_use_before=before.get("bytes_in_use"),
+               device_bytes_limit=after.get("bytes_limit"),
+               device_peak_bytes_so_far=after.get("peak_bytes_in_use"))
+    # The allocator's peak is the process's: it is this step's only where it rose here.
+    rose = after.get("peak_bytes_in_use", 0) > before.get("peak_bytes_in_use", 0)
+    row["device_peak_bytes"] = after.get("peak_bytes_in_use") if rose else None
+
+
+def time_steps(bench, compiled, batch, flops: float, batch_size: int, *, steps: int,
+               warmup: int, peak_tflops: Optional[float]) -> tuple[dict, dict]:
+  """Times a compiled step (`bench.step_fn`): the median of `steps` blocking steps after `warmup`,
+  then as many queued back to back, as a training loop runs them (dispatch overlaps compute).
+  Returns (the row's timing, throughput, MFU and loss fields, the last timed step's metrics)."""
   step = bench.step_fn(compiled, batch)
   first = step()
   for _ in range(max(warmup - 1, 0)):
@@ -420,30 +439,19 @@ def _measure_config(bench: Bench, config: StepConfig, row: dict, steps: int, war
     last = step()
     step_times.append(time.perf_counter() - start)
   step_s = statistics.median(step_times)
-  # The same steps queued back to back, as a training loop runs them (dispatch overlaps compute).
   queued = bench.step_fn(compiled, batch, block=False)
   start = time.perf_counter()
   for _ in range(steps):
     metrics = queued()
   jax.block_until_ready((metrics, bench.state.step))
   pipelined_s = (time.perf_counter() - start) / steps
-  tflops_per_s = row["flops"] / step_s / 1e12
-  row.update(step_s=step_s, step_min_s=min(step_times), step_times=step_times, steps=steps,
-             warmup=warmup, clips_per_s=config.batch / step_s, tflops_per_s=tflops_per_s,
-             mfu=tflops_per_s / peak_tflops if peak_tflops else None, peak_tflops=peak_tflops,
-             pipelined_step_s=pipelined_s,
-             pipelined_mfu=row["flops"] / pipelined_s / 1e12 / peak_tflops if peak_tflops else None,
-             xla_tflops_per_s=row["xla_flops"] / step_s / 1e12 if row["xla_flops"] else None,
-             first_loss=float(first["loss"]), last_loss=float(last["loss"]),
-             grad_norm=float(last["grad_norm"]), final_loss=float(metrics["loss"]))
-  after = _device_memory()
-  if after:
-    row.update(device_bytes_in_use_before=before.get("bytes_in_use"),
-               device_bytes_limit=after.get("bytes_limit"),
-               device_peak_bytes_so_far=after.get("peak_bytes_in_use"))
-    # The allocator's peak is the process's: it is this step's only where it rose here.
-    rose = after.get("peak_bytes_in_use", 0) > before.get("peak_bytes_in_use", 0)
-    row["device_peak_bytes"] = after.get("peak_bytes_in_use") if rose else None
+  mfu = lambda seconds: flops / seconds / 1e12 / peak_tflops if peak_tflops else None
+  return dict(step_s=step_s, step_min_s=min(step_times), step_times=step_times, steps=steps,
+              warmup=warmup, clips_per_s=batch_size / step_s, tflops_per_s=flops / step_s / 1e12,
+              mfu=mfu(step_s), peak_tflops=peak_tflops, pipelined_step_s=pipelined_s,
+              pipelined_mfu=mfu(pipelined_s), first_loss=float(first["loss"]),
+              last_loss=float(last["loss"]), grad_norm=float(last["grad_norm"]),
+              final_loss=float(metrics["loss"])), last
 
 
 def run(size: Size, configs: Sequence[StepConfig], *, steps: int = 10, warmup: int = 2,

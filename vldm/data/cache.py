@@ -12,7 +12,8 @@ embeddings` on each batch and writes numpy shards plus an index:
 
 Encoders return an array (stored as 'latents' / 'text_embedding') or a dict of arrays (stored
 under their keys). `LatentCache(DIR)` is a random-access source of {fields..., 'caption', 'fps',
-'held_out'} with `null_text`, so later stages read it through the same Pipeline as pixels.
+'motion', 'held_out'} (the last two when the source has them) with `null_text`, so later stages
+read it through the same Pipeline as pixels.
 """
 import glob
 import json
@@ -91,6 +92,8 @@ def build_latent_cache(source, directory, encode_video, encode_text, *, batch_si
     fields = _as_fields(encode_video(batch[kind]), "latents")
     fields.update(_as_fields(encode_text(batch["caption"]), "text_embedding"))
     fields["fps"] = batch["fps"]
+    if "motion" in batch:
+      fields["motion"] = batch["motion"]
     if "held_out" in batch:
       fields["held_out"] = batch["held_out"]
     for key, value in fields.items():

@@ -3,7 +3,7 @@
 A source is anything with `len(source)` and `source[i] -> dict` (a TFDS `as_data_source()`, a
 `LatentCache`, a list of dicts). Examples hold either pixels, 'video' uint8 [T, H, W, 3] (or a list
 of frames) or 'image' uint8 [H, W, 3], or cached encoder outputs ('latents', text embeddings, ...),
-plus 'caption' (str or bytes) and optionally 'fps' and 'held_out'.
+plus 'caption' (str or bytes) and optionally 'fps', 'motion' and 'held_out'.
 
 The sample order is a pure function of (seed, epoch): the epoch's permutation of all indices, cut
 into global batches; process p of n reads rows [p*B/n, (p+1)*B/n) of every global batch, so the
@@ -14,7 +14,9 @@ integers, `{'epoch', 'position', ...}`: restoring it resumes the identical strea
 
 Batches are dicts: 'video' float32 [B, F, H, W, 3] in [-1, 1] (or 'image' [B, H, W, 3]; or the
 cached fields), 'fps' float32 [B] (source fps / frame stride, for micro-conditioning), 'index' int32
-[B] (source indices), 'held_out' bool [B] when the source has it -- global jax.Arrays when a
+[B] (source indices), 'motion' float32 [B] (the clip's motion score, frame short sides per second,
+see vldm.data.motion; from the source, which scored the stored clip: a unit independent of the
+frame stride) and 'held_out' bool [B] when the source has them -- global jax.Arrays when a
 sharding is given, else numpy -- and 'caption', the list of this process's captions (host strings,
 for the caller to tokenize; '' where dropped for classifier-free guidance).
 """
@@ -29,6 +31,8 @@ from vldm.data import transforms
 
 DEFAULT_FPS = 8.0  # for sources without a frame rate
 PIXEL_KEYS = ("video", "image")
+# Per-example metadata, handled by name rather than passed through as a cached encoder field.
+METADATA_KEYS = ("caption", "fps", "motion", "held_out", "index")
 
 
 def caption_text(caption):
@@ -183,13 +187,15 @@ class Pipeline:
     else:  # cached encoder outputs: numeric fields pass through
       for key, value in example.items():
         value = np.asarray(value)
-        if key not in ("caption", "fps", "held_out", "index") and value.dtype.kind in "biuf":
+        if key not in METADATA_KEYS and value.dtype.kind in "biuf":
           out[key] = value
       out["fps"] = np.float32(example.get("fps", DEFAULT_FPS))
     if drop:
       caption = ""
       for key, value in self.null_text.items():
         out[key] = np.asarray(value, out[key].dtype if key in out else None)
+    if "motion" in example:
+      out["motion"] = np.float32(example["motion"])
     if "held_out" in example:
       out["held_out"] = np.bool_(example["held_out"])
     out["caption"] = caption

@@ -8,7 +8,10 @@ file, CSV with a header or JSON lines, one row per clip with the keys
   split    optional; the split the clip goes to (default 'train')
 Without `captions`' default name, 'captions.csv', in the folder, 'captions.jsonl' is used.
 Output: examples {'video': uint8 [T, R, R, 3] (shorter side resized to R, centre crop), 'caption',
-'fps', 'file', 'start_frame'}.
+'fps', 'file', 'start_frame', 'motion'}.
+'motion' (float32) is the segment's global motion score, `vldm.data.motion.motion_score` of its
+stored frames at its fps (SVD's Farnebäck flow at 2 fps), in frame short sides per second: so it
+does not depend on the resolution or frame rate, and maps to SVD's motion_bucket_id.
 
 Clips: a file's frames are taken at a stride, round(file fps / target_fps) (>= 1; 1 without
 target_fps), so the stored 'fps' is file fps / stride (the file's fps: the captions row's, else the
@@ -39,6 +42,7 @@ import imageio.v3 as iio
 import numpy as np
 import tensorflow_datasets as tfds
 
+from vldm.data import motion as motion_lib
 from vldm.data import transforms
 
 log = logging.getLogger(__name__)
@@ -220,11 +224,12 @@ def iter_segments(
 class VldmVideoFolder(tfds.core.GeneratorBasedBuilder):
   """Captioned videos from a local folder; pass a VideoFolderConfig (see video_folder_builder)."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {
       "1.0.0": "Initial release.",
       "1.1.0": "Several clips (segments) per video at a target frame rate (target_fps, "
       "clips_per_video); 'start_frame' feature.",
+      "1.2.0": "'motion' feature: each clip's motion score (frame short sides per second).",
   }
 
   def __init__(self, *, config=None, **kwargs):
@@ -241,6 +246,7 @@ class VldmVideoFolder(tfds.core.GeneratorBasedBuilder):
                 "fps": tfds.features.Scalar(np.float32),
                 "file": tfds.features.Text(),
                 "start_frame": tfds.features.Scalar(np.int64),
+                "motion": tfds.features.Scalar(np.float32),
             }
         ),
         description=__doc__,
@@ -305,12 +311,15 @@ class VldmVideoFolder(tfds.core.GeneratorBasedBuilder):
           path, stride, c.min_frames, c.max_frames, c.clips_per_video, num_frames, c.resolution
       ):
         emitted += 1
+        segment_fps = fps / stride
         yield start, {
             "video": frames,
             "caption": row["caption"],
-            "fps": np.float32(fps / stride),
+            "fps": np.float32(segment_fps),
             "file": row["file"],
             "start_frame": start,
+            # Scored here, on the frames as stored, while they are in memory: once per clip.
+            "motion": np.float32(motion_lib.motion_score(frames, segment_fps)),
         }
     except Exception as e:  # pylint: disable=broad-except  # any decoder failure skips the file
       first_line = (str(e).strip().splitlines() or [""])[0]

@@ -74,13 +74,15 @@ def diffusion_loss(model_fn: Callable, x0, rng, *, parameterization="epsilon",
                    noise_sampling: Optional[str] = None, weighting: str = "uniform",
                    min_snr_gamma: float = 5.0, p_mean: float = -1.2, p_std: float = 1.2,
                    sigma_data: Optional[float] = None, offset_noise: float = 0.0,
-                   per_frame: bool = False):
+                   per_frame: bool = False, sigma=None, noise=None):
   """Per-example loss of `model_fn(x_in, t_in) -> prediction` on clean latents x0 [B, …, C].
 
   Returns (loss, aux): loss [B], or [B, F] with `per_frame` (x0 [B, F, H, W, C]); aux holds the
   per-example 't' (network time), 'sigma', 'snr', 'weight' and unweighted 'mse' (shaped as loss).
   `noise_sampling` defaults to 'lognormal' for 'edm'/'v_edm' and 'uniform' otherwise;
   `sigma_data` (for 'edm' weighting) defaults to the parameterization's for 'edm', else 1.
+  `sigma` [B] and `noise` (x0's shape) replace the draws from rng (given noise levels are taken as
+  continuous σ, whatever `noise_sampling` says): for tests against the equations.
   """
   param = as_parameterization(parameterization)
   if noise_sampling is None:
@@ -97,12 +99,20 @@ def diffusion_loss(model_fn: Callable, x0, rng, *, parameterization="epsilon",
   x0 = jnp.asarray(x0, jnp.float32)
   batch = x0.shape[0]
   level_rng, noise_rng, offset_rng = jax.random.split(rng, 3)
-  noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
-  if offset_noise:
-    noise = noise + offset_noise_like(offset_rng, x0, offset_noise)
+  if noise is None:
+    noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
+    if offset_noise:
+      noise = noise + offset_noise_like(offset_rng, x0, offset_noise)
+  noise = jnp.asarray(noise, jnp.float32)
 
   t = None
-  if noise_sampling == "uniform":
+  if sigma is not None:
+    sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (batch,))
+    alpha_bar = 1 / (1 + sigma**2)
+    snr = schedules.snr_from_sigma(sigma)
+    if not param.continuous_noise:
+      t = schedule.sigma_to_t(sigma)
+  elif noise_sampling == "uniform":
     t = sample_timesteps(level_rng, batch, schedule.num_train_timesteps)
     alpha_bar = jnp.asarray(schedule.alphas_cumprod)[t]
     sigma = jnp.asarray(schedule.sigmas)[t]

@@ -524,6 +524,7 @@ _DIFFUSERS_FIXED_OPTIONS = {
     "heun": {"sigma_min": None, "sigma_max": None},
 }
 _DIFFUSERS_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+V_EDM = "v_edm"  # written as Euler with v_prediction and continuous timesteps (SVD's config)
 
 
 def to_scheduler_config(
@@ -539,8 +540,13 @@ def to_scheduler_config(
   e.g. DDIM's clip_sample), so `from_scheduler_config` gives back the resolved options, equal to
   `options` when they were complete (as `from_scheduler_config` returns them). Raises ValueError
   for what the diffusers class cannot express: DDIM eta ≠ 0, Heun with sigma_min / sigma_max or
-  rescale_betas_zero_snr, Euler's continuous timesteps without v-prediction, and the EDM
-  prediction types.
+  rescale_betas_zero_snr, Euler's continuous timesteps without v-prediction, 'edm', and 'v_edm'
+  with any sampler but Euler.
+
+  'v_edm' (v-prediction with c_noise = ¼ ln σ: SVD's) is diffusers' EulerDiscreteScheduler with
+  prediction_type='v_prediction' and timestep_type='continuous' (its timesteps are then ¼ ln σ),
+  whatever timestep_type the options hold: vldm's 'v_edm' denoiser ignores the sampler's timesteps.
+  `SamplerSettings.from_scheduler_config` reads that config back as 'v_edm'.
   """
   entry = get_sampler(sampler_name)
   class_name = {v: k for k, v in DIFFUSERS_SCHEDULERS.items()}.get(sampler_name)
@@ -558,6 +564,16 @@ def to_scheduler_config(
         f"Unknown option(s) {unknown} for sampler {sampler_name!r}; "
         f"accepted: {sorted(entry.defaults)}."
     )
+  if prediction_type == V_EDM:
+    if sampler_name != "euler":
+      raise ValueError(
+          f"prediction_type 'v_edm' (v-prediction with c_noise = ¼ ln σ, as SVD) has a diffusers "
+          f"scheduler only with sampler 'euler' (EulerDiscreteScheduler, prediction_type="
+          f"'v_prediction', timestep_type='continuous'); diffusers' {class_name} feeds the network "
+          f"its discrete timesteps instead. Got sampler {sampler_name!r}: save with 'euler'."
+      )
+    options["timestep_type"] = "continuous"
+    prediction_type = "v_prediction"
   _choice("prediction_type for a diffusers scheduler", prediction_type, _DIFFUSERS_PREDICTION_TYPES)
   resolved = {**entry.defaults, **options}
   problems = []

@@ -30,8 +30,8 @@ SPATIAL, TEMPORAL = "spatial", "temporal"
 TEMPORAL_OPTIONS = ("merge_factor", "merge_strategy", "temporal_conv_implementation",
                     "text_motion_embedding", "zero_init_temporal_outputs",
                     "addition_time_embed_dim", "projection_class_embeddings_input_dim",
-                    "num_frames", "attention_implementation", "remat_policy", "dtype",
-                    "param_dtype")
+                    "num_frames", "eps_convention", "attention_implementation", "remat_policy",
+                    "dtype", "param_dtype")
 
 # Module names that exist only in the video UNet.
 _TEMPORAL_NAMES = re.compile(
@@ -47,7 +47,9 @@ def video_config_from_image(image_unet: unet_lib.UNet, **temporal_options) -> un
   `temporal_options` (see TEMPORAL_OPTIONS): α blenders (`merge_factor` is the initial mix
   parameter; `merge_strategy` 'learned_with_images' / 'learned' / 'fixed'), the temporal conv
   implementation, SVD-style added-time-ids micro-conditioning (`addition_time_embed_dim`,
-  `projection_class_embeddings_input_dim`; off by default, as in Video LDM), and computation settings.
+  `projection_class_embeddings_input_dim`; off by default, as in Video LDM), `eps_convention='svd'`
+  (the per-block norm epsilons diffusers' SVD UNet hard-codes, for a UNet exported in its layout),
+  and computation settings.
   """
   if image_unet.temporal:
     raise ValueError("video_config_from_image takes an image UNet (temporal=False).")

@@ -1,5 +1,13 @@
-"""A text-to-video pipeline as a diffusers-layout folder, and back: what `python -m vldm.export`
-writes and `python -m vldm.sample --pretrained FOLDER` reads.
+"""A pipeline as a diffusers-layout folder, and back: what `python -m vldm.export` writes and
+`python -m vldm.sample --pretrained FOLDER` reads.
+
+An ImageToVideoPipeline (SVD) is written as diffusers' StableVideoDiffusionPipeline folder, which
+diffusers loads as it is: model_index.json (+ `vldm`: the sampling defaults and
+micro_conditioning_ranges), unet/ (UNetSpatioTemporalConditionModel), vae/, image_encoder/
+(CLIPVisionModelWithProjection), feature_extractor/preprocessor_config.json (CLIPImageProcessor)
+and scheduler/ (EulerDiscreteScheduler: 'v_edm' is v_prediction with continuous timesteps).
+
+A text-to-video pipeline:
 
   FOLDER/model_index.json           the pipeline class (StableDiffusionPipeline for an image UNet,
                                     else VldmTextToVideoPipeline), each component's
@@ -34,7 +42,9 @@ from vldm.models import tokenizer as tokenizer_lib
 from vldm.models import unet as unet_lib
 from vldm.pipelines import common
 from vldm.pipelines import workdir as workdir_lib
+from vldm.pipelines import image_to_video
 from vldm.pipelines.cascade import CascadePipeline
+from vldm.pipelines.image_to_video import ImageToVideoPipeline
 from vldm.pipelines.text_to_video import NEEDS, TextToVideoPipeline
 
 TEMPORAL_LAYERS = "temporal_layers.safetensors"
@@ -42,8 +52,14 @@ UPSAMPLER = "upsampler"
 UPSAMPLER_CONFIG = "upsampler.json"
 VIDEO_PIPELINE_CLASS = "VldmTextToVideoPipeline"
 IMAGE_PIPELINE_CLASS = "StableDiffusionPipeline"
+SVD_PIPELINE_CLASS = "StableVideoDiffusionPipeline"
+SVD_UNET_CLASS = "UNetSpatioTemporalConditionModel"
+DIFFUSERS_VERSION = "0.35.0"
+# model_index.json's `vldm` entries of an image-to-video folder → ImageToVideoPipeline fields.
+SVD_DEFAULTS = ("num_steps", "min_guidance_scale", "max_guidance_scale", "fps",
+                "motion_bucket_id", "noise_aug_strength")
 
-Pipeline = Union[TextToVideoPipeline, CascadePipeline]
+Pipeline = Union[TextToVideoPipeline, CascadePipeline, ImageToVideoPipeline]
 
 
 def _portable(module):
@@ -82,15 +98,86 @@ def _save_unet(unet, params, folder: str) -> list[str]:
   return entry
 
 
+def _write_json(value, path: str, **kwargs) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=2, **kwargs)
+
+
+def _save_scheduler(settings: common.SamplerSettings, folder: str) -> list[str]:
+  s = settings
+  scheduler = samplers.to_scheduler_config(s.sampler, s.schedule, s.options, s.prediction_type)
+  _write_json(scheduler, os.path.join(folder, "scheduler", common.SCHEDULER_CONFIG),
+              sort_keys=True)
+  return ["diffusers", scheduler["_class_name"]]
+
+
+def feature_extractor_config(image_size: int, clip_mean, clip_std) -> dict:
+  """What `transformers.CLIPImageProcessor(crop_size=image_size, size=image_size,
+  image_mean=…, image_std=…).save_pretrained` writes (plain json: no torch needed)."""
+  return {
+      "crop_size": {"height": int(image_size), "width": int(image_size)},
+      "do_center_crop": True,
+      "do_convert_rgb": True,
+      "do_normalize": True,
+      "do_rescale": True,
+      "do_resize": True,
+      "image_mean": [float(v) for v in clip_mean],
+      "image_processor_type": "CLIPImageProcessor",
+      "image_std": [float(v) for v in clip_std],
+      "resample": 3,
+      "rescale_factor": 1 / 255,
+      "size": {"shortest_edge": int(image_size)},
+  }
+
+
+def _save_image_to_video(pipe: ImageToVideoPipeline, folder: str) -> str:
+  """Writes a diffusers StableVideoDiffusionPipeline folder (see the module docstring)."""
+  os.makedirs(folder, exist_ok=True)
+  index = {"_class_name": SVD_PIPELINE_CLASS, "_diffusers_version": DIFFUSERS_VERSION}
+  unet = _portable(pipe.unet)
+  try:
+    convert.save_diffusers(unet, pipe.params["unet"], os.path.join(folder, "unet"),
+                           class_name=SVD_UNET_CLASS)
+  except convert.ConversionError as e:
+    raise common.PipelineError(
+        f"Cannot write this image-to-video pipeline as a {SVD_PIPELINE_CLASS} folder: diffusers' "
+        f"pipeline needs its UNet as a {SVD_UNET_CLASS}, which cannot describe this one ({e})."
+    ) from e
+  index["unet"] = ["diffusers", SVD_UNET_CLASS]
+  index["vae"] = _save_model(pipe.vae, pipe.params["vae"], os.path.join(folder, "vae"))
+  index["image_encoder"] = _save_model(pipe.image_encoder, pipe.params["image_encoder"],
+                                       os.path.join(folder, "image_encoder"))
+  _write_json(
+      feature_extractor_config(pipe.image_encoder.image_size, pipe.clip_mean, pipe.clip_std),
+      os.path.join(folder, image_to_video.FEATURE_EXTRACTOR_CONFIG))
+  index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+  try:
+    index["scheduler"] = _save_scheduler(pipe.sampler, folder)
+  except ValueError as e:
+    raise common.PipelineError(f"Cannot write this pipeline's sampler as a diffusers scheduler: "
+                               f"{e}") from e
+  plain = lambda v: v.item() if hasattr(v, "item") else v  # numpy scalars → JSON numbers
+  index["vldm"] = {name: plain(getattr(pipe, f"default_{name}")) for name in SVD_DEFAULTS}
+  if pipe.micro_conditioning_ranges is not None:
+    index["vldm"]["micro_conditioning_ranges"] = {
+        k: list(v) for k, v in pipe.micro_conditioning_ranges.items()}
+  _write_json(index, os.path.join(folder, common.MODEL_INDEX))
+  return folder
+
+
 def save_pipeline(pipe: Pipeline, folder: str) -> str:
-  """Writes `pipe` (a TextToVideoPipeline or a CascadePipeline) to `folder`; returns folder."""
+  """Writes `pipe` (a TextToVideoPipeline, a CascadePipeline or an ImageToVideoPipeline) to
+  `folder`; returns folder."""
+  if isinstance(pipe, ImageToVideoPipeline):
+    return _save_image_to_video(pipe, folder)
   upsampler = None
   if isinstance(pipe, CascadePipeline):
     pipe, upsampler = pipe.base, pipe
   os.makedirs(folder, exist_ok=True)
   index = {
       "_class_name": VIDEO_PIPELINE_CLASS if pipe.unet.temporal else IMAGE_PIPELINE_CLASS,
-      "_diffusers_version": "0.35.0",
+      "_diffusers_version": DIFFUSERS_VERSION,
   }
   index["unet"] = _save_unet(pipe.unet, pipe.params["unet"], folder)
   index["vae"] = _save_model(pipe.vae, pipe.params["vae"], os.path.join(folder, "vae"))
@@ -103,12 +190,7 @@ def save_pipeline(pipe: Pipeline, folder: str) -> str:
       if isinstance(pipe.tokenizer, tokenizer_lib.CLIPBPETokenizer)
       else ["vldm", "WordTokenizer"]
   )
-  s = pipe.sampler
-  scheduler = samplers.to_scheduler_config(s.sampler, s.schedule, s.options, s.prediction_type)
-  os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
-  with open(os.path.join(folder, "scheduler", common.SCHEDULER_CONFIG), "w", encoding="utf-8") as f:
-    json.dump(scheduler, f, indent=2, sort_keys=True)
-  index["scheduler"] = ["diffusers", scheduler["_class_name"]]
+  index["scheduler"] = _save_scheduler(pipe.sampler, folder)
   if IMAGE_PIPELINE_CLASS == index["_class_name"]:  # what StableDiffusionPipeline expects too
     index.update(
         safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False
@@ -139,9 +221,23 @@ def save_pipeline(pipe: Pipeline, folder: str) -> str:
   return folder
 
 
+def load_image_to_video(folder: str) -> ImageToVideoPipeline:
+  """A StableVideoDiffusionPipeline folder's pipeline, with model_index.json's `vldm` defaults and
+  micro_conditioning_ranges when it has them (a folder vldm wrote)."""
+  extra = common.read_model_index(folder).get("vldm", {})
+  kwargs = {f"default_{k}": v for k, v in extra.items() if k in SVD_DEFAULTS}
+  ranges = extra.get("micro_conditioning_ranges")
+  if ranges is not None:
+    kwargs["micro_conditioning_ranges"] = {k: tuple(v) for k, v in ranges.items()}
+  return ImageToVideoPipeline.from_pretrained(folder, **kwargs)
+
+
 def load_pipeline(folder: str) -> Pipeline:
-  """The text-to-video pipeline of a diffusers-layout folder (see the module docstring): a
-  CascadePipeline when it has an upsampler/, its sampling defaults from model_index.json."""
+  """The pipeline of a diffusers-layout folder (see the module docstring): an
+  ImageToVideoPipeline for a StableVideoDiffusionPipeline folder; else text-to-video, a
+  CascadePipeline when it has an upsampler/; the sampling defaults from model_index.json."""
+  if common.read_model_index(folder).get("_class_name") == SVD_PIPELINE_CLASS:
+    return load_image_to_video(folder)
   index = common.check_components(folder, "text-to-video", NEEDS)
   defaults = {
       f"default_{k}": v

@@ -10,7 +10,9 @@ What one call does, in diffusers' order:
      VaeImageProcessor), in [-1, 1], plus noise_aug_strength · n, VAE-encoded, the posterior's
      mode (NOT × scaling_factor), repeated over frames, concatenated to the UNet input channels
      after the c_in scaling (`scale_model_input`).
-  3. added_time_ids = [fps − 1, motion_bucket_id, noise_aug_strength].
+  3. added_time_ids = [fps − 1, motion_bucket_id, noise_aug_strength] (`time_ids`); fps,
+     motion_bucket_id and noise_aug_strength default to the pipeline's default_* (what the model
+     was trained with), and must lie in its micro_conditioning_ranges when it has them.
   4. guidance when max_guidance_scale > 1: the unconditional branch has zero image embeddings and
      zero image latents (same time ids), scale linspace(min, max, F) per frame.
   5. the sampler from noise · init_noise_sigma, then ÷ scaling_factor, the temporal decoder
@@ -19,13 +21,16 @@ Steps 1–4 and the sampling loop are one jitted function (compiled once per sha
 guidance on/off), the decoder another (per decode_chunk_size), both kept on the pipeline: the
 latents stay on the device between them, output='latents' reuses the sampler's executable, and a
 new decode_chunk_size does not recompile the sampler.
+
+`image_embeddings`, `image_latents` and `time_ids` are steps 1–3 as functions of arrays, so that a
+training loss conditions the UNet with exactly the numerics this pipeline samples with.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import os
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -53,6 +58,7 @@ NEEDS = {
 }
 FEATURE_EXTRACTOR_CONFIG = os.path.join("feature_extractor", "preprocessor_config.json")
 OUTPUTS = ("frames", "latents")
+MICRO_CONDITIONS = ("fps", "motion_bucket_id", "noise_aug_strength")
 
 
 # ------------------------------------------------------------------------------ input images
@@ -124,6 +130,76 @@ def prepare_images(image, height: Optional[int] = None, width: Optional[int] = N
   return to_signed(originals), to_signed(resized), (height, width)
 
 
+# ---------------------------------------------------------------------------- conditioning
+def clip_pixels(originals, image_size: int, clip_mean: Sequence[float] = clip_lib.CLIP_MEAN,
+                clip_std: Sequence[float] = clip_lib.CLIP_STD):
+  """Images [B,H0,W0,3] in [-1, 1] → the image encoder's input: anti-aliased to image_size and
+  normalised by the feature extractor's mean / std. Traceable."""
+  pixels = clip_lib.preprocess_for_clip(originals, image_size)
+  if (tuple(clip_mean), tuple(clip_std)) != (clip_lib.CLIP_MEAN, clip_lib.CLIP_STD):
+    unit = pixels * jnp.asarray(clip_lib.CLIP_STD) + jnp.asarray(clip_lib.CLIP_MEAN)
+    pixels = (unit - jnp.asarray(clip_mean)) / jnp.asarray(clip_std)
+  return pixels
+
+
+def image_embeddings(image_encoder: clip_lib.CLIPVisionModelWithProjection, encoder_params,
+                     originals, *, clip_mean: Sequence[float] = clip_lib.CLIP_MEAN,
+                     clip_std: Sequence[float] = clip_lib.CLIP_STD):
+  """The UNet's context [B, 1, P]: the projected CLIP embedding of images [B,H0,W0,3] in [-1, 1]
+  (at their own size; `clip_pixels` resizes). Traceable."""
+  pixels = clip_pixels(originals, image_encoder.image_size, clip_mean, clip_std)
+  return image_encoder.apply({"params": encoder_params}, pixels)[:, None]
+
+
+def image_latents(vae: nn.Module, vae_params, pixels):
+  """The conditioning latents [B,h,w,c] of images [B,H,W,3] in [-1, 1]: the VAE posterior's mode,
+  NOT × scaling_factor (SVD's convention). SVD passes the noise-augmented image,
+  pixels + noise_aug_strength · n. Traceable."""
+  return vae.apply({"params": vae_params}, pixels, method="encode").mode()
+
+
+def time_ids(fps, motion_bucket_id, noise_aug_strength, batch: Optional[int] = None):
+  """added_time_ids [B, 3] float32: [fps − 1, motion_bucket_id, noise_aug_strength] (diffusers').
+
+  Each value is a scalar or per-example [B]; scalars repeat over `batch` (default 1, or the
+  per-example values' B). numpy in, numpy out (the pipeline's host side); traceable with jax.
+  """
+  values = (fps, motion_bucket_id, noise_aug_strength)
+  xp = jnp if any(isinstance(v, jax.Array) for v in values) else np
+  values = [xp.asarray(v, xp.float32) for v in values]
+  shape = np.broadcast_shapes(*(v.shape for v in values))
+  if len(shape) > 1:
+    raise ValueError(f"fps, motion_bucket_id and noise_aug_strength must be scalars or [B]; got "
+                     f"shapes {[v.shape for v in values]}.")
+  if batch is not None and shape not in ((), (batch,)):
+    raise ValueError(f"Per-example time ids of shape {shape} do not match batch {batch}.")
+  shape = (batch or 1,) if shape == () else shape
+  fps, motion, aug = (xp.broadcast_to(v, shape) for v in values)
+  return xp.stack([fps - 1, motion, aug], axis=-1).astype(xp.float32)
+
+
+def _check_ranges(ranges) -> dict:
+  """micro_conditioning_ranges as {name: (lo, hi)}, validated."""
+  if not isinstance(ranges, Mapping):
+    raise ValueError("micro_conditioning_ranges must map names among "
+                     f"{MICRO_CONDITIONS} to (low, high); got {type(ranges).__name__}.")
+  unknown = sorted(set(ranges) - set(MICRO_CONDITIONS))
+  if unknown:
+    raise ValueError(f"Unknown micro-conditioning name(s) {unknown} in micro_conditioning_ranges; "
+                     f"accepted: {MICRO_CONDITIONS}.")
+  checked = {}
+  for name, bounds in ranges.items():
+    try:
+      lo, hi = (float(b) for b in bounds)
+    except (TypeError, ValueError):
+      raise ValueError(f"micro_conditioning_ranges[{name!r}] must be (low, high); got "
+                       f"{bounds!r}.") from None
+    if lo > hi:
+      raise ValueError(f"micro_conditioning_ranges[{name!r}] = {bounds!r} has low > high.")
+    checked[name] = (lo, hi)
+  return checked
+
+
 # ------------------------------------------------------------------------------------ pipeline
 @dataclasses.dataclass
 class ImageToVideoPipeline:
@@ -132,8 +208,11 @@ class ImageToVideoPipeline:
   params: {'unet': …, 'vae': …, 'image_encoder': …}. `sampler`: the sampler, schedule and
   prediction type (default: SVD's Euler). `clip_mean` / `clip_std`: the feature extractor's
   normalisation (OpenAI CLIP's unless the folder's preprocessor_config.json says otherwise).
-  `default_num_steps`, `default_min_guidance_scale`, `default_max_guidance_scale`: a call's when it
-  passes none (diffusers' StableVideoDiffusionPipeline defaults unless a model needs others).
+  `default_num_steps`, `default_min_guidance_scale`, `default_max_guidance_scale`, `default_fps`,
+  `default_motion_bucket_id`, `default_noise_aug_strength`: a call's when it passes none
+  (diffusers' StableVideoDiffusionPipeline defaults unless a model was trained with others).
+  `micro_conditioning_ranges`: {'fps' | 'motion_bucket_id' | 'noise_aug_strength': (low, high)},
+  the values the model was trained on; a call outside them is an error (None: any value).
   """
   unet: unet_lib.UNet
   vae: nn.Module
@@ -146,10 +225,16 @@ class ImageToVideoPipeline:
   default_num_steps: int = 25
   default_min_guidance_scale: float = 1.0
   default_max_guidance_scale: float = 3.0
+  default_fps: float = 7
+  default_motion_bucket_id: float = 127
+  default_noise_aug_strength: float = 0.02
+  micro_conditioning_ranges: Optional[Mapping[str, tuple[float, float]]] = None
   _compiled: common.CompiledCache = common.compiled_cache_field()
 
   def __post_init__(self):
     self._check_components()
+    if self.micro_conditioning_ranges is not None:
+      self.micro_conditioning_ranges = _check_ranges(self.micro_conditioning_ranges)
 
   # ---- construction ----------------------------------------------------------------------
   @classmethod
@@ -226,16 +311,19 @@ class ImageToVideoPipeline:
   def __call__(self, image, *, num_frames: Optional[int] = None, height: Optional[int] = None,
                width: Optional[int] = None, num_steps: Optional[int] = None,
                min_guidance_scale: Optional[float] = None,
-               max_guidance_scale: Optional[float] = None, fps: int = 7,
-               motion_bucket_id: int = 127, noise_aug_strength: float = 0.02,
+               max_guidance_scale: Optional[float] = None, fps: Optional[float] = None,
+               motion_bucket_id: Optional[float] = None,
+               noise_aug_strength: Optional[float] = None,
                decode_chunk_size: Optional[int] = None, rng=None, noise=None, image_noise=None,
                output: str = "frames") -> np.ndarray:
     """Frames [B,F,H,W,3] in [0,1] (or, with output='latents', the sampled latents [B,F,h,w,c]).
 
     image: a path, PIL image, array [H,W,3] / [B,H,W,3] (uint8, or float in [0,1]) or a list.
     height, width: default the image's size; multiples of the VAE × UNet downsampling factor.
-    num_frames: default the UNet config's. num_steps, min/max_guidance_scale: default the
-    pipeline's default_*. rng: an int seed, a PRNG key or one key per image.
+    num_frames: default the UNet config's. num_steps, min/max_guidance_scale, fps,
+    motion_bucket_id, noise_aug_strength: default the pipeline's default_*; fps > 0, and each
+    within micro_conditioning_ranges when the pipeline has them.
+    rng: an int seed, a PRNG key or one key per image.
     noise [B,F,h,w,c] (standard normal; the sampler scales it by init_noise_sigma) and
     image_noise [B,H,W,3] (the noise augmentation draw) replace the draws from rng.
     """
@@ -246,6 +334,8 @@ class ImageToVideoPipeline:
       min_guidance_scale = self.default_min_guidance_scale
     if max_guidance_scale is None:
       max_guidance_scale = self.default_max_guidance_scale
+    fps, motion_bucket_id, noise_aug_strength = self.micro_conditions(
+        fps, motion_bucket_id, noise_aug_strength)
     originals, resized, (height, width) = prepare_images(image, height, width)
     common.check_size(height, width, self.vae, self.unet)
     batch = originals.shape[0]
@@ -268,44 +358,51 @@ class ImageToVideoPipeline:
     use_guidance = max_guidance_scale > 1  # diffusers' do_classifier_free_guidance
     scales = guidance_lib.frame_guidance_scale(min_guidance_scale, max_guidance_scale, frames,
                                                batch)
-    time_ids = np.tile(np.array([[fps - 1, motion_bucket_id, noise_aug_strength]], np.float32),
-                       (batch, 1))
+    ids = time_ids(fps, motion_bucket_id, noise_aug_strength, batch)
     sample = self._compiled.get(("sample", num_steps, use_guidance), functools.partial(
         self._sample, num_steps=num_steps, use_guidance=use_guidance))
-    originals, resized, image_noise, noise, scales, time_ids = devices.split_batch(
-        originals, resized, image_noise, noise, scales, time_ids)
+    originals, resized, image_noise, noise, scales, ids = devices.split_batch(
+        originals, resized, image_noise, noise, scales, ids)
     latents = sample(self.params, originals, resized, image_noise, jnp.float32(noise_aug_strength),
-                     noise, scales, time_ids, sampler_key)
+                     noise, scales, ids, sampler_key)
     if output == "latents":
       return np.asarray(latents)
     decode = self._compiled.decoder(self.vae, decode_chunk_size)
     return np.asarray(decode(self.params["vae"], latents))
 
-  def _clip_pixels(self, originals):
-    pixels = clip_lib.preprocess_for_clip(originals, self.image_encoder.image_size)
-    if (tuple(self.clip_mean), tuple(self.clip_std)) != (clip_lib.CLIP_MEAN, clip_lib.CLIP_STD):
-      unit = pixels * jnp.asarray(clip_lib.CLIP_STD) + jnp.asarray(clip_lib.CLIP_MEAN)
-      pixels = (unit - jnp.asarray(self.clip_mean)) / jnp.asarray(self.clip_std)
-    return pixels
+  def micro_conditions(self, fps=None, motion_bucket_id=None, noise_aug_strength=None):
+    """(fps, motion_bucket_id, noise_aug_strength): the pipeline's defaults for those None, checked
+    (fps > 0; within micro_conditioning_ranges)."""
+    values = dict(fps=fps, motion_bucket_id=motion_bucket_id,
+                  noise_aug_strength=noise_aug_strength)
+    values = {k: getattr(self, f"default_{k}") if v is None else v for k, v in values.items()}
+    if not values["fps"] > 0:
+      raise ValueError(f"fps must be > 0 (the UNet is conditioned on fps − 1); got "
+                       f"{values['fps']!r}.")
+    for name, (lo, hi) in (self.micro_conditioning_ranges or {}).items():
+      if not lo <= values[name] <= hi:
+        raise ValueError(f"{name}={values[name]!r} is outside [{lo:g}, {hi:g}]: the model was "
+                         f"trained on {name} in that range (micro_conditioning_ranges).")
+    return values["fps"], values["motion_bucket_id"], values["noise_aug_strength"]
 
   def _sample(self, params, originals, resized, image_noise, noise_aug_strength, noise, scales,
-              time_ids, sampler_key, *, num_steps, use_guidance):
+              ids, sampler_key, *, num_steps, use_guidance):
     """Conditioning encoders + the sampling loop (one jitted function); → latents."""
     frames = noise.shape[1]
-    embeddings = self.image_encoder.apply({"params": params["image_encoder"]},
-                                          self._clip_pixels(originals))[:, None]  # [B, 1, P]
+    embeddings = image_embeddings(self.image_encoder, params["image_encoder"], originals,
+                                  clip_mean=self.clip_mean, clip_std=self.clip_std)  # [B, 1, P]
     augmented = resized + noise_aug_strength * image_noise
-    image_latents = self.vae.apply({"params": params["vae"]}, augmented, method="encode").mode()
-    image_latents = jnp.repeat(image_latents[:, None], frames, axis=1)
-    cond = dict(context=embeddings, image_latents=image_latents, time_ids=time_ids)
+    latents = image_latents(self.vae, params["vae"], augmented)
+    latents = jnp.repeat(latents[:, None], frames, axis=1)
+    cond = dict(context=embeddings, image_latents=latents, time_ids=ids)
 
     def network(x, t, c):
       x = jnp.concatenate([x, c["image_latents"].astype(x.dtype)], axis=-1)
       return self.unet.apply({"params": params["unet"]}, x, t, c["context"], c["time_ids"])
 
     if use_guidance:
-      uncond = dict(context=jnp.zeros_like(embeddings), image_latents=jnp.zeros_like(image_latents),
-                    time_ids=time_ids)
+      uncond = dict(context=jnp.zeros_like(embeddings), image_latents=jnp.zeros_like(latents),
+                    time_ids=ids)
       guided = guidance_lib.classifier_free_guidance(network, cond, uncond, scales)
     else:
       guided = lambda x, t: network(x, t, cond)

@@ -1,4 +1,5 @@
-"""From a training workdir to a text-to-video pipeline: the seam between vldm.train and sampling.
+"""From a training workdir to a pipeline (text-to-video, or SVD image-to-video): the seam between
+vldm.train and sampling.
 
 A trained stage is a run folder with Orbax checkpoints, `RUN/checkpoints/<step>/` (see
 `vldm.train.checkpoint`). `--workdir DIR` names one run, or a folder of stage runs
@@ -14,12 +15,18 @@ from typing import Callable, Mapping, Optional
 
 from vldm.pipelines import common
 from vldm.pipelines.cascade import CascadePipeline
+from vldm.pipelines.image_to_video import ImageToVideoPipeline
 from vldm.pipelines.text_to_video import TextToVideoPipeline
 
 CHECKPOINTS = "checkpoints"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")  # + optional sampler, time_ids
 CASCADE_OPTIONS = ("upsampler_num_steps", "upsampler_guidance_scale")
 DEFAULTS = ("num_steps", "guidance_scale")
+# Image-to-video (SVD) stages: components with an image_encoder.
+IMAGE_COMPONENTS = ("unet", "vae", "image_encoder")
+IMAGE_DEFAULTS = ("num_steps", "min_guidance_scale", "max_guidance_scale", "fps",
+                  "motion_bucket_id", "noise_aug_strength")
+IMAGE_OPTIONS = ("sampler", "clip_mean", "clip_std", "micro_conditioning_ranges")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +70,35 @@ def find_trained_stages(workdir: str) -> list[TrainedStage]:
   return sorted(stages, key=lambda s: (s.mtime, s.step), reverse=True)
 
 
+def image_to_video_from_components(components: Mapping) -> ImageToVideoPipeline:
+  """{unet, vae, image_encoder: (module, params), [sampler], [clip_mean], [clip_std],
+  [micro_conditioning_ranges], [num_steps], [min_guidance_scale], [max_guidance_scale], [fps],
+  [motion_bucket_id], [noise_aug_strength]} → an ImageToVideoPipeline. The last six are its
+  default_* (what the stage trained with); sampler: SamplerSettings or a scheduler config dict."""
+  components = dict(components)
+  missing = [name for name in IMAGE_COMPONENTS if name not in components]
+  unknown = sorted(set(components) - set(IMAGE_COMPONENTS + IMAGE_OPTIONS + IMAGE_DEFAULTS))
+  if missing or unknown:
+    raise common.PipelineError(
+        f"An image-to-video stage must provide {', '.join(IMAGE_COMPONENTS)} and may provide "
+        f"{', '.join(IMAGE_OPTIONS + IMAGE_DEFAULTS)}; "
+        + "; ".join(([f"missing: {', '.join(missing)}"] if missing else [])
+                    + ([f"unknown: {', '.join(unknown)}"] if unknown else [])) + ".")
+  for name in IMAGE_DEFAULTS:
+    if name in components:
+      components[f"default_{name}"] = components.pop(name)
+  return ImageToVideoPipeline.from_components(**components)
+
+
 def pipeline_from_components(components: Mapping):
   """{unet, vae, text_encoder: (module, params), tokenizer, [sampler], [time_ids], [num_steps],
   [guidance_scale]} → a TextToVideoPipeline (num_steps and guidance_scale: its defaults). A latent
   upsampler's components add low_res_factor, low_res_noise_level, `low_res` (its base stage's
   components) and optionally upsampler_num_steps and upsampler_guidance_scale → a
-  CascadePipeline."""
+  CascadePipeline. Components with an `image_encoder` → an ImageToVideoPipeline (see
+  `image_to_video_from_components` for the keys)."""
+  if "image_encoder" in components:
+    return image_to_video_from_components(components)
   components = dict(components)
   base = components.pop("low_res", None)
   cascade = {k: components.pop(k) for k in CASCADE_OPTIONS if k in components}

@@ -77,12 +77,13 @@ def all_prompts() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------- data
-_METADATA = ("fps", "index", "held_out")
+_METADATA = ("index", "held_out")
 
 
 class CaptionedData:
   """A data Pipeline whose batches hold only global arrays: the pixels ('image' or 'video'),
-  'input_ids' (the tokenized captions; '' where dropped for guidance) and 'step', the index of
+  'fps' (and 'motion' where the data has motion scores) for micro-conditioning, 'input_ids' (the
+  tokenized captions, with a tokenizer; '' where dropped for guidance) and 'step', the index of
   the global batch (broadcast over the batch) for schedules inside the loss, e.g. when the
   adversarial loss starts. The state is the pipeline's, so a resumed run continues exactly."""
 

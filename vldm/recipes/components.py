@@ -39,6 +39,7 @@ SUBFOLDERS = {
     "text_encoder": "text_encoder",
     "tokenizer": "tokenizer",
     "scheduler": "scheduler",
+    "image_encoder": "image_encoder",
 }
 NEEDS = {
     "unet": "a UNet2DConditionModel (config.json + diffusion_pytorch_model.safetensors)",
@@ -46,6 +47,16 @@ NEEDS = {
     "text_encoder": "a transformers CLIPTextModel (config.json + model.safetensors)",
     "tokenizer": "a CLIP tokenizer (vocab.json + merges.txt, or tokenizer.json)",
     "scheduler": "scheduler_config.json of a diffusers scheduler",
+    "image_encoder": (
+        "a transformers CLIPVisionModelWithProjection (config.json + model.safetensors)"
+    ),
+}
+# The components each kind of stage reads from `ldm.pretrained`, and what such a folder is.
+TEXT_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+IMAGE_COMPONENTS = ("unet", "vae", "image_encoder", "scheduler")
+PIPELINE_KINDS = {
+    TEXT_COMPONENTS: "a diffusers Stable Diffusion folder",
+    IMAGE_COMPONENTS: "a diffusers Stable Video Diffusion (StableVideoDiffusionPipeline) folder",
 }
 VAE_KINDS = ("temporal_decoder", "kl")
 TOKENIZER_KINDS = ("clip", "shapes_words")
@@ -60,34 +71,43 @@ class ComponentError(tasks_lib.TaskInputError):
   """A component folder or config the recipe cannot use; the message says what is accepted."""
 
 
+def from_pretrained(config) -> tuple:
+  """The components `ldm.pretrained` provides: `ldm.pretrained_components` where set (e.g. an
+  image-to-video stage on an SD folder takes no image encoder from it), else all."""
+  return tuple(config.ldm.get("pretrained_components") or SUBFOLDERS)
+
+
 def folder(config, name: str) -> Optional[str]:
   """The folder `name` is read from: `ldm.<name>.folder`, else `ldm.pretrained/<subfolder>`."""
   c = config.ldm
   own = c[name].get("folder") if name in c else None
   if own:
     return own
-  if c.get("pretrained"):
+  if c.get("pretrained") and name in from_pretrained(config):
     return os.path.join(c.pretrained, SUBFOLDERS[name])
   return None
 
 
-def check_pretrained(config) -> None:
-  """A clear error for a `pretrained` folder that lacks a component the stage reads from it."""
+def check_pretrained(config, names=TEXT_COMPONENTS) -> None:
+  """A clear error for a `pretrained` folder that lacks a component (of `names`) the stage reads
+  from it."""
   c = config.ldm
   if not c.get("pretrained"):
     return
+  kind = PIPELINE_KINDS.get(tuple(names), "a diffusers pipeline folder")
+  names = [n for n in names if n in from_pretrained(config)]
   if not os.path.isdir(c.pretrained):
     raise ComponentError(
-        f"ldm.pretrained={c.pretrained!r} is not a folder; expected a diffusers "
-        f"Stable Diffusion folder with {', '.join(s + '/' for s in NEEDS)}."
+        f"ldm.pretrained={c.pretrained!r} is not a folder; expected {kind} with "
+        f"{', '.join(s + '/' for s in names)}."
     )
-  paths = {name: folder(config, name) for name in NEEDS}
+  paths = {name: folder(config, name) for name in names}
   missing = [name for name, path in paths.items() if path and not os.path.isdir(path)]
   if missing:
-    wanted = "; ".join(f"{n}/ ({what})" for n, what in NEEDS.items())
+    wanted = "; ".join(f"{n}/ ({NEEDS[n]})" for n in names)
     raise ComponentError(
-        f"{c.pretrained} has no {', '.join(m + '/' for m in missing)}: a "
-        f"pretrained folder needs {wanted}."
+        f"{c.pretrained} has no {', '.join(m + '/' for m in missing)}: ldm.pretrained must be "
+        f"{kind}, with {wanted}."
     )
 
 
@@ -114,30 +134,36 @@ def _compute_options(config) -> dict:
 
 
 # -------------------------------------------------------------------------------------- UNet
-def image_unet(config) -> unet_lib.UNet:
-  """The stage's image UNet (before inflation), with the run's compute settings."""
+def image_conditioned(config) -> bool:
+  """Whether the stage is image-to-video (SVD): conditioned on a frame, not on text."""
+  return config.ldm.get("conditioning", "text") == "image"
+
+
+def make_unet(config) -> unet_lib.UNet:
+  """The stage's UNet, with the run's compute settings: an image UNet from a folder or a module
+  config, inflated for a video stage (`ldm.temporal`); its input conv takes 2 × the latent channels
+  where the stage concatenates a condition (a latent upsampler's low-resolution latents, an
+  image-to-video stage's frame latents). An image-to-video stage also takes a video UNet as it is
+  (e.g. a published SVD folder's UNetSpatioTemporalConditionModel)."""
   path = folder(config, "unet")
   if path:
     unet = _module_from_folder(path, "unet", (unet_lib.UNet,))
-    if unet.temporal:
+  else:
+    unet = unet_lib.UNet(**config.ldm.unet.model.to_dict())
+  if unet.temporal:
+    if not image_conditioned(config):
       raise ComponentError(
           f"{path} holds a {unet.reference_class}; this recipe inflates an image "
           f"UNet: the unet must be {NEEDS['unet']}."
       )
-    upsampler = config.ldm.upsampler.factor if "upsampler" in config.ldm else 0
-    if upsampler:  # the latent upsampler also takes the low-resolution latents
-      unet = unet.clone(in_channels=2 * unet.in_channels)
   else:
-    unet = unet_lib.UNet(**config.ldm.unet.model.to_dict())
+    upsampler = config.ldm.upsampler.factor if "upsampler" in config.ldm else 0
+    # A latent upsampler's module config states its full input width; a folder's UNet does not.
+    if (upsampler and path) or image_conditioned(config):
+      unet = unet.clone(in_channels=2 * unet.in_channels)
+    if config.ldm.kind == "video":
+      unet = inflate.video_config_from_image(unet, **config.ldm.temporal.to_dict())
   return unet.clone(**_compute_options(config))
-
-
-def make_unet(config) -> unet_lib.UNet:
-  """The stage's UNet: the image UNet, or its inflated video version (`ldm.temporal`)."""
-  unet = image_unet(config)
-  if config.ldm.kind == "video":
-    unet = inflate.video_config_from_image(unet, **config.ldm.temporal.to_dict())
-  return unet
 
 
 # ---------------------------------------------------------------------------- text encoder
@@ -177,6 +203,53 @@ def make_text_encoder(config, tokenizer) -> clip_lib.CLIPTextModel:
   )
 
 
+# ---------------------------------------------------------------------------- image encoder
+def make_image_encoder(config, projection_dim: int) -> clip_lib.CLIPVisionModelWithProjection:
+  """An image-to-video stage's frozen CLIP image encoder: from a folder (`ldm.image_encoder.folder`
+  or the SVD folder's image_encoder/), else `ldm.image_encoder.model` (randomly initialised,
+  projecting to the UNet's cross-attention width: a stand-in for tests and toy data)."""
+  path = folder(config, "image_encoder")
+  if path:
+    encoder = _module_from_folder(path, "image_encoder", (clip_lib.CLIPVisionModelWithProjection,))
+    if encoder.projection_dim != projection_dim:
+      raise ComponentError(
+          f"The image encoder in {path} projects to {encoder.projection_dim}; the UNet's "
+          f"cross_attention_dim is {projection_dim}."
+      )
+    return encoder
+  return clip_lib.CLIPVisionModelWithProjection(
+      **config.ldm.image_encoder.model.to_dict(), projection_dim=projection_dim
+  )
+
+
+def image_encoder_params(config, encoder, seed: int):
+  """Its folder's weights, else its own init from `seed` (the same on every restart)."""
+  path = folder(config, "image_encoder")
+  if path:
+    return _load_weights(path, "image_encoder")
+  import jax  # pylint: disable=g-import-not-at-top
+
+  pixels = jnp.zeros((1, encoder.image_size, encoder.image_size, 3), jnp.float32)
+  return jax.jit(encoder.init)(jax.random.key(seed), pixels)["params"]
+
+
+def clip_normalization(config) -> tuple:
+  """(mean, std) of the image encoder's preprocessing: the pretrained folder's
+  feature_extractor/preprocessor_config.json where there is one, else OpenAI CLIP's."""
+  path = config.ldm.get("pretrained")
+  file = os.path.join(path, "feature_extractor", "preprocessor_config.json") if path else None
+  if file and os.path.isfile(file):
+    import json  # pylint: disable=g-import-not-at-top
+
+    with open(file, encoding="utf-8") as f:
+      extractor = json.load(f)
+    return (
+        tuple(extractor.get("image_mean", clip_lib.CLIP_MEAN)),
+        tuple(extractor.get("image_std", clip_lib.CLIP_STD)),
+    )
+  return tuple(clip_lib.CLIP_MEAN), tuple(clip_lib.CLIP_STD)
+
+
 # ------------------------------------------------------------------------------------- VAE
 def make_vae(config):
   """The frozen VAE's module: from a folder, or the model config of an autoencoder stage."""
@@ -206,7 +279,9 @@ def vae_params(config, mesh=None):
         "The VAE needs weights: set ldm.vae.workdir (an autoencoder stage), "
         "ldm.vae.folder or ldm.pretrained."
     )
-  return common.load_stage_params(workdir, mesh)
+  params = common.load_stage_params(workdir, mesh)
+  # An autoencoder stage keeps {'vae', 'discriminator'}; its temporal-decoder stage the VAE alone.
+  return params["vae"] if "vae" in params else params
 
 
 def scaling_factor(config, vae, params) -> float:
@@ -253,10 +328,10 @@ def _load_weights(path: str, name: str):
 
 
 def pretrained_params(config) -> Optional[dict]:
-  """{'unet', 'text_encoder'} weights of the folders the stage starts from (image-UNet naming),
-  or None when neither comes from a folder. A component without a folder keeps its init."""
+  """{'unet', 'text_encoder'} ({'unet'} for image-to-video) weights of the folders the stage starts
+  from, or None when none comes from a folder. A component without a folder keeps its init."""
   out = {}
-  for name in ("unet", "text_encoder"):
+  for name in ("unet",) if image_conditioned(config) else ("unet", "text_encoder"):
     path = folder(config, name)
     if path:
       out[name] = _load_weights(path, name)
@@ -295,6 +370,8 @@ def schedule_and_prediction(config) -> tuple[DiscreteSchedule, str, Optional[str
       name, schedule, options, prediction = samplers.from_scheduler_config(scheduler)
     except ValueError as e:
       raise ComponentError(f"Cannot use the scheduler of {folder(config, 'scheduler')}: {e}") from e
+    if prediction == "v_prediction" and options.get("timestep_type") == "continuous":
+      prediction = "v_edm"  # SVD: v-prediction on the network input c_noise = ¼ ln σ
   if c.get("schedule"):
     schedule = DiscreteSchedule(**c.schedule.to_dict())
   elif scheduler is None:

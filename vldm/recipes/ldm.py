@@ -32,11 +32,13 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from vldm import devices
+from vldm.data import motion as motion_lib
 from vldm.data import sources
 from vldm.diffusion import losses
 from vldm.models import inflate
 from vldm.models import unet as unet_lib
 from vldm.pipelines import common as pipeline_common
+from vldm.pipelines import image_to_video as i2v_pipeline
 from vldm.pipelines import workdir as pipeline_workdir
 from vldm.recipes import common
 from vldm.recipes import components as components_lib
@@ -44,6 +46,52 @@ from vldm.train import tasks as tasks_lib
 
 KINDS = ("image", "video")
 TRAIN_CHOICES = ("all", "temporal")
+# SVD's micro-conditioning (`ldm.micro`), for UNets that take added time ids; these defaults apply
+# where a config has no `ldm.micro`.
+MICRO_DEFAULTS = dict(
+    fps_range=(1.0, 60.0),  # a clip's fps is clamped into this range (documented clamp)
+    motion_buckets_per_unit=255.0,  # motion score (frame short sides / s) → bucket id
+    default_motion_bucket=127,  # for clips without a motion score (e.g. the shapes data)
+    sample_fps=7.0,
+    sample_motion_bucket_id=127,
+)
+
+
+def micro_settings(config) -> dict:
+  """`ldm.micro` over MICRO_DEFAULTS."""
+  own = config.ldm.get("micro")
+  return {**MICRO_DEFAULTS, **(own.to_dict() if own is not None else {})}
+
+
+def motion_buckets(score, buckets_per_unit: float):
+  """motion_bucket_id of motion scores (`vldm.data.motion`, frame short sides per second):
+  round(score × buckets_per_unit), clamped to SVD's [0, 255]. Traceable."""
+  return jnp.clip(jnp.round(score * buckets_per_unit), 0, motion_lib.MAX_MOTION_BUCKET)
+
+
+def added_time_ids(config, batch: dict, batch_size: int, noise_aug=None):
+  """[B, 3] SVD's added time ids [fps − 1, motion bucket, conditioning noise σ] of a batch: the
+  clip's fps (file fps / frame stride) clamped to `ldm.micro.fps_range`; its motion bucket
+  (`motion_buckets`; `default_motion_bucket` where the data has no motion score); the conditioning
+  frame's augmentation σ (0 for a text-conditioned stage)."""
+  micro = micro_settings(config)
+  low, high = micro["fps_range"]
+  fps = batch.get("fps")
+  fps = jnp.full((batch_size,), micro["sample_fps"]) if fps is None else fps
+  fps = jnp.clip(jnp.asarray(fps, jnp.float32), low, high)
+  motion = batch.get("motion")
+  if motion is None:
+    bucket = jnp.full((batch_size,), float(micro["default_motion_bucket"]))
+  else:
+    bucket = motion_buckets(jnp.asarray(motion, jnp.float32), micro["motion_buckets_per_unit"])
+  noise = jnp.zeros((batch_size,)) if noise_aug is None else jnp.asarray(noise_aug, jnp.float32)
+  return i2v_pipeline.time_ids(fps, bucket, noise, batch=batch_size)
+
+
+def micro_conditioning_ranges(config) -> dict:
+  """What a stage's added time ids were trained on, for the pipeline's range check."""
+  micro = micro_settings(config)
+  return {"fps": tuple(micro["fps_range"]), "motion_bucket_id": (0, motion_lib.MAX_MOTION_BUCKET)}
 
 
 def random_windows(latent, low_res, size: int, factor: int, rng):
@@ -95,6 +143,8 @@ def inflate_transform(source, target):
 class LatentDiffusionTask(tasks_lib.Task):
   """Text-to-image / text-to-video latent diffusion (see the module docstring)."""
 
+  PRETRAINED_COMPONENTS = components_lib.TEXT_COMPONENTS
+
   def __init__(self, config):
     super().__init__(config)
     c = config.ldm
@@ -108,7 +158,7 @@ class LatentDiffusionTask(tasks_lib.Task):
       raise components_lib.ComponentError(
           f"ldm.kind {c.kind!r} needs data.kind {c.kind!r}, got " f"{config.data.kind!r}."
       )
-    components_lib.check_pretrained(config)
+    components_lib.check_pretrained(config, self.PRETRAINED_COMPONENTS)
     self.upsample = c.upsampler.factor
     self.tokenizer = components_lib.make_tokenizer(config)
     self.unet = components_lib.make_unet(config)
@@ -181,6 +231,12 @@ class LatentDiffusionTask(tasks_lib.Task):
             f"latent size {latent_size} divisible by {window_multiple} (the UNet's size multiple "
             f"× the factor: the low-resolution window must be whole too)."
         )
+    if self.unet.num_time_ids not in (0, 3):
+      raise components_lib.ComponentError(
+          f"The UNet takes {self.unet.num_time_ids} added time ids; vldm conditions on SVD's 3 "
+          f"[fps − 1, motion_bucket_id, noise_aug_strength] (projection_class_embeddings_input_dim"
+          f" = 3 × addition_time_embed_dim) or none."
+      )
     fraction = c.joint_image_fraction
     if not 0 <= fraction < 1 or (fraction and c.kind != "video"):
       raise components_lib.ComponentError(
@@ -199,10 +255,12 @@ class LatentDiffusionTask(tasks_lib.Task):
     latent = jnp.zeros((1,) + frames + (8, 8, self.unet.in_channels))
     context = jnp.zeros((1, self.tokenizer.max_length, self.text_encoder.hidden_size))
 
+    time_ids = (jnp.zeros((1, self.unet.num_time_ids)),) if self.unet.num_time_ids else ()
+
     def init(key):
       unet_key, text_key = jax.random.split(key)
       return {
-          "unet": self.unet.init(unet_key, latent, jnp.zeros((1,)), context)["params"],
+          "unet": self.unet.init(unet_key, latent, jnp.zeros((1,)), context, *time_ids)["params"],
           "text_encoder": self.text_encoder.init(text_key, ids)["params"],
       }
 
@@ -305,6 +363,19 @@ class LatentDiffusionTask(tasks_lib.Task):
         jnp.float32
     )
 
+  def loss_options(self) -> dict:
+    """The stage's `losses.diffusion_loss` settings: parameterization, σ sampling, weighting."""
+    c = self.config.ldm
+    return dict(
+        parameterization=self.prediction_type,
+        schedule=self.schedule,
+        noise_sampling=c.noise_sampling,
+        p_mean=c.p_mean,
+        p_std=c.p_std,
+        weighting=c.weighting,
+        min_snr_gamma=c.min_snr_gamma,
+    )
+
   def loss_fn(self, params, frozen, batch, rng):
     c = self.config.ldm
     encode_rng, loss_rng = jax.random.split(rng)
@@ -330,24 +401,15 @@ class LatentDiffusionTask(tasks_lib.Task):
       indicator = self._image_only_indicator(x0.shape[0])
       if indicator is not None:
         extra["image_only_indicator"] = indicator
+    if self.unet.num_time_ids:
+      extra["added_time_ids"] = added_time_ids(self.config, batch, x0.shape[0])
 
     def network(x, t):
       if condition is not None:  # a latent upsampler's input: noisy latents + the condition
         x = jnp.concatenate([x, condition], axis=-1)
       return self.unet.apply({"params": params["unet"]}, x, t, context, **extra)
 
-    loss, aux = losses.diffusion_loss(
-        network,
-        x0,
-        loss_rng,
-        parameterization=self.prediction_type,
-        schedule=self.schedule,
-        noise_sampling=c.noise_sampling,
-        p_mean=c.p_mean,
-        p_std=c.p_std,
-        weighting=c.weighting,
-        min_snr_gamma=c.min_snr_gamma,
-    )
+    loss, aux = losses.diffusion_loss(network, x0, loss_rng, **self.loss_options())
     return jnp.mean(loss), dict(mse=jnp.mean(aux["mse"]), latent_std=jnp.std(x0))
 
   # ---- sampling -------------------------------------------------------------------------------
@@ -374,6 +436,9 @@ class LatentDiffusionTask(tasks_lib.Task):
         num_steps=s.num_steps,
         guidance_scale=s.guidance_scale,
     )
+    if self.unet.num_time_ids:  # sample with the stage's micro-conditioning defaults
+      micro = micro_settings(self.config)
+      out["time_ids"] = (micro["sample_fps"] - 1, micro["sample_motion_bucket_id"], 0.0)
     if self.upsample:
       up, base = self.config.ldm.upsampler, frozen["low_res"]
       out.update(
