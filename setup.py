@@ -1,4 +1,5 @@
 """vldm: text-to-video latent diffusion (Video LDM / Stable Video Diffusion) in JAX/Flax."""
+
 import setuptools
 
 setuptools.setup(
@@ -33,6 +34,8 @@ setuptools.setup(
     ],
     extras_require={
         # torch first: `pip install torch==2.13.0` takes the local CPU build (an unpinned one pulls CUDA).
-        "test": ["pytest", "torch==2.13.0", "diffusers>=0.35"],
+        # jax[tpu] brings libtpu, which compiles for TPU topologies without a TPU (--compile_only).
+        "test": ["pytest", "torch==2.13.0", "diffusers>=0.35", "jax[tpu]"],
+        "tpu": ["jax[tpu]"],
     },
 )

@@ -6,6 +6,7 @@ overridden with `--config.KEY=VALUE` (the config is locked: unknown keys are err
 """
 
 import difflib
+import os
 
 import ml_collections
 from ml_collections import config_dict
@@ -107,6 +108,42 @@ def base_config() -> ml_collections.ConfigDict:
   config.sharding.params = ((".*", "fsdp"),)  # (regex on 'params/...' paths, 'fsdp'|'replicate')
   config.sharding.activations = (("batch", ("data", "fsdp")),)  # logical name -> mesh axes
   return config
+
+
+def link_data(config: ml_collections.ConfigDict, data: str, root: str) -> None:
+  """The data section's batch size as the config's (one key: --config.batch_size), the prepared
+  dataset in ROOT/data, and no folder when none was given (a preset compiles without data;
+  training it says data.folder is missing)."""
+  if not data:
+    config.data.folder = None
+  config.data.batch_size = config.get_ref("batch_size")
+  config.data.data_dir = os.path.join(root, "data") if root else config_dict.placeholder(str)
+
+
+def use_preset(ldm: ml_collections.ConfigDict, name: str) -> None:
+  """Every component of `ldm` from the architecture preset `name` (`vldm.models.presets`: sd15,
+  sd21, svd) instead of folders: the real shapes without weights or a vocabulary, for
+  `python -m vldm.train --compile_only`. Such a config compiles but cannot train or sample."""
+  from vldm.models import presets  # pylint: disable=g-import-not-at-top
+
+  preset = presets.get(name)
+  ldm.pretrained = ""
+  ldm.unet.model = ml_collections.ConfigDict(preset["unet"])
+  if ldm.get("upsampler") and ldm.upsampler.factor:  # its module config states the full width
+    ldm.unet.model.in_channels = 2 * preset["unet"]["in_channels"]
+  ldm.vae.model = ml_collections.ConfigDict(preset["vae"])
+  ldm.vae.scaling_factor = preset["vae"]["scaling_factor"]
+  if "text_encoder" in preset:
+    ldm.text_encoder.model = ml_collections.ConfigDict(preset["text_encoder"])
+    ldm.tokenizer.kind = "ids_only"
+    ldm.tokenizer.ids = ml_collections.ConfigDict(preset["tokenizer"])
+  if "image_encoder" in preset:  # its projection width is the UNet's cross-attention width
+    ldm.image_encoder.model = ml_collections.ConfigDict(
+        {k: v for k, v in preset["image_encoder"].items() if k != "projection_dim"}
+    )
+  ldm.schedule = ml_collections.ConfigDict(preset["schedule"])
+  if ldm.prediction_type is None:
+    ldm.prediction_type = preset["prediction_type"]
 
 
 def pretrained_stage_config(task: str, stage: str, schedule: tuple, local: bool):

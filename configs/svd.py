@@ -25,9 +25,11 @@ Stages (each a `python -m vldm.train` run in ROOT/<stage>, wired with `init_from
 Args: stage; pretrained; data (a folder of videos with captions.csv or captions.jsonl: file,
 caption; the i2v stage ignores captions); root (the folder of stage workdirs; its data/ holds the
 prepared datasets); resolution (square frames; default 256, hires and i2v 512); frames (default
-14); image_encoder; runlocal (a few steps, tiny clips, float32: for tests). Full-size stages compute
-in bf16 with float32 parameters and full remat; every key can still be overridden, e.g.
---config.mesh="(('data', -1), ('fsdp', 8))", --config.ldm.p_mean=0.7.
+14); image_encoder; preset (PRESETS[stage]: the architecture without folders, for
+`--compile_only` checks; pretrained and data then optional); runlocal (a few steps, tiny clips,
+float32: for tests). Full-size stages compute in bf16 with float32 parameters and full remat;
+every key can still be overridden, e.g. --config.mesh="(('data', -1), ('fsdp', 8))",
+--config.ldm.p_mean=0.7.
 """
 
 import os
@@ -54,6 +56,8 @@ SCHEDULE = {
 # toward more noise at high resolution, and SVD's image-to-video values.
 NOISE = {"image": (-1.2, 1.2), "video": (-1.2, 1.2), "hires": (1.0, 1.2), "i2v": (0.7, 1.6)}
 HIRES = ("hires", "i2v")
+# Each stage's architecture preset (`preset=`, vldm.models.presets), for compile-only checks.
+PRESETS = {"image": "sd21", "video": "sd21", "hires": "sd21", "i2v": "svd"}
 # diffusers' SVD scheduler: Euler on Karras σ from 700 to 0.002, timesteps ¼ ln σ.
 SVD_SAMPLER = dict(
     timestep_spacing="leading",
@@ -80,24 +84,30 @@ def get_config(arg=None):
       resolution=0,
       frames=0,
       image_encoder="",
+      preset="",
       runlocal=False,
   )
   if arg.stage not in STAGES:
     raise ValueError(f"Unknown stage {arg.stage!r}; configs/svd.py has {STAGES}.")
-  if not arg.data:
+  if arg.preset and arg.preset != PRESETS[arg.stage]:
+    raise ValueError(
+        f"stage={arg.stage} has preset={PRESETS[arg.stage]} (the SD 2.1 layout for "
+        f"the text stages, SVD for i2v), not {arg.preset!r}."
+    )
+  if not arg.data and not arg.preset:
     raise ValueError(
         "configs/svd.py needs data=DIR: a folder of videos with captions.csv or "
         "captions.jsonl (one row per video: file, caption)."
     )
-  if not arg.pretrained:
+  if not arg.pretrained and not arg.preset:
     raise ValueError(
         "configs/svd.py needs pretrained=DIR: a diffusers Stable Diffusion 2.x folder "
         "(unet/ vae/ text_encoder/ tokenizer/ scheduler/), or for stage=i2v a Stable Video "
         "Diffusion folder (unet/ vae/ image_encoder/ scheduler/)."
     )
   stage, local = arg.stage, arg.runlocal
-  pretrained = os.path.abspath(arg.pretrained)
-  from_svd = stage == "i2v" and is_svd_folder(pretrained)
+  pretrained = os.path.abspath(arg.pretrained) if arg.pretrained else ""
+  from_svd = stage == "i2v" and (is_svd_folder(pretrained) or arg.preset == "svd")
   root = os.path.abspath(arg.root) if arg.root else ""
   if stage == "i2v" and not from_svd and not (arg.image_encoder or local):
     raise ValueError(
@@ -120,7 +130,7 @@ def get_config(arg=None):
       resolution=resolution,
       frames=frames,
       batch_size=config.batch_size,
-      folder=os.path.abspath(arg.data),
+      folder=os.path.abspath(arg.data or os.curdir),
       caption_dropout=0.1,
       max_frames=4 * frames,
       # Full size: the frame stride varies per clip, so the fps the model is conditioned on does.
@@ -128,10 +138,11 @@ def get_config(arg=None):
       num_workers=2 if local else 8,
       prefetch=2 if local else 4,
   )
-  config.data.batch_size = config.get_ref("batch_size")
-  config.data.data_dir = os.path.join(root, "data") if root else config_dict.placeholder(str)
+  common.link_data(config, arg.data, root)
 
   config.ldm = ldm_config(stage, pretrained, frames, local, from_svd, arg.image_encoder)
+  if arg.preset:
+    common.use_preset(config.ldm, arg.preset)
   if stage == "i2v":
     config.init_from.transform = "as_is" if from_svd else "to_image_to_video"
     if not from_svd and root:
@@ -168,8 +179,9 @@ def ldm_config(stage, pretrained, frames, local, from_svd, image_encoder):
   # fps clamped into fps_range (sampling outside it is an error), motion bucket = round(score ×
   # motion_buckets_per_unit) clamped to [0, 255], default_motion_bucket for clips without a score.
   c.micro = ml_collections.ConfigDict(dict(ldm_lib.MICRO_DEFAULTS))
-  # The SD folder's scheduler gives the schedule; SVD samples with Euler on Karras σ.
-  if not from_svd:
+  # The SD folder's scheduler gives the schedule; SVD samples with Euler on Karras σ (an SVD folder
+  # states the same in its scheduler/; a preset has none).
+  if not (from_svd and pretrained):
     c.sampler.name = "euler"
     c.sampler.options = ml_collections.ConfigDict(SVD_SAMPLER)
   c.conditioning = "image" if stage == "i2v" else "text"

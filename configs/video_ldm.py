@@ -17,7 +17,9 @@ Stages (each a `python -m vldm.train` run in ROOT/<stage>):
 
 Args: stage; pretrained (a diffusers Stable Diffusion folder: unet/ vae/ text_encoder/ tokenizer/
 scheduler/); data (a folder of videos with captions.csv or captions.jsonl: file, caption); root
-(the folder of stage workdirs; its data/ holds the prepared dataset); resolution (pixels of the
+(the folder of stage workdirs; its data/ holds the prepared dataset); preset (sd15 or sd21:
+the architecture without folders, for `--compile_only` checks; pretrained and data then
+optional); resolution (pixels of the
 square clips; default 256, upsampler 2×); frames (default 16); runlocal (a few steps, small clips,
 float32: for tests). Every key can still be overridden, e.g. --config.data.target_fps=4,
 --config.remat_policy=full, --config.mesh="(('data', -1), ('fsdp', 8))".
@@ -44,16 +46,24 @@ UPSAMPLER_FACTOR = 2
 
 def get_config(arg=None):
   arg = common.parse_arg(
-      arg, stage="video", pretrained="", data="", root="", resolution=0, frames=0, runlocal=False
+      arg,
+      stage="video",
+      pretrained="",
+      data="",
+      root="",
+      resolution=0,
+      frames=0,
+      preset="",
+      runlocal=False,
   )
   if arg.stage not in STAGES:
     raise ValueError(f"Unknown stage {arg.stage!r}; configs/video_ldm.py has {STAGES}.")
-  if not arg.data:
+  if not arg.data and not arg.preset:
     raise ValueError(
         "configs/video_ldm.py needs data=DIR: a folder of videos with captions.csv "
         "or captions.jsonl (one row per video: file, caption)."
     )
-  if not arg.pretrained:
+  if not arg.pretrained and not arg.preset:
     raise ValueError(
         "configs/video_ldm.py needs pretrained=DIR: a diffusers Stable Diffusion "
         "folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/)."
@@ -74,17 +84,20 @@ def get_config(arg=None):
       resolution=resolution,
       frames=frames,
       batch_size=config.batch_size,
-      folder=os.path.abspath(arg.data),
+      folder=os.path.abspath(arg.data or os.curdir),
       caption_dropout=0.1,
       target_fps=8.0,
       max_frames=2 * frames,
       num_workers=2 if local else 8,
       prefetch=2 if local else 4,
   )
-  config.data.batch_size = config.get_ref("batch_size")  # one batch size: --config.batch_size
-  config.data.data_dir = os.path.join(root, "data") if root else config_dict.placeholder(str)
+  common.link_data(config, arg.data, root)
 
-  config.ldm = ldm_config(stage, os.path.abspath(arg.pretrained), frames, local)
+  config.ldm = ldm_config(
+      stage, os.path.abspath(arg.pretrained) if arg.pretrained else "", frames, local
+  )
+  if arg.preset:
+    common.use_preset(config.ldm, arg.preset)
   source = {"image": None, "video": "image", "upsampler": "video"}[stage]
   config.init_from.transform = {"image": "as_is", "video": "inflate", "upsampler": "widen_input"}[
       stage

@@ -54,60 +54,17 @@ from vldm.diffusion import losses
 from vldm.models import autoencoder as autoencoder_lib
 from vldm.models import clip as clip_lib
 from vldm.models import layers
+from vldm.models import presets
 from vldm.models import unet as unet_lib
 from vldm.models import unet_blocks
 from vldm.train import sharding as sharding_lib
 from vldm.train import state as state_lib
 from vldm.train import tasks as tasks_lib
 
-# vldm UNet fields of SVD's UNetSpatioTemporalConditionModel config (stabilityai/
-# stable-video-diffusion-img2vid unet/config.json, with `vldm.convert.unet`'s fixed SVD wiring).
-SVD_UNET = dict(
-    temporal=True,
-    in_channels=8,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlockSpatioTemporal",) * 3 + ("DownBlockSpatioTemporal",),
-    mid_block_type="UNetMidBlockSpatioTemporal",
-    up_block_types=("UpBlockSpatioTemporal",) + ("CrossAttnUpBlockSpatioTemporal",) * 3,
-    layers_per_block=2,
-    transformer_layers_per_block=1,
-    num_attention_heads=(5, 10, 20, 20),
-    cross_attention_dim=1024,
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=768,
-    use_linear_projection=True,
-    norm_num_groups=32,
-    eps_convention="svd",
-    center_input_sample=False,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    downsample_padding=1,
-    mid_block_scale_factor=1.0,
-    only_cross_attention=False,
-    merge_strategy="learned_with_images",
-    num_frames=14,
-)
-# SVD's vae/config.json (AutoencoderKLTemporalDecoder; only its encoder runs here).
-SVD_VAE = dict(
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    scaling_factor=0.18215,
-)
-# SVD's image_encoder/config.json (CLIP ViT-H/14, CLIPVisionModelWithProjection).
-SVD_CLIP = dict(
-    hidden_size=1280,
-    intermediate_size=5120,
-    projection_dim=1024,
-    num_hidden_layers=32,
-    num_attention_heads=16,
-    patch_size=14,
-    image_size=224,
-    hidden_act="gelu",
-    layer_norm_eps=1e-5,
-)
+# SVD's unet/, vae/ (AutoencoderKLTemporalDecoder fields) and image_encoder/ configs.
+SVD_UNET = presets.SVD_UNET
+SVD_VAE = {k: v for k, v in presets.SVD_VAE.items() if k != "kind"}
+SVD_CLIP = presets.SVD_IMAGE
 # Toys for CPU tests: one UNet level of SVD's cross-attention blocks, a 2-level encoder, a 2-layer
 # CLIP, so that XLA:CPU compiles the whole step in seconds.
 TINY_UNET = dict(
@@ -849,7 +806,7 @@ def define_flags():
   flags.DEFINE_float(
       "peak_tflops",
       None,
-      "Dense bf16 peak for MFU (default: by the GPU's name, " "989 for an H200).",
+      "Dense bf16 peak for MFU (default: by the GPU's name, 989 for an H200).",
   )
   flags.DEFINE_float(
       "time_budget_s",

@@ -32,6 +32,7 @@ H200). XLA's own count (`cost_analysis`, recomputation and elementwise work incl
 attention not) is kept as `xla_flops`. `--time_budget_s` stops starting new configurations when
 the last one would not fit in the budget, so a run ends in bounded time.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,38 +56,33 @@ from vldm.diffusion import losses
 from vldm.diffusion.schedules import DiscreteSchedule
 from vldm.models import inflate
 from vldm.models import layers
+from vldm.models import presets
 from vldm.models import unet as unet_lib
 from vldm.train import sharding as sharding_lib
 from vldm.train import state as state_lib
 from vldm.train import tasks as tasks_lib
 
-# vldm UNet fields of SD 1.5's UNet2DConditionModel config (runwayml/stable-diffusion-v1-5
-# unet/config.json), as `vldm.convert.unet` maps them: its `attention_head_dim` 8 is the number
-# of heads.
-SD15_UNET = dict(
-    in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    mid_block_type="UNetMidBlock2DCrossAttn",
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    num_attention_heads=8, cross_attention_dim=768, norm_num_groups=32, norm_eps=1e-5,
-    use_linear_projection=False, only_cross_attention=False, center_input_sample=False,
-    flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1.0,
-    upcast_attention=False, sample_size=64)
+SD15_UNET = presets.SD15_UNET  # SD 1.5's unet/config.json as vldm fields
 # A toy UNet for CPU tests: one level of SD's blocks (cross-attention down and up blocks, the
 # mid block), so that XLA:CPU compiles its training step in seconds.
 TINY_UNET = dict(
-    block_out_channels=(32,), layers_per_block=1, num_attention_heads=2, cross_attention_dim=16,
-    norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D",),
-    up_block_types=("CrossAttnUpBlock2D",), sample_size=8)
-# SD 1.5's noise schedule (scheduler_config.json).
-SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                   beta_schedule="scaled_linear")
+    block_out_channels=(32,),
+    layers_per_block=1,
+    num_attention_heads=2,
+    cross_attention_dim=16,
+    norm_num_groups=8,
+    down_block_types=("CrossAttnDownBlock2D",),
+    up_block_types=("CrossAttnUpBlock2D",),
+    sample_size=8,
+)
+SD_SCHEDULE = presets.SD_SCHEDULE
 
 
 @dataclasses.dataclass(frozen=True)
 class Size:
   """The model and clip: UNet fields, frames, latent height = width, context length, dtype, and
   XLA compiler options (the toy size compiles without LLVM optimisation: a smoke test)."""
+
   name: str
   unet: tuple  # sorted (field, value) pairs of the image UNet
   frames: int
@@ -105,9 +101,18 @@ def _size(name, unet, **kwargs) -> Size:
 
 SIZES = {
     "sd15": _size("sd15", SD15_UNET, frames=16, latent=32, context_length=77, dtype="bfloat16"),
-    "tiny": _size("tiny", TINY_UNET, frames=2, latent=8, context_length=8, dtype="float32",
-                  compiler_options=(("xla_backend_optimization_level", 0),
-                                    ("xla_llvm_disable_expensive_passes", True))),
+    "tiny": _size(
+        "tiny",
+        TINY_UNET,
+        frames=2,
+        latent=8,
+        context_length=8,
+        dtype="float32",
+        compiler_options=(
+            ("xla_backend_optimization_level", 0),
+            ("xla_llvm_disable_expensive_passes", True),
+        ),
+    ),
 }
 # Default configurations (batch:remat_policy:attention), most informative first, as a time budget
 # may cut the list short. Full size: batch 1 without remat (its saved activations: 24 GiB by
@@ -121,8 +126,17 @@ DEFAULT_CONFIGS = {
 }
 # The step's optimizer and EMA: configs/common.py's defaults (warm-up, cosine decay, global-norm
 # clipping, EMA), with AdamW's weight decay on (0.01; common.py: 0).
-OPTIM = dict(lr=1e-4, warmup_steps=500, decay="cosine", end_lr_factor=0.0, b1=0.9, b2=0.999,
-             eps=1e-8, weight_decay=1e-2, grad_clip=1.0)
+OPTIM = dict(
+    lr=1e-4,
+    warmup_steps=500,
+    decay="cosine",
+    end_lr_factor=0.0,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    weight_decay=1e-2,
+    grad_clip=1.0,
+)
 EMA_DECAY = 0.9999
 
 
@@ -130,6 +144,7 @@ EMA_DECAY = 0.9999
 class StepConfig:
   """One compiled program: per-device batch, remat policy (`unet_blocks.REMAT_POLICIES`) and
   attention implementation ('xla', 'cudnn' or None: JAX's choice)."""
+
   batch: int
   remat_policy: str = "none"
   attention: Optional[str] = "xla"
@@ -143,12 +158,16 @@ class StepConfig:
     """'batch:remat_policy:attention', e.g. '8:full:cudnn' (attention 'default': JAX's choice)."""
     parts = spec.strip().split(":")
     if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) < 1:
-      raise ValueError(f"A configuration is 'batch:remat_policy:attention' (e.g. '2:none:cudnn'), "
-                       f"got {spec!r}.")
+      raise ValueError(
+          f"A configuration is 'batch:remat_policy:attention' (e.g. '2:none:cudnn'), "
+          f"got {spec!r}."
+      )
     attention = None if parts[2] in ("default", "none", "") else parts[2]
     if attention not in layers.ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(f"Unknown attention implementation {attention!r} in {spec!r}; accepted: "
-                       f"xla, cudnn, default.")
+      raise ValueError(
+          f"Unknown attention implementation {attention!r} in {spec!r}; accepted: "
+          f"xla, cudnn, default."
+      )
     config = cls(int(parts[0]), parts[1], attention)
     config.video_unet(SIZES["tiny"])  # checks the remat policy
     return config
@@ -156,9 +175,14 @@ class StepConfig:
   def video_unet(self, size: Size) -> unet_lib.UNet:
     """The inflated video UNet of this size with this configuration's options."""
     return inflate.video_config_from_image(
-        size.image_unet(), merge_strategy="learned_with_images", num_frames=size.frames,
-        dtype=jnp.dtype(size.dtype), param_dtype=jnp.float32, remat_policy=self.remat_policy,
-        attention_implementation=self.attention)
+        size.image_unet(),
+        merge_strategy="learned_with_images",
+        num_frames=size.frames,
+        dtype=jnp.dtype(size.dtype),
+        param_dtype=jnp.float32,
+        remat_policy=self.remat_policy,
+        attention_implementation=self.attention,
+    )
 
 
 def parse_configs(specs: str) -> list[StepConfig]:
@@ -176,8 +200,9 @@ class VideoStageTask(tasks_lib.Task):
   the builder only traces it (`jax.eval_shape`); real weights come from `host_params`.
   """
 
-  def __init__(self, config, unet: unet_lib.UNet, abstract_params,
-               prediction_type: str = "v_prediction"):
+  def __init__(
+      self, config, unet: unet_lib.UNet, abstract_params, prediction_type: str = "v_prediction"
+  ):
     super().__init__(config)
     self.unet, self.abstract_params = unet, abstract_params
     self.prediction_type = prediction_type
@@ -188,15 +213,21 @@ class VideoStageTask(tasks_lib.Task):
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.abstract_params)
 
   def trainable_labels(self, params):
-    return jax.tree.map(lambda label: tasks_lib.TRAIN if label == inflate.TEMPORAL
-                        else tasks_lib.FREEZE, inflate.label_params(params))
+    return jax.tree.map(
+        lambda label: tasks_lib.TRAIN if label == inflate.TEMPORAL else tasks_lib.FREEZE,
+        inflate.label_params(params),
+    )
 
   def loss_fn(self, params, frozen, batch, rng):
     del frozen
     network = lambda x, t: self.unet.apply({"params": params}, x, t, batch["context"])
-    loss, aux = losses.diffusion_loss(network, batch["latents"], rng,
-                                      parameterization=self.prediction_type,
-                                      schedule=self.schedule)
+    loss, aux = losses.diffusion_loss(
+        network,
+        batch["latents"],
+        rng,
+        parameterization=self.prediction_type,
+        schedule=self.schedule,
+    )
     return jnp.mean(loss), dict(mse=jnp.mean(aux["mse"]))
 
 
@@ -211,8 +242,11 @@ class _Config(types.SimpleNamespace):
 def train_config(ema_decay: float = EMA_DECAY) -> _Config:
   """The keys `StateBuilder` reads, as configs/common.py sets them (one device, no FSDP)."""
   return _Config(
-      optim=_Config(**OPTIM), total_steps=1000, ema_decay=ema_decay,
-      sharding=_Config(params=((".*", "fsdp"),), activations=(("batch", ("data", "fsdp")),)))
+      optim=_Config(**OPTIM),
+      total_steps=1000,
+      ema_decay=ema_decay,
+      sharding=_Config(params=((".*", "fsdp"),), activations=(("batch", ("data", "fsdp")),)),
+  )
 
 
 def abstract_params(size: Size):
@@ -241,7 +275,7 @@ def host_params(abstract, seed: int = 0, put: Optional[Callable] = None):
       if fan_in not in scaled:
         scaled[fan_in] = pool * np.float32(1.0 / math.sqrt(fan_in))
       start = int(rng.integers(pool.size - size + 1))
-      value = scaled[fan_in][start:start + size].reshape(shape)
+      value = scaled[fan_in][start : start + size].reshape(shape)
     elif name == "scale":
       value = np.ones(shape, np.float32)
     elif name == "mix_factor":
@@ -265,8 +299,11 @@ def step_flops(size: Size, config: StepConfig) -> dict:
   kw = dict(batch=config.batch, frames=size.frames, context_length=size.context_length)
   forward = flops_lib.unet_flops(unet, size.latent, size.latent, **kw)
   step = flops_lib.unet_training_flops(unet, size.latent, size.latent, trainable="temporal", **kw)
-  return dict(forward_flops=forward.total, flops=step.total,
-              all_trainable_flops=flops_lib.training_flops(forward).total)
+  return dict(
+      forward_flops=forward.total,
+      flops=step.total,
+      all_trainable_flops=flops_lib.training_flops(forward).total,
+  )
 
 
 # ---------------------------------------------------------------------------------- measuring
@@ -287,10 +324,13 @@ def _program_memory(compiled) -> dict:
     m = None
   if m is None:
     return {}
-  out = {f"{k}_bytes": int(getattr(m, f"{k}_size_in_bytes", 0) or 0)
-         for k in ("argument", "output", "temp", "alias", "generated_code")}
-  out["program_total_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
-                                - out["alias_bytes"])
+  out = {
+      f"{k}_bytes": int(getattr(m, f"{k}_size_in_bytes", 0) or 0)
+      for k in ("argument", "output", "temp", "alias", "generated_code")
+  }
+  out["program_total_bytes"] = (
+      out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+  )
   # What the step needs on top of its (donated, aliased) state and inputs.
   out["program_work_bytes"] = out["temp_bytes"] + out["output_bytes"] - out["alias_bytes"]
   return out
@@ -315,8 +355,14 @@ class Bench:
   """Builds the state once per size and threads it through every configuration's program (the
   state's shapes and shardings do not depend on batch, remat or attention)."""
 
-  def __init__(self, size: Size, *, seed: int = 0, ema_decay: float = EMA_DECAY,
-               prediction_type: str = "v_prediction"):
+  def __init__(
+      self,
+      size: Size,
+      *,
+      seed: int = 0,
+      ema_decay: float = EMA_DECAY,
+      prediction_type: str = "v_prediction",
+  ):
     self.size, self.seed = size, seed
     self.prediction_type = prediction_type
     self.config = train_config(ema_decay)
@@ -328,15 +374,17 @@ class Bench:
     self.setup_s = {"abstract_params_s": time.perf_counter() - start}
 
   def builder(self, config: StepConfig) -> state_lib.StateBuilder:
-    task = VideoStageTask(self.config, config.video_unet(self.size), self.abstract,
-                          self.prediction_type)
+    task = VideoStageTask(
+        self.config, config.video_unet(self.size), self.abstract, self.prediction_type
+    )
     return state_lib.StateBuilder(task, self.config, self.mesh)
 
   def _fresh_state(self, builder: state_lib.StateBuilder):
     start = time.perf_counter()
     shardings = traverse_util.flatten_dict(builder.param_shardings)
-    params = host_params(self.abstract, self.seed,
-                         put=lambda value, path: jax.device_put(value, shardings[path]))
+    params = host_params(
+        self.abstract, self.seed, put=lambda value, path: jax.device_put(value, shardings[path])
+    )
     self.setup_s["host_params_s"] = time.perf_counter() - start
     start = time.perf_counter()
     self.state = jax.block_until_ready(builder.init_state(params, self.seed))
@@ -346,10 +394,12 @@ class Bench:
     """Random clean latents [B, F, h, w, 4] and text context [B, L, D], float32, on the device."""
     size, unet = self.size, self.size.image_unet()
     rng = np.random.default_rng(self.seed + batch_size)
-    latents = rng.standard_normal((batch_size, size.frames, size.latent, size.latent,
-                                   unet.out_channels), dtype=np.float32)
-    context = rng.standard_normal((batch_size, size.context_length, unet.context_dim),
-                                  dtype=np.float32)
+    latents = rng.standard_normal(
+        (batch_size, size.frames, size.latent, size.latent, unet.out_channels), dtype=np.float32
+    )
+    context = rng.standard_normal(
+        (batch_size, size.context_length, unet.context_dim), dtype=np.float32
+    )
     sharding = sharding_lib.batch_sharding(self.mesh)
     return jax.device_put(dict(latents=latents, context=context), sharding)
 
@@ -373,16 +423,24 @@ class Bench:
     """A zero-argument step: runs one update on the held state and returns the metrics; `block`:
     after waiting for its outputs (one program's outputs are ready together: waiting for the
     metrics and the step counter spares a wait on each of the state's thousands of leaves)."""
+
     def run():
       self.state, metrics = compiled(self.state, {}, batch)
       if block:
         jax.block_until_ready((metrics, self.state.step))
       return metrics
+
     return run
 
 
-def measure_config(bench: Bench, config: StepConfig, *, steps: int = 10, warmup: int = 2,
-                   peak_tflops: Optional[float] = None) -> dict:
+def measure_config(
+    bench: Bench,
+    config: StepConfig,
+    *,
+    steps: int = 10,
+    warmup: int = 2,
+    peak_tflops: Optional[float] = None,
+) -> dict:
   """One configuration's row (see the module docstring). Raises on failure, the row so far in the
   exception's `row` attribute."""
   row = {}
@@ -394,13 +452,28 @@ def measure_config(bench: Bench, config: StepConfig, *, steps: int = 10, warmup:
   return row
 
 
-def _measure_config(bench: Bench, config: StepConfig, row: dict, steps: int, warmup: int,
-                    peak_tflops: Optional[float]) -> None:
+def _measure_config(
+    bench: Bench,
+    config: StepConfig,
+    row: dict,
+    steps: int,
+    warmup: int,
+    peak_tflops: Optional[float],
+) -> None:
   size = bench.size
-  row.update(name=config.name, size=size.name, batch=config.batch, frames=size.frames,
-             latent=[size.latent, size.latent], context_length=size.context_length,
-             dtype=size.dtype, param_dtype="float32", remat_policy=config.remat_policy,
-             attention=config.attention or "default", **bench.param_counts)
+  row.update(
+      name=config.name,
+      size=size.name,
+      batch=config.batch,
+      frames=size.frames,
+      latent=[size.latent, size.latent],
+      context_length=size.context_length,
+      dtype=size.dtype,
+      param_dtype="float32",
+      remat_policy=config.remat_policy,
+      attention=config.attention or "default",
+      **bench.param_counts,
+  )
   row.update(step_flops(size, config))
   compiled, batch, times = bench.compile(config)
   row.update(times, **_program_memory(compiled), xla_flops=_xla_flops(compiled))
@@ -408,24 +481,47 @@ def _measure_config(bench: Bench, config: StepConfig, row: dict, steps: int, war
   if before and "bytes_limit" in before and row.get("program_work_bytes") is not None:
     free = before["bytes_limit"] - before["bytes_in_use"]
     if row["program_work_bytes"] > free:  # it would fail and take the donated state with it
-      raise MemoryError(f"needs {row['program_work_bytes'] / 2**30:.1f} GiB beyond its state and "
-                        f"inputs; {free / 2**30:.1f} GiB free")
-  timing, _ = time_steps(bench, compiled, batch, row["flops"], config.batch, steps=steps,
-                        warmup=warmup, peak_tflops=peak_tflops)
-  row.update(timing, xla_tflops_per_s=(row["xla_flops"] / timing["step_s"] / 1e12
-                                       if row["xla_flops"] else None))
+      raise MemoryError(
+          f"needs {row['program_work_bytes'] / 2**30:.1f} GiB beyond its state and "
+          f"inputs; {free / 2**30:.1f} GiB free"
+      )
+  timing, _ = time_steps(
+      bench,
+      compiled,
+      batch,
+      row["flops"],
+      config.batch,
+      steps=steps,
+      warmup=warmup,
+      peak_tflops=peak_tflops,
+  )
+  row.update(
+      timing,
+      xla_tflops_per_s=(row["xla_flops"] / timing["step_s"] / 1e12 if row["xla_flops"] else None),
+  )
   after = _device_memory()
   if after:
-    row.update(device_bytes_in_use_before=before.get("bytes_in_use"),
-               device_bytes_limit=after.get("bytes_limit"),
-               device_peak_bytes_so_far=after.get("peak_bytes_in_use"))
+    row.update(
+        device_bytes_in_use_before=before.get("bytes_in_use"),
+        device_bytes_limit=after.get("bytes_limit"),
+        device_peak_bytes_so_far=after.get("peak_bytes_in_use"),
+    )
     # The allocator's peak is the process's: it is this step's only where it rose here.
     rose = after.get("peak_bytes_in_use", 0) > before.get("peak_bytes_in_use", 0)
     row["device_peak_bytes"] = after.get("peak_bytes_in_use") if rose else None
 
 
-def time_steps(bench, compiled, batch, flops: float, batch_size: int, *, steps: int,
-               warmup: int, peak_tflops: Optional[float]) -> tuple[dict, dict]:
+def time_steps(
+    bench,
+    compiled,
+    batch,
+    flops: float,
+    batch_size: int,
+    *,
+    steps: int,
+    warmup: int,
+    peak_tflops: Optional[float],
+) -> tuple[dict, dict]:
   """Times a compiled step (`bench.step_fn`): the median of `steps` blocking steps after `warmup`,
   then as many queued back to back, as a training loop runs them (dispatch overlaps compute).
   Returns (the row's timing, throughput, MFU and loss fields, the last timed step's metrics)."""
@@ -446,18 +542,41 @@ def time_steps(bench, compiled, batch, flops: float, batch_size: int, *, steps: 
   jax.block_until_ready((metrics, bench.state.step))
   pipelined_s = (time.perf_counter() - start) / steps
   mfu = lambda seconds: flops / seconds / 1e12 / peak_tflops if peak_tflops else None
-  return dict(step_s=step_s, step_min_s=min(step_times), step_times=step_times, steps=steps,
-              warmup=warmup, clips_per_s=batch_size / step_s, tflops_per_s=flops / step_s / 1e12,
-              mfu=mfu(step_s), peak_tflops=peak_tflops, pipelined_step_s=pipelined_s,
-              pipelined_mfu=mfu(pipelined_s), first_loss=float(first["loss"]),
-              last_loss=float(last["loss"]), grad_norm=float(last["grad_norm"]),
-              final_loss=float(metrics["loss"])), last
+  return (
+      dict(
+          step_s=step_s,
+          step_min_s=min(step_times),
+          step_times=step_times,
+          steps=steps,
+          warmup=warmup,
+          clips_per_s=batch_size / step_s,
+          tflops_per_s=flops / step_s / 1e12,
+          mfu=mfu(step_s),
+          peak_tflops=peak_tflops,
+          pipelined_step_s=pipelined_s,
+          pipelined_mfu=mfu(pipelined_s),
+          first_loss=float(first["loss"]),
+          last_loss=float(last["loss"]),
+          grad_norm=float(last["grad_norm"]),
+          final_loss=float(metrics["loss"]),
+      ),
+      last,
+  )
 
 
-def run(size: Size, configs: Sequence[StepConfig], *, steps: int = 10, warmup: int = 2,
-        seed: int = 0, ema_decay: float = EMA_DECAY, prediction_type: str = "v_prediction",
-        peak_tflops: Optional[float] = None, time_budget_s: Optional[float] = None,
-        log: Callable[[str], None] = print) -> list[dict]:
+def run(
+    size: Size,
+    configs: Sequence[StepConfig],
+    *,
+    steps: int = 10,
+    warmup: int = 2,
+    seed: int = 0,
+    ema_decay: float = EMA_DECAY,
+    prediction_type: str = "v_prediction",
+    peak_tflops: Optional[float] = None,
+    time_budget_s: Optional[float] = None,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
   """Measures each configuration in turn (a failure gives an 'error' row and the next goes on).
 
   `time_budget_s`: no configuration starts once the time spent plus the slowest one so far would
@@ -467,33 +586,51 @@ def run(size: Size, configs: Sequence[StepConfig], *, steps: int = 10, warmup: i
   if peak_tflops is None:
     peak_tflops = peak_tflops_of_device()
   bench = Bench(size, seed=seed, ema_decay=ema_decay, prediction_type=prediction_type)
-  log(f"{size.name}: {bench.param_counts['params'] / 1e6:.1f} M parameters, "
+  log(
+      f"{size.name}: {bench.param_counts['params'] / 1e6:.1f} M parameters, "
       f"{bench.param_counts['temporal_params'] / 1e6:.1f} M temporal (trained); "
-      f"{size.frames} frames × {size.latent}×{size.latent} latents, {size.dtype}")
+      f"{size.frames} frames × {size.latent}×{size.latent} latents, {size.dtype}"
+  )
   rows, slowest = [], 0.0
   for config in configs:
     elapsed = time.perf_counter() - start
     if rows and time_budget_s and elapsed + slowest > time_budget_s:
-      log(f"[{config.name}] skipped: {elapsed:.0f} s spent, the slowest configuration took "
-          f"{slowest:.0f} s, budget {time_budget_s:.0f} s")
-      rows.append(dict(name=config.name, batch=config.batch, remat_policy=config.remat_policy,
-                       attention=config.attention or "default",
-                       error=f"skipped: time budget ({time_budget_s:.0f} s)"))
+      log(
+          f"[{config.name}] skipped: {elapsed:.0f} s spent, the slowest configuration took "
+          f"{slowest:.0f} s, budget {time_budget_s:.0f} s"
+      )
+      rows.append(
+          dict(
+              name=config.name,
+              batch=config.batch,
+              remat_policy=config.remat_policy,
+              attention=config.attention or "default",
+              error=f"skipped: time budget ({time_budget_s:.0f} s)",
+          )
+      )
       continue
     log(f"[{config.name}] compiling ...")
     config_start = time.perf_counter()
     try:
       row = measure_config(bench, config, steps=steps, warmup=warmup, peak_tflops=peak_tflops)
     except Exception as e:  # pylint: disable=broad-except
-      row = dict(getattr(e, "row", None) or {}, name=config.name, batch=config.batch,
-                 remat_policy=config.remat_policy, attention=config.attention or "default",
-                 error=f"{type(e).__name__}: {e}"[:2000], traceback=traceback.format_exc(limit=4))
+      row = dict(
+          getattr(e, "row", None) or {},
+          name=config.name,
+          batch=config.batch,
+          remat_policy=config.remat_policy,
+          attention=config.attention or "default",
+          error=f"{type(e).__name__}: {e}"[:2000],
+          traceback=traceback.format_exc(limit=4),
+      )
       log(f"[{config.name}] failed: {row['error'][:300]}")
     else:
       mfu = f", MFU {row['mfu']:.1%}" if row.get("mfu") else ""
-      log(f"[{config.name}] step {row['step_s'] * 1e3:.1f} ms, {row['tflops_per_s']:.1f} TFLOP/s"
+      log(
+          f"[{config.name}] step {row['step_s'] * 1e3:.1f} ms, {row['tflops_per_s']:.1f} TFLOP/s"
           f"{mfu}, trace {row['trace_s']:.1f} s, compile {row['compile_s']:.1f} s, loss "
-          f"{row['last_loss']:.4f}")
+          f"{row['last_loss']:.4f}"
+      )
     row["wall_s"] = time.perf_counter() - config_start
     slowest = max(slowest, row["wall_s"])
     rows.append(row)
@@ -506,15 +643,19 @@ def table(rows: Sequence[dict]) -> str:
   """A Markdown table of the rows."""
   gib = lambda v: "-" if v is None else f"{v / 2**30:.1f}"
   fmt = lambda v, spec: "-" if v is None else format(v, spec)
-  lines = ["| config | batch | remat | attention | step (ms) | queued (ms) | clips/s | TFLOP/step "
-           "| TFLOP/s | MFU | compile (s) | args GiB | temp GiB | device peak GiB | loss |",
-           "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-           "| ---: | ---: | ---: |"]
+  lines = [
+      "| config | batch | remat | attention | step (ms) | queued (ms) | clips/s | TFLOP/step "
+      "| TFLOP/s | MFU | compile (s) | args GiB | temp GiB | device peak GiB | loss |",
+      "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+      "| ---: | ---: | ---: |",
+  ]
   for r in rows:
     if r.get("error"):
-      lines.append(f"| {r['name']} | {r['batch']} | {r['remat_policy']} | {r['attention']} | "
-                   f"error: {' '.join(r['error'].replace('|', '/').split())[:100]} "
-                   "| | | | | | | | | | |")
+      lines.append(
+          f"| {r['name']} | {r['batch']} | {r['remat_policy']} | {r['attention']} | "
+          f"error: {' '.join(r['error'].replace('|', '/').split())[:100]} "
+          "| | | | | | | | | | |"
+      )
       continue
     lines.append(
         f"| {r['name']} | {r['batch']} | {r['remat_policy']} | {r['attention']} "
@@ -522,18 +663,21 @@ def table(rows: Sequence[dict]) -> str:
         f"| {r['flops'] / 1e12:.3g} "
         f"| {r['tflops_per_s']:.1f} | {fmt(r.get('mfu'), '.1%')} | {r['compile_s']:.1f} "
         f"| {gib(r.get('argument_bytes'))} | {gib(r.get('temp_bytes'))} "
-        f"| {gib(r.get('device_peak_bytes'))} | {r['last_loss']:.4f} |")
+        f"| {gib(r.get('device_peak_bytes'))} | {r['last_loss']:.4f} |"
+    )
   return "\n".join(lines)
 
 
 def flops_note(size: Size) -> str:
   """The FLOP convention, with this size's numbers at batch 1."""
   f = step_flops(size, StepConfig(1))
-  return (f"FLOPs per step (batch 1): forward {f['forward_flops'] / 1e12:.4g} T; step "
-          f"{f['flops'] / 1e12:.4g} T = forward + dx of every layer after the first temporal one "
-          f"+ dW of the temporal layers ({f['flops'] / f['forward_flops']:.2f} × forward; all "
-          f"layers trained would be 3 × = {f['all_trainable_flops'] / 1e12:.4g} T). Model FLOPs: "
-          f"remat's recomputation is not counted. MFU = TFLOP/s ÷ the dense bf16 peak.")
+  return (
+      f"FLOPs per step (batch 1): forward {f['forward_flops'] / 1e12:.4g} T; step "
+      f"{f['flops'] / 1e12:.4g} T = forward + dx of every layer after the first temporal one "
+      f"+ dW of the temporal layers ({f['flops'] / f['forward_flops']:.2f} × forward; all "
+      f"layers trained would be 3 × = {f['all_trainable_flops'] / 1e12:.4g} T). Model FLOPs: "
+      f"remat's recomputation is not counted. MFU = TFLOP/s ÷ the dense bf16 peak."
+  )
 
 
 # ------------------------------------------------------------------------------ suite cases
@@ -543,28 +687,47 @@ def case(name: str, size: Size, config: StepConfig):
   """A `cases.Case` of one configuration for the suite runner (no reference: its columns stay
   empty). Each case builds its own state."""
   from vldm.benchmark import cases as cases_lib  # pylint: disable=g-import-not-at-top
+
   counts = step_flops(size, config)
   device = "cuda" if size.dtype == "bfloat16" else "cpu"
-  what = (f"Video LDM video-stage training step ({size.name} UNet inflated, spatial layers "
-          f"frozen): batch {config.batch} × {size.frames} frames × {size.latent}×{size.latent} "
-          f"latents, {size.dtype} compute, float32 parameters, remat {config.remat_policy}, "
-          f"attention {config.attention or 'default'}; forward, v-prediction loss, temporal "
-          f"gradients, clipping, AdamW, EMA")
-  described = dict(kind="video_stage_train", device=device, dtype=size.dtype, size=size.name,
-                   batch=config.batch, frames=size.frames, latent=[size.latent, size.latent],
-                   remat_policy=config.remat_policy, attention=config.attention or "default",
-                   **counts)
+  what = (
+      f"Video LDM video-stage training step ({size.name} UNet inflated, spatial layers "
+      f"frozen): batch {config.batch} × {size.frames} frames × {size.latent}×{size.latent} "
+      f"latents, {size.dtype} compute, float32 parameters, remat {config.remat_policy}, "
+      f"attention {config.attention or 'default'}; forward, v-prediction loss, temporal "
+      f"gradients, clipping, AdamW, EMA"
+  )
+  described = dict(
+      kind="video_stage_train",
+      device=device,
+      dtype=size.dtype,
+      size=size.name,
+      batch=config.batch,
+      frames=size.frames,
+      latent=[size.latent, size.latent],
+      remat_policy=config.remat_policy,
+      attention=config.attention or "default",
+      **counts,
+  )
 
   def build():
     bench = Bench(size)
     compiled, batch, times = bench.compile(config)
     memory = _program_memory(compiled)
     step = bench.step_fn(compiled, batch)
-    notes = dict(trace_s=times["trace_s"], **memory, **bench.param_counts,
-                 xla_flops=_xla_flops(compiled))
-    return cases_lib.Runner(lambda: step()["loss"], None, times["compile_s"],
-                            memory.get("program_work_bytes"), memory.get("program_total_bytes"),
-                            None, notes, compiled)
+    notes = dict(
+        trace_s=times["trace_s"], **memory, **bench.param_counts, xla_flops=_xla_flops(compiled)
+    )
+    return cases_lib.Runner(
+        lambda: step()["loss"],
+        None,
+        times["compile_s"],
+        memory.get("program_work_bytes"),
+        memory.get("program_total_bytes"),
+        None,
+        notes,
+        compiled,
+    )
 
   return cases_lib.Case(name, what, counts["flops"], described, build)
 
@@ -576,30 +739,50 @@ def define_flags():
   """The command line's flags (defined only when run as a program: `vldm.benchmark`'s own
   entry point defines some of the same names)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_enum("size", "sd15", list(SIZES), "sd15: SD 1.5's UNet inflated, 16 frames × "
-                    "32×32 latents, bf16; tiny: a toy UNet, 2 frames × 8×8, float32.")
+
+  flags.DEFINE_enum(
+      "size",
+      "sd15",
+      list(SIZES),
+      "sd15: SD 1.5's UNet inflated, 16 frames × "
+      "32×32 latents, bf16; tiny: a toy UNet, 2 frames × 8×8, float32.",
+  )
   flags.DEFINE_string(
-      "configs", None, "Comma-separated batch:remat_policy:attention (remat: none, full, "
+      "configs",
+      None,
+      "Comma-separated batch:remat_policy:attention (remat: none, full, "
       "dots_saveable, dots_with_no_batch_dims_saveable, save_conv_and_attention; attention: xla, "
-      "cudnn, default). Default: " + "; ".join(f"{k}: {v}" for k, v in DEFAULT_CONFIGS.items()))
+      "cudnn, default). Default: " + "; ".join(f"{k}: {v}" for k, v in DEFAULT_CONFIGS.items()),
+  )
   flags.DEFINE_string("out", None, "Where to write the JSON results.")
   flags.DEFINE_integer("steps", 10, "Timed steps per configuration (median).")
   flags.DEFINE_integer("warmup", 2, "Untimed steps first (the first one included).")
   flags.DEFINE_integer("seed", 0, "Seed of the random weights and inputs.")
   flags.DEFINE_float("ema_decay", EMA_DECAY, "EMA of the trained parameters; 0: none.")
-  flags.DEFINE_enum("prediction_type", "v_prediction", ["v_prediction", "epsilon"],
-                    "The loss's target.")
-  flags.DEFINE_float("peak_tflops", None, "Dense bf16 peak for MFU (default: by the GPU's name, "
-                     "989 for an H200).")
-  flags.DEFINE_float("time_budget_s", 200.0, "Start no configuration that would end after this "
-                     "many seconds (judged by the slowest so far); 0: no limit.")
-  flags.DEFINE_string("cache_dir", None, "A persistent XLA compilation cache directory (a rerun "
-                      "skips the compiles).")
+  flags.DEFINE_enum(
+      "prediction_type", "v_prediction", ["v_prediction", "epsilon"], "The loss's target."
+  )
+  flags.DEFINE_float(
+      "peak_tflops",
+      None,
+      "Dense bf16 peak for MFU (default: by the GPU's name, 989 for an H200).",
+  )
+  flags.DEFINE_float(
+      "time_budget_s",
+      200.0,
+      "Start no configuration that would end after this many seconds (judged by the slowest so far); 0: no limit.",
+  )
+  flags.DEFINE_string(
+      "cache_dir",
+      None,
+      "A persistent XLA compilation cache directory (a rerun skips the compiles).",
+  )
 
 
 def main(argv):
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   f = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -614,16 +797,37 @@ def main(argv):
     raise app.UsageError("--steps and --warmup must be ≥ 1.")
   if f.cache_dir:
     jax.config.update("jax_compilation_cache_dir", f.cache_dir)
-  rows = run(size, configs, steps=f.steps, warmup=f.warmup, seed=f.seed, ema_decay=f.ema_decay,
-             prediction_type=f.prediction_type, peak_tflops=f.peak_tflops,
-             time_budget_s=f.time_budget_s or None)
-  result = dict(benchmark="video_stage", size=size.name, unet=dict(size.unet),
-                frames=size.frames, latent=size.latent, context_length=size.context_length,
-                dtype=size.dtype, configs=[c.name for c in configs], steps=f.steps,
-                warmup=f.warmup, optimizer=OPTIM, ema_decay=f.ema_decay,
-                prediction_type=f.prediction_type, flops_note=flops_note(size), rows=rows,
-                table=table(rows), machine=measure.machine_info(),
-                load_average=measure.load_average())
+  rows = run(
+      size,
+      configs,
+      steps=f.steps,
+      warmup=f.warmup,
+      seed=f.seed,
+      ema_decay=f.ema_decay,
+      prediction_type=f.prediction_type,
+      peak_tflops=f.peak_tflops,
+      time_budget_s=f.time_budget_s or None,
+  )
+  result = dict(
+      benchmark="video_stage",
+      size=size.name,
+      unet=dict(size.unet),
+      frames=size.frames,
+      latent=size.latent,
+      context_length=size.context_length,
+      dtype=size.dtype,
+      configs=[c.name for c in configs],
+      steps=f.steps,
+      warmup=f.warmup,
+      optimizer=OPTIM,
+      ema_decay=f.ema_decay,
+      prediction_type=f.prediction_type,
+      flops_note=flops_note(size),
+      rows=rows,
+      table=table(rows),
+      machine=measure.machine_info(),
+      load_average=measure.load_average(),
+  )
   os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
   with open(f.out, "w") as out:
     json.dump(result, out, indent=1, default=str)
@@ -636,5 +840,6 @@ if __name__ == "__main__":
   # Before jax starts its backends: let one program use most of the GPU (the default takes 75 %).
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
   from absl import app  # pylint: disable=g-import-not-at-top
+
   define_flags()
   app.run(main)

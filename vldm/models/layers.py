@@ -4,6 +4,7 @@ Everything is NHWC (video: (B, F, H, W, C) or (B*F, H, W, C)). Module and parame
 diffusers / transformers state-dict names (`to_q`, `conv1`, `linear_1`, ...) so that weight import is
 a mechanical rename (see `vldm.convert.core`). Every module has `dtype` (compute) and `param_dtype`.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,46 +16,91 @@ import jax.numpy as jnp
 
 Dtype = Any
 
-# Names accepted by `attention_implementation`; None lets JAX choose.
-ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+# Names accepted by `attention_implementation`; None lets JAX choose. 'chunked': queries in chunks
+# of QUERY_CHUNK, each chunk's scores recomputed in the backward pass: memory O(chunk × keys)
+# instead of O(queries × keys), on every backend (TPU's XLA path materialises the whole score
+# matrix: for SVD's 9216-token frames, 14 frames × 5 heads × 9216² scores a layer).
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "chunked")
+QUERY_CHUNK = 1024
 
 
-def GroupNorm(num_groups: int, eps: float, *, name: str, dtype: Dtype = jnp.float32,
-              param_dtype: Dtype = jnp.float32) -> nn.GroupNorm:
+def GroupNorm(
+    num_groups: int,
+    eps: float,
+    *,
+    name: str,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+) -> nn.GroupNorm:
   """GroupNorm with an explicit epsilon (Flax defaults to 1e-6, PyTorch to 1e-5).
 
   Statistics span every axis but the first and the channel groups, so a (B, F, H, W, C) input is
   normalised over all frames, as diffusers' GroupNorms on 5-D tensors are.
   """
-  return nn.GroupNorm(num_groups=num_groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
-                      name=name)
+  return nn.GroupNorm(
+      num_groups=num_groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name
+  )
 
 
-def LayerNorm(eps: float, *, name: str, dtype: Dtype = jnp.float32,
-              param_dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+def LayerNorm(
+    eps: float, *, name: str, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32
+) -> nn.LayerNorm:
   """LayerNorm over the last axis with an explicit epsilon."""
   return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-def attend(q, k, v, num_heads: int, *, mask=None, is_causal: bool = False,
-           implementation: Optional[str] = None):
+def attend(
+    q,
+    k,
+    v,
+    num_heads: int,
+    *,
+    mask=None,
+    is_causal: bool = False,
+    implementation: Optional[str] = None,
+    query_chunk: int = QUERY_CHUNK,
+):
   """Multi-head scaled dot-product attention on (batch, tokens, heads*head_dim) projections.
 
   The one attention implementation of vldm: `jax.nn.dot_product_attention` (BTNH layout), whose
-  `implementation` ('xla' or 'cudnn'; None lets JAX choose) is selectable per model.
+  `implementation` ('xla' or 'cudnn'; None lets JAX choose) is selectable per model; 'chunked'
+  runs it over `query_chunk` queries at a time (unmasked attention longer than a chunk).
   `mask` broadcasts to (batch, heads, q_tokens, kv_tokens), True where attention is allowed.
   """
   if implementation not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(f"Unknown attention implementation {implementation!r}; "
-                     f"accepted: {ATTENTION_IMPLEMENTATIONS}.")
+    raise ValueError(
+        f"Unknown attention implementation {implementation!r}; "
+        f"accepted: {ATTENTION_IMPLEMENTATIONS}."
+    )
   b, tq, inner = q.shape
   if inner % num_heads:
     raise ValueError(f"Attention width {inner} does not divide into {num_heads} heads.")
   head_dim = inner // num_heads
   split = lambda t: t.reshape(t.shape[0], t.shape[1], num_heads, head_dim)
-  out = jax.nn.dot_product_attention(split(q), split(k), split(v), mask=mask, is_causal=is_causal,
-                                     implementation=implementation)
+  if implementation == "chunked" and mask is None and not is_causal and tq > query_chunk:
+    out = _query_chunked_attention(split(q), split(k), split(v), query_chunk)
+  else:
+    out = jax.nn.dot_product_attention(
+        split(q),
+        split(k),
+        split(v),
+        mask=mask,
+        is_causal=is_causal,
+        implementation=None if implementation == "chunked" else implementation,
+    )
   return out.reshape(b, tq, inner)
+
+
+def _query_chunked_attention(q, k, v, chunk: int):
+  """Exact attention over (B, T, N, H) queries, `chunk` queries at a time (the last chunk padded),
+  each chunk's softmax recomputed in the backward pass instead of stored."""
+  b, tq, heads, head_dim = q.shape
+  n = -(-tq // chunk)
+  q = jnp.pad(q, ((0, 0), (0, n * chunk - tq), (0, 0), (0, 0)))
+  chunks = q.reshape(b, n, chunk, heads, head_dim).swapaxes(0, 1)
+  one = jax.checkpoint(lambda qc: jax.nn.dot_product_attention(qc, k, v, implementation="xla"))
+  out = jax.lax.map(one, chunks)
+  return out.swapaxes(0, 1).reshape(b, n * chunk, heads, head_dim)[:, :tq]
 
 
 class Attention(nn.Module):
@@ -63,6 +109,7 @@ class Attention(nn.Module):
   `heads` is the number of heads and `dim_head` their width. `context=None` means self-attention.
   `proj_names` renames the projections for other layouts (CLIP: q_proj, k_proj, v_proj, out_proj).
   """
+
   heads: int
   dim_head: int
   out_dim: Optional[int] = None
@@ -77,19 +124,28 @@ class Attention(nn.Module):
   def __call__(self, x, context=None, mask=None, is_causal: bool = False):
     context = x if context is None else context
     inner = self.heads * self.dim_head
-    dense = lambda features, bias, name: nn.Dense(features, use_bias=bias, dtype=self.dtype,
-                                                  param_dtype=self.param_dtype, name=name)
+    dense = lambda features, bias, name: nn.Dense(
+        features, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+    )
     q_name, k_name, v_name, out_name = self.proj_names
     q = dense(inner, self.qkv_bias, q_name)(x)
     k = dense(inner, self.qkv_bias, k_name)(context)
     v = dense(inner, self.qkv_bias, v_name)(context)
-    h = attend(q, k, v, self.heads, mask=mask, is_causal=is_causal,
-               implementation=self.attention_implementation)
+    h = attend(
+        q,
+        k,
+        v,
+        self.heads,
+        mask=mask,
+        is_causal=is_causal,
+        implementation=self.attention_implementation,
+    )
     return dense(self.out_dim or x.shape[-1], self.out_bias, out_name)(h)
 
 
 class GEGLU(nn.Module):
   """Linear to 2×inner, then value · GELU(gate) with the exact (erf) GELU, as diffusers does."""
+
   dim_out: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -103,6 +159,7 @@ class GEGLU(nn.Module):
 
 class GELU(nn.Module):
   """Linear then GELU (`approximate`: tanh form, diffusers' 'gelu-approximate')."""
+
   dim_out: int
   approximate: bool = False
   dtype: Dtype = jnp.float32
@@ -119,6 +176,7 @@ FEED_FORWARD_ACTIVATIONS = ("geglu", "gelu", "gelu-approximate")
 
 class FeedForward(nn.Module):
   """diffusers FeedForward: net.0 = activation projection to mult·dim, net.2 = Linear back."""
+
   mult: int = 4
   dim_out: Optional[int] = None
   activation: str = "geglu"
@@ -135,8 +193,10 @@ class FeedForward(nn.Module):
     elif self.activation in ("gelu", "gelu-approximate"):
       h = GELU(inner, approximate=self.activation == "gelu-approximate", name="net_0", **kw)(x)
     else:
-      raise ValueError(f"Unknown feed-forward activation {self.activation!r}; "
-                       f"accepted: {FEED_FORWARD_ACTIVATIONS}.")
+      raise ValueError(
+          f"Unknown feed-forward activation {self.activation!r}; "
+          f"accepted: {FEED_FORWARD_ACTIVATIONS}."
+      )
     return nn.Dense(self.dim_out or dim, name="net_2", **kw)(h)
 
 
@@ -158,6 +218,7 @@ class Conv2D(nn.Module):
 
   Small inputs run as an im2col matmul (see `conv_as_matmul`), the rest as a convolution.
   """
+
   features: int
   kernel_size: int
   stride: int = 1
@@ -169,10 +230,17 @@ class Conv2D(nn.Module):
   @nn.compact
   def __call__(self, x):
     k, s, p = self.kernel_size, self.stride, self.padding
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features),
-                        self.param_dtype)
-    bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-            if self.use_bias else None)
+    kernel = self.param(
+        "kernel",
+        nn.initializers.lecun_normal(),
+        (k, k, x.shape[-1], self.features),
+        self.param_dtype,
+    )
+    bias = (
+        self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        if self.use_bias
+        else None
+    )
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     leading, (height, width, channels) = x.shape[:-3], x.shape[-3:]
     x = x.reshape((-1, height, width, channels))
@@ -180,23 +248,46 @@ class Conv2D(nn.Module):
       out_h, out_w = (height + 2 * p - k) // s + 1, (width + 2 * p - k) // s + 1
       xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
       patches = jnp.concatenate(
-          [xp[:, i:i + s * (out_h - 1) + 1:s, j:j + s * (out_w - 1) + 1:s]
-           for i in range(k) for j in range(k)], axis=-1)  # taps in the kernel's (i, j, c) order
+          [
+              xp[:, i : i + s * (out_h - 1) + 1 : s, j : j + s * (out_w - 1) + 1 : s]
+              for i in range(k)
+              for j in range(k)
+          ],
+          axis=-1,
+      )  # taps in the kernel's (i, j, c) order
       y = jnp.einsum("nhwk,ko->nhwo", patches, kernel.reshape(k * k * channels, self.features))
     else:
-      y = jax.lax.conv_general_dilated(x, kernel, (s, s), ((p, p), (p, p)),
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      y = jax.lax.conv_general_dilated(
+          x, kernel, (s, s), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+      )
     if bias is not None:
       y = y + bias
     return y.reshape(leading + y.shape[1:])
 
 
-def conv(features: int, kernel: int, *, stride: int = 1, padding: Optional[int] = None, name: str,
-         dtype: Dtype, param_dtype: Dtype, use_bias: bool = True) -> Conv2D:
+def conv(
+    features: int,
+    kernel: int,
+    *,
+    stride: int = 1,
+    padding: Optional[int] = None,
+    name: str,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    use_bias: bool = True,
+) -> Conv2D:
   """A square 2-D convolution with PyTorch's symmetric padding (default: kernel // 2)."""
   pad = kernel // 2 if padding is None else padding
-  return Conv2D(features, kernel, stride=stride, padding=pad, use_bias=use_bias, dtype=dtype,
-                param_dtype=param_dtype, name=name)
+  return Conv2D(
+      features,
+      kernel,
+      stride=stride,
+      padding=pad,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      name=name,
+  )
 
 
 class ResnetBlock2D(nn.Module):
@@ -205,6 +296,7 @@ class ResnetBlock2D(nn.Module):
   A time embedding is projected and added when `temb` is passed (SD UNets), omitted otherwise
   (VAE). A 1×1 `conv_shortcut` is created when the channel count changes.
   """
+
   out_channels: Optional[int] = None
   groups: int = 32
   eps: float = 1e-6
@@ -230,6 +322,7 @@ class ResnetBlock2D(nn.Module):
 
 class Downsample2D(nn.Module):
   """Stride-2 3×3 conv. `padding=1` (UNet) or 0 with a (0,1,0,1) pad first (VAE encoder)."""
+
   out_channels: Optional[int] = None
   padding: int = 1
   dtype: Dtype = jnp.float32
@@ -239,8 +332,15 @@ class Downsample2D(nn.Module):
   def __call__(self, x):
     if self.padding == 0:
       x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-    return conv(self.out_channels or x.shape[-1], 3, stride=2, padding=self.padding, name="conv",
-                dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    return conv(
+        self.out_channels or x.shape[-1],
+        3,
+        stride=2,
+        padding=self.padding,
+        name="conv",
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+    )(x)
 
 
 def upsample_nearest(x, factor: int = 2):
@@ -250,18 +350,31 @@ def upsample_nearest(x, factor: int = 2):
 
 class Upsample2D(nn.Module):
   """Nearest ×2 then a 3×3 conv (key `upsamplers.0.conv`)."""
+
   out_channels: Optional[int] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    return conv(self.out_channels or x.shape[-1], 3, name="conv", dtype=self.dtype,
-                param_dtype=self.param_dtype)(upsample_nearest(x))
+    return conv(
+        self.out_channels or x.shape[-1],
+        3,
+        name="conv",
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+    )(upsample_nearest(x))
 
 
-def timestep_embedding(timesteps, dim: int, *, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
-                       scale: float = 1.0, max_period: float = 10000.0):
+def timestep_embedding(
+    timesteps,
+    dim: int,
+    *,
+    flip_sin_to_cos: bool = True,
+    freq_shift: float = 0.0,
+    scale: float = 1.0,
+    max_period: float = 10000.0,
+):
   """Sinusoidal embedding of (possibly fractional) timesteps [N] → [N, dim], float32 (diffusers)."""
   timesteps = jnp.asarray(timesteps, jnp.float32)
   if timesteps.ndim != 1:
@@ -279,6 +392,7 @@ def timestep_embedding(timesteps, dim: int, *, flip_sin_to_cos: bool = True, fre
 
 class TimestepEmbedding(nn.Module):
   """linear_1 → SiLU → linear_2 (diffusers TimestepEmbedding)."""
+
   time_embed_dim: int
   out_dim: Optional[int] = None
   dtype: Dtype = jnp.float32
@@ -304,6 +418,7 @@ class AlphaBlender(nn.Module):
 
   Inputs are (B·F, ...) tensors; `image_only_indicator` is (B, F).
   """
+
   alpha: float
   merge_strategy: str = "learned_with_images"
   switch_spatial_to_temporal_mix: bool = False
@@ -311,7 +426,9 @@ class AlphaBlender(nn.Module):
   @nn.compact
   def __call__(self, x_spatial, x_temporal, image_only_indicator=None):
     if self.merge_strategy not in MERGE_STRATEGIES:
-      raise ValueError(f"Unknown merge_strategy {self.merge_strategy!r}; accepted: {MERGE_STRATEGIES}.")
+      raise ValueError(
+          f"Unknown merge_strategy {self.merge_strategy!r}; accepted: {MERGE_STRATEGIES}."
+      )
     mix = self.param("mix_factor", lambda _, shape: jnp.full(shape, self.alpha, jnp.float32), (1,))
     if self.merge_strategy == "fixed":
       alpha = jax.lax.stop_gradient(mix)
@@ -319,7 +436,9 @@ class AlphaBlender(nn.Module):
       alpha = jax.nn.sigmoid(mix)
     else:
       if image_only_indicator is None:
-        raise ValueError("merge_strategy 'learned_with_images' needs an image_only_indicator (B, F).")
+        raise ValueError(
+            "merge_strategy 'learned_with_images' needs an image_only_indicator (B, F)."
+        )
       alpha = jnp.where(image_only_indicator.reshape(-1).astype(bool), 1.0, jax.nn.sigmoid(mix))
       alpha = alpha.reshape((-1,) + (1,) * (x_spatial.ndim - 1))
     alpha = alpha.astype(x_spatial.dtype)
@@ -340,6 +459,7 @@ class TemporalConv(nn.Module):
   PyTorch Conv3d weight). `implementation='shifted_matmul'` sums k shifted 1×1 matmuls, which
   XLA fuses well; 'conv3d' uses a 3-D convolution. Both compute the same function.
   """
+
   features: int
   kernel_size: int = 3
   implementation: str = "shifted_matmul"
@@ -351,19 +471,32 @@ class TemporalConv(nn.Module):
     if x.ndim != 5:
       raise ValueError(f"TemporalConv expects (B, F, H, W, C), got shape {x.shape}.")
     k = self.kernel_size
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, 1, 1, x.shape[-1], self.features),
-                        self.param_dtype)
+    kernel = self.param(
+        "kernel",
+        nn.initializers.lecun_normal(),
+        (k, 1, 1, x.shape[-1], self.features),
+        self.param_dtype,
+    )
     bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     pad = k // 2
     if self.implementation == "shifted_matmul":
       frames = x.shape[1]
       xp = jnp.pad(x, ((0, 0), (pad, pad), (0, 0), (0, 0), (0, 0)))
-      y = sum(jnp.einsum("bfhwc,cd->bfhwd", xp[:, i:i + frames], kernel[i, 0, 0]) for i in range(k))
+      y = sum(
+          jnp.einsum("bfhwc,cd->bfhwd", xp[:, i : i + frames], kernel[i, 0, 0]) for i in range(k)
+      )
     elif self.implementation == "conv3d":
-      y = jax.lax.conv_general_dilated(x, kernel, (1, 1, 1), ((pad, pad), (0, 0), (0, 0)),
-                                       dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+      y = jax.lax.conv_general_dilated(
+          x,
+          kernel,
+          (1, 1, 1),
+          ((pad, pad), (0, 0), (0, 0)),
+          dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+      )
     else:
-      raise ValueError(f"Unknown temporal conv implementation {self.implementation!r}; "
-                       f"accepted: {TEMPORAL_CONV_IMPLEMENTATIONS}.")
+      raise ValueError(
+          f"Unknown temporal conv implementation {self.implementation!r}; "
+          f"accepted: {TEMPORAL_CONV_IMPLEMENTATIONS}."
+      )
     return y + bias

@@ -59,7 +59,7 @@ PIPELINE_KINDS = {
     IMAGE_COMPONENTS: "a diffusers Stable Video Diffusion (StableVideoDiffusionPipeline) folder",
 }
 VAE_KINDS = ("temporal_decoder", "kl")
-TOKENIZER_KINDS = ("clip", "shapes_words")
+TOKENIZER_KINDS = ("clip", "shapes_words", "ids_only")
 SCALE_SOURCES = ("shapes",)
 SCALE_EXAMPLES = 64  # rendered frames whose latent std sets a measured scaling factor
 SCHEDULER_CONFIG = "scheduler_config.json"
@@ -174,6 +174,8 @@ def make_tokenizer(config) -> tokenizer_lib.Tokenizer:
     raise ComponentError(f"ldm.tokenizer.kind must be one of {TOKENIZER_KINDS}; got {kind!r}.")
   if kind == "shapes_words":
     return common.shapes_tokenizer(c.max_length)
+  if kind == "ids_only":  # an architecture preset's: shapes without a vocabulary
+    return tokenizer_lib.IdsOnlyTokenizer(**c.ids.to_dict())
   path = folder(config, "tokenizer")
   if not path:
     raise ComponentError(
@@ -233,6 +235,14 @@ def image_encoder_params(config, encoder, seed: int):
   return jax.jit(encoder.init)(jax.random.key(seed), pixels)["params"]
 
 
+def abstract_image_encoder_params(encoder):
+  """The shapes and dtypes `image_encoder_params` returns, without reading weights."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  pixels = jnp.zeros((1, encoder.image_size, encoder.image_size, 3), jnp.float32)
+  return jax.eval_shape(lambda: encoder.init(jax.random.key(0), pixels))["params"]
+
+
 def clip_normalization(config) -> tuple:
   """(mean, std) of the image encoder's preprocessing: the pretrained folder's
   feature_extractor/preprocessor_config.json where there is one, else OpenAI CLIP's."""
@@ -282,6 +292,16 @@ def vae_params(config, mesh=None):
   params = common.load_stage_params(workdir, mesh)
   # An autoencoder stage keeps {'vae', 'discriminator'}; its temporal-decoder stage the VAE alone.
   return params["vae"] if "vae" in params else params
+
+
+def abstract_vae_params(vae):
+  """The shapes and dtypes `vae_params` returns for this VAE module, without reading weights
+  (compile-only checks). Folders' weights load as float32, as these are."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  temporal = isinstance(vae, autoencoder_lib.AutoencoderKLTemporalDecoder)
+  pixels = jnp.zeros((1,) + ((2,) if temporal else ()) + (64, 64, 3), jnp.float32)
+  return jax.eval_shape(lambda: vae.init(jax.random.key(0), pixels))["params"]
 
 
 def scaling_factor(config, vae, params) -> float:

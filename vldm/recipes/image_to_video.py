@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vldm.diffusion import losses
+from vldm.models import clip as clip_lib
 from vldm.models import inflate
 from vldm.pipelines import common as pipeline_common
 from vldm.pipelines import image_to_video as i2v_pipeline
@@ -170,6 +171,35 @@ class ImageToVideoTask(ldm.LatentDiffusionTask):
         self.config, self.image_encoder, self.config.seed
     )
     return frozen
+
+  def abstract_frozen(self):
+    frozen = super().abstract_frozen()
+    frozen["image_encoder"] = components_lib.abstract_image_encoder_params(self.image_encoder)
+    return frozen
+
+  def abstract_batch(self, batch_size: int) -> dict:
+    return self._abstract_batch(batch_size, text_length=None)  # no captions: no token ids
+
+  def step_flops(self, batch_size: int) -> float:
+    """Model FLOPs of one step: the whole UNet's forward + backward on the concatenated input, the
+    frozen VAE encoder on the frames and the noised first frame, CLIP on the first frame (and its
+    resize, traced); no remat."""
+    from vldm.benchmark import flops as flops_lib  # pylint: disable=g-import-not-at-top
+
+    vae_factor, _ = pipeline_common.size_multiple(self.vae, self.unet)
+    latent, b = self.size // vae_factor, batch_size
+    unet = flops_lib.unet_training_flops(
+        self.unet, latent, latent, batch=b, frames=self.frames, context_length=1, trainable="all"
+    )
+    vae = flops_lib.autoencoder_flops(
+        self.vae, self.size, self.size, batch=b, frames=self.frames + 1, part="encode"
+    )
+    clip = flops_lib.clip_vision_flops(self.image_encoder, batch=b)
+    resize = flops_lib.jaxpr_flops(
+        lambda x: clip_lib.preprocess_for_clip(x, self.image_encoder.image_size),
+        jax.ShapeDtypeStruct((b, self.size, self.size, 3), jnp.float32),
+    )
+    return float(unet.total + vae.total + clip.total + resize.total)
 
   # ---- training -------------------------------------------------------------------------------
   def make_data(self, sharding, process_index, process_count):

@@ -249,23 +249,26 @@ class LatentDiffusionTask(tasks_lib.Task):
     return self.config.ldm.kind == "video"
 
   # ---- parameters -----------------------------------------------------------------------------
-  def init_params(self, rng):
+  def _init_fn(self, unet):
+    """init(key) -> {'unet', 'text_encoder'} parameters with `unet` as the UNet."""
     ids = jnp.zeros((1, self.tokenizer.max_length), jnp.int32)
     frames = (self.frames,) if self.video else ()
-    latent = jnp.zeros((1,) + frames + (8, 8, self.unet.in_channels))
+    latent = jnp.zeros((1,) + frames + (8, 8, unet.in_channels))
     context = jnp.zeros((1, self.tokenizer.max_length, self.text_encoder.hidden_size))
-
-    time_ids = (jnp.zeros((1, self.unet.num_time_ids)),) if self.unet.num_time_ids else ()
+    time_ids = (jnp.zeros((1, unet.num_time_ids)),) if unet.num_time_ids else ()
 
     def init(key):
       unet_key, text_key = jax.random.split(key)
       return {
-          "unet": self.unet.init(unet_key, latent, jnp.zeros((1,)), context, *time_ids)["params"],
+          "unet": unet.init(unet_key, latent, jnp.zeros((1,)), context, *time_ids)["params"],
           "text_encoder": self.text_encoder.init(text_key, ids)["params"],
       }
 
+    return init
+
+  def init_params(self, rng):
     mix = self.config.ldm.temporal.merge_factor
-    params = common.task_init(self, init, rng, {"mix_factor": mix})
+    params = common.task_init(self, self._init_fn(self.unet), rng, {"mix_factor": mix})
     if self.config.host_init and self.unet.temporal and self.unet.zero_init_temporal_outputs:
       params = dict(params, unet=unet_lib.zero_temporal_outputs(params["unet"]))  # as UNet.init
     return params
@@ -300,6 +303,76 @@ class LatentDiffusionTask(tasks_lib.Task):
       low_res = common.load_stage_params(self.config.ldm.upsampler.low_res_workdir, mesh)
       frozen["low_res"] = {k: low_res[k] for k in ("unet", "text_encoder")}
     return frozen
+
+  def abstract_frozen(self):
+    """`init_frozen`'s shapes and dtypes, no weights read (compile-only checks)."""
+    frozen = {
+        "vae": components_lib.abstract_vae_params(self.vae),
+        "scale": jax.ShapeDtypeStruct((), jnp.float32),
+    }
+    if self.upsample:
+      frozen["low_res"] = jax.eval_shape(self._init_fn(self.base_unet), jax.random.key(0))
+    return frozen
+
+  def abstract_batch(self, batch_size: int) -> dict:
+    """One global batch as `make_data` yields it, as ShapeDtypeStructs (compile-only checks)."""
+    return self._abstract_batch(batch_size, self.tokenizer.max_length)
+
+  def _abstract_batch(self, batch_size: int, text_length: Optional[int]) -> dict:
+    sds, f32 = jax.ShapeDtypeStruct, jnp.float32
+    lead = (batch_size, self.frames) if self.video else (batch_size,)
+    batch = {}
+    if self.config.ldm.get("latent_cache_dir"):  # the cache's posterior moments
+      vae_factor, _ = pipeline_common.size_multiple(self.vae, self.unet)
+      channels = self.vae.latent_channels
+      sizes = {"latent": self.size // vae_factor}
+      if self.upsample:
+        sizes["low_res"] = self.size // vae_factor // self.upsample
+      for name, size in sizes.items():
+        for moment in ("mean", "std"):
+          batch[f"{name}_{moment}"] = sds(lead + (size, size, channels), f32)
+    else:
+      batch["video" if self.video else "image"] = sds(lead + (self.size, self.size, 3), f32)
+    batch["fps"] = sds((batch_size,), f32)
+    if self.config.data.name == "video_folder":  # measured per clip when the data is prepared
+      batch["motion"] = sds((batch_size,), f32)
+    if text_length:
+      batch["input_ids"] = sds((batch_size, text_length), jnp.int32)
+    batch["step"] = sds((batch_size,), jnp.int32)
+    return batch
+
+  def step_flops(self, batch_size: int) -> float:
+    """Model FLOPs of one training step (`vldm.benchmark.flops`: the UNet's forward and the
+    backward of what trains, the frozen VAE encoder's and text encoder's forwards; no remat)."""
+    from vldm.benchmark import flops as flops_lib  # pylint: disable=g-import-not-at-top
+
+    c = self.config.ldm
+    frames = self.frames if self.video else 1
+    vae_factor, _ = pipeline_common.size_multiple(self.vae, self.unet)
+    latent = self.size // vae_factor
+    if self.train_crop:
+      latent = self.train_crop
+    trainable = c.train if self.video else "all"
+    total = flops_lib.unet_training_flops(
+        self.unet,
+        latent,
+        latent,
+        batch=batch_size,
+        frames=frames,
+        context_length=self.tokenizer.max_length,
+        trainable=trainable,
+    ).total
+    text = flops_lib.clip_text_flops(self.text_encoder, batch=batch_size).total
+    total += text * (flops_lib.TRAIN_FACTOR if c.text_encoder.train else 1)
+    if not c.get("latent_cache_dir"):
+      sizes = [self.size] + ([self.size // self.upsample] if self.upsample else [])
+      total += sum(
+          flops_lib.autoencoder_flops(
+              self.vae, size, size, batch=batch_size, frames=frames, part="encode"
+          ).total
+          for size in sizes
+      )
+    return float(total)
 
   # ---- training -------------------------------------------------------------------------------
   def make_data(self, sharding, process_index, process_count):

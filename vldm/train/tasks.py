@@ -20,6 +20,12 @@ typed key (`jax.random.key`) of `config.prng_impl`. Methods the trainer calls:
   sample_fn(params, frozen, rng) -> {name: frames}   optional (None): frames (F, H, W, 3) or
                                            (H, W, 3), float in [0, 1] or uint8; written as GIFs.
   init_transforms() -> {name: fn}          optional extra `init_from` transforms (see below).
+  abstract_frozen() -> pytree              optional: init_frozen's ShapeDtypeStructs (no weights);
+  abstract_batch(batch_size) -> pytree     optional: ShapeDtypeStructs of one global batch as
+                                           make_data yields it. With these two a stage compiles
+                                           without weights or data (`vldm.train.compile_only`).
+  step_flops(batch_size) -> float          optional: the analytic model FLOPs of one training step
+                                           (no recomputation), to check the compiled count.
   pretrained_params() -> pytree or None    optional: host weights to start from when no
                                            `init_from.workdir` is set (e.g. a diffusers folder's),
                                            mapped by the `init_from.transform`; top-level parts it
@@ -36,6 +42,7 @@ model: `fn(source, target) -> params`, with `source` the other workdir's newest 
 `target` this model's freshly initialised ones, both nested dicts; the result must have the
 target's structure, shapes and dtypes. They are traced under jit, so they must be pure.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -56,15 +63,29 @@ class TaskInputError(ValueError):
   `python -m vldm.train` prints it without a traceback."""
 
 
+class CannotCompileAhead(TypeError):
+  """The task cannot describe its frozen models or batches without weights or data
+  (`vldm.train.compile_only` needs `abstract_frozen` and `abstract_batch`)."""
+
+
 class DataIterator(Protocol):
-  def __iter__(self) -> Iterator[PyTree]: ...
-  def __next__(self) -> PyTree: ...
-  def get_state(self) -> dict: ...
-  def set_state(self, state: dict) -> None: ...
+
+  def __iter__(self) -> Iterator[PyTree]:
+    ...
+
+  def __next__(self) -> PyTree:
+    ...
+
+  def get_state(self) -> dict:
+    ...
+
+  def set_state(self, state: dict) -> None:
+    ...
 
 
 class Task:
   """Base class with the optional parts' defaults; subclasses define the rest."""
+
   sample_fn: Optional[Callable[..., Mapping[str, Any]]] = None
 
   def __init__(self, config):
@@ -87,6 +108,21 @@ class Task:
 
   def make_data(self, sharding, process_index: int, process_count: int) -> DataIterator:
     raise NotImplementedError
+
+  def abstract_frozen(self) -> PyTree:
+    raise CannotCompileAhead(
+        f"{type(self).__name__} cannot describe its frozen models without "
+        "loading them (no abstract_frozen): it does not compile ahead."
+    )
+
+  def abstract_batch(self, batch_size: int) -> PyTree:
+    raise CannotCompileAhead(
+        f"{type(self).__name__} cannot describe its batches without data "
+        "(no abstract_batch): it does not compile ahead."
+    )
+
+  def step_flops(self, batch_size: int) -> Optional[float]:  # pylint: disable=unused-argument
+    return None
 
   def init_transforms(self) -> Mapping[str, Callable]:
     return {}
@@ -117,9 +153,12 @@ def get_task(config) -> Task:
   if target is None:
     if ":" not in name:
       close = difflib.get_close_matches(name, list(_TASKS), n=3, cutoff=0.5)
-      raise ValueError(f"Unknown task {name!r}; give a 'package.module:ClassName' path"
-                       + (f" or a registered name: {sorted(_TASKS)}" if _TASKS else "")
-                       + (f" (closest: {close})" if close else "") + ".")
+      raise ValueError(
+          f"Unknown task {name!r}; give a 'package.module:ClassName' path"
+          + (f" or a registered name: {sorted(_TASKS)}" if _TASKS else "")
+          + (f" (closest: {close})" if close else "")
+          + "."
+      )
     target = name
   cls = _import(target) if isinstance(target, str) else target
   return cls(config)
@@ -128,6 +167,7 @@ def get_task(config) -> Task:
 # ----------------------------------------------------------------------------------------------
 # Trainable / frozen split. Parameters are nested dicts; the split keeps dicts of the same shape
 # holding only trainable (or only frozen) leaves, so the optimizer never sees frozen leaves.
+
 
 def trainable_paths(params, labels) -> frozenset:
   """Flattened-dict paths of the trainable leaves."""
@@ -140,8 +180,9 @@ def trainable_paths(params, labels) -> frozenset:
     raise ValueError(f"trainable_labels must label every parameter; unlabelled: {missing[:5]}")
   bad = {v for v in flat_labels.values() if v not in (TRAIN, FREEZE)}
   if bad:
-    raise ValueError(f"Unknown trainable labels {sorted(map(str, bad))}; "
-                     f"accepted: {TRAIN!r}, {FREEZE!r}.")
+    raise ValueError(
+        f"Unknown trainable labels {sorted(map(str, bad))}; " f"accepted: {TRAIN!r}, {FREEZE!r}."
+    )
   paths = frozenset(p for p, v in flat_labels.items() if v == TRAIN)
   if not paths:
     raise ValueError("trainable_labels froze every parameter: nothing to train.")
@@ -168,6 +209,7 @@ def merge(*trees):
 # ----------------------------------------------------------------------------------------------
 # Init transforms.
 
+
 class CheckpointMismatchError(ValueError):
   """Saved parameters do not fit the model they are restored or transformed into."""
 
@@ -178,8 +220,11 @@ def describe_mismatch(source, target, limit: int = 8) -> list[str]:
   tgt = {"/".join(map(str, k)): np.shape(v) for k, v in traverse_util.flatten_dict(target).items()}
   problems = [f"missing in the checkpoint: {k} {tgt[k]}" for k in sorted(tgt.keys() - src.keys())]
   problems += [f"not in this model: {k} {src[k]}" for k in sorted(src.keys() - tgt.keys())]
-  problems += [f"shape {src[k]} in the checkpoint, {tgt[k]} in this model: {k}"
-               for k in sorted(src.keys() & tgt.keys()) if src[k] != tgt[k]]
+  problems += [
+      f"shape {src[k]} in the checkpoint, {tgt[k]} in this model: {k}"
+      for k in sorted(src.keys() & tgt.keys())
+      if src[k] != tgt[k]
+  ]
   if len(problems) > limit:
     problems = problems[:limit] + [f"... and {len(problems) - limit} more"]
   return problems
@@ -189,8 +234,9 @@ def as_is(source, target):
   """The other stage's parameters unchanged; the trees must match exactly."""
   problems = describe_mismatch(source, target)
   if problems:
-    raise CheckpointMismatchError("init_from transform 'as_is' needs the same parameters:\n  "
-                                  + "\n  ".join(problems))
+    raise CheckpointMismatchError(
+        "init_from transform 'as_is' needs the same parameters:\n  " + "\n  ".join(problems)
+    )
   return jax.tree.map(lambda s, t: s.astype(t.dtype), source, target)
 
 
