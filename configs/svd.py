@@ -169,6 +169,9 @@ def ldm_config(stage, pretrained, frames, local, from_svd, image_encoder):
   layout, micro-conditioning and, for i2v, the image conditioning."""
   c = video_ldm.ldm_config("image" if stage == "image" else "video", pretrained, frames, local)
   c.train = "all"  # SVD trains the whole UNet in every stage
+  # i2v trains from pixels: the VAE encodes a clip's frames inside the step, 2 at a time at full
+  # size (at 576×1024 all 15 at once take several GiB of activations a clip).
+  c.encode_chunk_size = None if local else 2
   c.prediction_type = "v_edm"
   c.noise_sampling, c.weighting = "lognormal", "edm"
   c.p_mean, c.p_std = NOISE[stage]

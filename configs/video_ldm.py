@@ -147,6 +147,9 @@ def ldm_config(stage, pretrained, frames, local):
   c.schedule = ml_collections.ConfigDict()
   c.prediction_type = config_dict.placeholder(str)
   c.latent_cache_dir = config_dict.placeholder(str)
+  # Frames the frozen VAE encodes at a time inside the train step (None: all of the batch's at
+  # once); bounds its activations when clips train from pixels (image-to-video, no latent cache).
+  c.encode_chunk_size = config_dict.placeholder(int)
   c.latent_cache_batch_size = 8
   c.temporal = ml_collections.ConfigDict(
       dict(

@@ -30,16 +30,16 @@ needs_libtpu = pytest.mark.skipif(not _has_libtpu(), reason="libtpu is not insta
 
 # The SD 1.5 preset shrunk to test size by config overrides (the shapes, not the layout, change).
 TINY = {
-    "ldm.unet.model.block_out_channels": "(32, 64)",
-    "ldm.unet.model.down_block_types": "('CrossAttnDownBlock2D', 'DownBlock2D')",
-    "ldm.unet.model.up_block_types": "('UpBlock2D', 'CrossAttnUpBlock2D')",
+    "ldm.unet.model.block_out_channels": "(32,)",  # one level: a compile of ~20 s
+    "ldm.unet.model.down_block_types": "('CrossAttnDownBlock2D',)",
+    "ldm.unet.model.up_block_types": "('CrossAttnUpBlock2D',)",
     "ldm.unet.model.num_attention_heads": "2",
     "ldm.unet.model.layers_per_block": "1",
     "ldm.unet.model.norm_num_groups": "8",
     "ldm.unet.model.cross_attention_dim": "32",
     "ldm.text_encoder.model.hidden_size": "32",
     "ldm.text_encoder.model.intermediate_size": "64",
-    "ldm.text_encoder.model.num_hidden_layers": "2",
+    "ldm.text_encoder.model.num_hidden_layers": "1",
     "ldm.text_encoder.model.num_attention_heads": "2",
     "ldm.tokenizer.ids.max_length": "8",
     "ldm.vae.model.block_out_channels": "(16, 32)",
@@ -374,3 +374,44 @@ def test_multislice_mesh_puts_the_data_axis_across_slices():
   assert slice_of == [[0, 0], [0, 0], [1, 1], [1, 1]]  # fsdp pairs within a slice
   with pytest.raises(ValueError, match="must be a multiple of the slice count"):
     sharding.make_mesh((("data", 1), ("fsdp", 8)), devices=devices)
+
+
+def test_rank_uses_flops_when_xla_gives_no_time_for_some():
+  small = _report(1 * 2**30, 1, 0.0004)
+  large = _report(2 * 2**30, 64, None)  # no roofline estimate: compare FLOPs per example
+  small.compiled_flops, large.compiled_flops = 2.8e9 * 4, 150e9 * 4
+  assert compile_only.rank([small, large]) == [large, small]
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_cli_exits_1_when_it_does_not_fit_and_names_what_fits(tmp_path):
+  """The tiny image stage at 16384 examples per v5e chip runs out of HBM: exit status 1, and the
+  search (narrowed to one mesh and two policies) finds per-chip batches that fit. ~4 compiles."""
+  out = tmp_path / "report.json"
+  overrides = [f"--config.{k}={v}" for k, v in TINY.items()]
+  result = _train(
+      "--config",
+      f"configs/video_ldm.py:stage=image,preset=sd15,resolution=32,root={tmp_path}",
+      *overrides,
+      "--config.mesh=(('data', 2), ('fsdp', 2))",
+      "--config.batch_size=65536",
+      "--config.remat_policy=none",
+      "--compile_only",
+      "--topology",
+      "v5e:2x2",
+      "--search_fsdp",
+      "2",
+      "--search_remat",
+      "none,full",
+      "--compile_report",
+      str(out),
+  )
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "DOES NOT FIT" in result.stdout
+  assert "vldm.train: train_step does not fit v5e:2x2; fitting: --config.mesh=" in result.stdout
+  report = json.loads(out.read_text())
+  assert not report["reports"][0]["fits"] and report["reports"][0]["total_bytes"] > 16 * 2**30
+  fitting = [r for r in report["search"] if r["fits"]]
+  assert fitting and all(r["error"] is None for r in fitting)
+  assert max(r["batch_per_chip"] for r in fitting) == 64

@@ -162,8 +162,11 @@ def test_bad_inputs_say_what_is_accepted(inputs, tmp_path):
   task = ldm.LatentDiffusionTask(
       load("video", inputs["sd1"], str(unreadable), **{"data.data_dir": str(tmp_path / "tfds")})
   )
-  with pytest.raises(ValueError, match=r"No video of split 'train' .* could be read: skipped per "
-                                       r"reason \{'unreadable': 1\}"):
+  with pytest.raises(
+      ValueError,
+      match=r"No video of split 'train' .* could be read: skipped per "
+      r"reason \{'unreadable': 1\}",
+  ):
     task.make_data(None, 0, 1)
 
 
@@ -341,5 +344,13 @@ def test_compute_settings_reach_the_unet(inputs):
   }
   loss, metrics = jax.jit(task.loss_fn)(params, frozen, batch, jax.random.key(1))
   assert np.isfinite(float(loss)) and np.isfinite(float(metrics["mse"]))
+  # The frozen VAE attends with the run's implementation, and encoding the 8 frames 3 at a time
+  # (the last chunk padded) gives the posterior of encoding them at once.
+  assert task.vae.attention_implementation == "xla"
+  whole = task.posterior(frozen["vae"], batch["video"])
+  task.config.ldm.encode_chunk_size = 3
+  chunked = task.posterior(frozen["vae"], batch["video"])
+  for a, b in zip(chunked, whole):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   # Half of each batch goes through as stills: the image-only indicator of the first half.
   np.testing.assert_array_equal(task._image_only_indicator(2), [[1] * 4, [0] * 4])  # pylint: disable=protected-access

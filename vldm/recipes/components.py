@@ -262,10 +262,12 @@ def clip_normalization(config) -> tuple:
 
 # ------------------------------------------------------------------------------------- VAE
 def make_vae(config):
-  """The frozen VAE's module: from a folder, or the model config of an autoencoder stage."""
+  """The frozen VAE's module: from a folder, or the model config of an autoencoder stage; with the
+  run's attention implementation (its mid-block attends over every latent position)."""
+  attention = config.get("attention_implementation")
   path = folder(config, "vae")
   if path:
-    return _module_from_folder(path, "vae", VAES)
+    return _module_from_folder(path, "vae", VAES).clone(attention_implementation=attention)
   model = config.ldm.vae.model.to_dict()
   kind = model.pop("kind", "temporal_decoder")
   if kind not in VAE_KINDS:
@@ -275,7 +277,7 @@ def make_vae(config):
       if kind == "temporal_decoder"
       else autoencoder_lib.AutoencoderKL
   )
-  return cls(**model)
+  return cls(**model, attention_implementation=attention)
 
 
 def vae_params(config, mesh=None):

@@ -390,14 +390,24 @@ class LatentDiffusionTask(tasks_lib.Task):
     """VAE posterior (mean, std) of pixels [B, (F,) H, W, 3] in [-1, 1], unscaled (less the VAE's
     shift_factor, if any), shaped [B, (F,) h, w, c]."""
     lead = pixels.shape[:-3]
-    posterior = self.vae.apply(
-        {"params": vae_params}, pixels.reshape((-1,) + pixels.shape[-3:]), method="encode"
-    )
-    mean = posterior.mean
+    images = pixels.reshape((-1,) + pixels.shape[-3:])
+
+    def encode(x):
+      posterior = self.vae.apply({"params": vae_params}, x, method="encode")
+      return posterior.mean, posterior.std
+
+    chunk = self.config.ldm.get("encode_chunk_size")
+    if chunk and images.shape[0] > chunk:  # frames a chunk at a time: one chunk's activations live
+      n = -(-images.shape[0] // chunk)
+      padded = jnp.pad(images, ((0, n * chunk - images.shape[0]),) + ((0, 0),) * 3)
+      mean, std = jax.lax.map(encode, padded.reshape((n, chunk) + images.shape[1:]))
+      mean, std = (x.reshape((n * chunk,) + x.shape[2:])[: images.shape[0]] for x in (mean, std))
+    else:
+      mean, std = encode(images)
     shift = getattr(self.vae, "shift_factor", None)
     if shift is not None:
       mean = mean - shift
-    return tuple(x.reshape(lead + x.shape[1:]) for x in (mean, posterior.std))
+    return tuple(x.reshape(lead + x.shape[1:]) for x in (mean, std))
 
   def moments(self, vae_params, pixels) -> dict:
     """What the latent cache stores per example: the posterior {latent_mean, latent_std}, and for

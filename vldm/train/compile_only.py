@@ -461,12 +461,16 @@ def search(
 
 
 def rank(reports: Sequence[Report]) -> list[Report]:
-  """Fitting reports first, least estimated time per example first (XLA's roofline estimate, else
-  compiled FLOPs per example), then the larger batch, then less collective traffic."""
+  """Fitting reports first, least estimated cost per example first, then the larger batch, then
+  less collective traffic. The cost is XLA's roofline time when every fitting report has one (it
+  sees memory traffic as well as FLOPs), else the compiled FLOPs (recomputation included)."""
+  fitting = [r for r in reports if r.fits]
+  by_time = bool(fitting) and all(r.seconds_per_example is not None for r in fitting)
 
   def key(r: Report):
-    per_example = r.seconds_per_example
-    if per_example is None:
+    if by_time and r.seconds_per_example is not None:
+      per_example = r.seconds_per_example
+    else:
       per_example = (r.compiled_flops or math.inf) / max(r.batch_per_chip * r.chips, 1)
     return (not r.fits, per_example, -r.batch_per_chip, sum(r.collective_bytes.values()))
 
@@ -532,11 +536,15 @@ def run(
     )
     fitting = [r for r in found if r.fits]
     if fitting:
-      log("Fitting configurations, fastest-looking first (XLA's roofline time per example):")
+      log("Fitting configurations, fastest-looking first:")
       for r in fitting[:5]:
+        cost = (
+            f"{1e3 * r.seconds_per_example:.2f} ms" if r.seconds_per_example is not None else "? ms"
+        )  # XLA gives no roofline estimate for some programs
+        flops = (r.compiled_flops or 0) / (r.batch_per_chip * r.chips)
         log(
-            f"  {r.total_bytes / 2**30:6.2f} GiB/chip, {1e3 * (r.seconds_per_example or 0):.1f} "
-            f"ms/example: {r.overrides()}"
+            f"  {r.total_bytes / 2**30:6.2f} GiB/chip, {cost} and {flops / 1e9:.1f} GFLOPs per "
+            f"example: {r.overrides()}"
         )
     else:
       log(f"Nothing fits {topology}: try a larger topology or chip (v5p: 95 GiB HBM a chip).")
