@@ -131,6 +131,11 @@ def use_preset(ldm: ml_collections.ConfigDict, name: str) -> None:
   ldm.unet.model = ml_collections.ConfigDict(preset["unet"])
   if ldm.get("upsampler") and ldm.upsampler.factor:  # its module config states the full width
     ldm.unet.model.in_channels = 2 * preset["unet"]["in_channels"]
+  if ldm.get("frame_conditioning") and ldm.frame_conditioning.get("mode"):
+    from vldm.diffusion import frame_conditioning  # pylint: disable=g-import-not-at-top
+
+    channels = preset["unet"]["in_channels"]
+    ldm.unet.model.in_channels = frame_conditioning.conditioned_in_channels(channels)
   ldm.vae.model = ml_collections.ConfigDict(preset["vae"])
   ldm.vae.scaling_factor = preset["vae"]["scaling_factor"]
   if "text_encoder" in preset:

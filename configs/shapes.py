@@ -9,6 +9,13 @@ ones through `init_from` and `ldm.vae.workdir`):
                      8-frame 32-px clips
   hires              the video model fine-tuned on 64-px clips as Video LDM's latent upsampler:
                      conditioned on the clip's 32-px latents, it samples after the video stage
+  prediction         (long videos, `python -m vldm.demo --long`) the video model conditioned on
+                     the first 0, 1 or 2 frames of slower 8-frame clips (tempo 2.5: motion that
+                     continues for 32 frames inside the frame); it makes its own first chunk
+                     (nothing given) and extends clips two frames at a time of context
+  interpolation      the video model conditioned on key frames every 4th frame of 9-frame clips
+                     at 4× (T → 4T) or 16× (4T → 16T) the video stage's frame rate, the regime
+                     told by the clip's fps
 
   python -m vldm.train --config configs/shapes.py:stage=image,root=runs/shapes \
       --workdir runs/shapes/image
@@ -24,20 +31,27 @@ from ml_collections import config_dict
 
 from configs import common
 from vldm.data import config as data_config_lib
+from vldm.diffusion import frame_conditioning
 
-STAGES = ("autoencoder", "autoencoder_video", "image", "video", "hires")
+BASE_STAGES = ("autoencoder", "autoencoder_video", "image", "video", "hires")  # the demo's
+LONG_STAGES = ("prediction", "interpolation")  # + `python -m vldm.demo --long`
+STAGES = BASE_STAGES + LONG_STAGES
 TASKS = {
     "autoencoder": "vldm.recipes.autoencoder:AutoencoderTask",
     "autoencoder_video": "vldm.recipes.autoencoder:TemporalDecoderTask",
     "image": "vldm.recipes.ldm:LatentDiffusionTask",
     "video": "vldm.recipes.ldm:LatentDiffusionTask",
     "hires": "vldm.recipes.ldm:LatentDiffusionTask",
+    "prediction": "vldm.recipes.ldm:LatentDiffusionTask",
+    "interpolation": "vldm.recipes.ldm:LatentDiffusionTask",
 }
 # Where each stage starts from (stage, init_from transform); the autoencoder starts from scratch.
 INIT_FROM = {
     "autoencoder_video": ("autoencoder", "from_kl"),
     "video": ("image", "inflate"),
     "hires": ("video", "widen_input"),
+    "prediction": ("video", "widen_input"),
+    "interpolation": ("video", "widen_input"),
 }
 # Per stage: steps, batch size, peak learning rate, warmup (full recipe / runlocal).
 # The autoencoder's 1200 steps: at 600 it rounded 20% of 32-px squares into circles (the oracle's
@@ -53,13 +67,26 @@ SCHEDULE = {
     "image": (1400, 64, 1e-3, 100),
     "video": (800, 8, 1e-3, 50),
     "hires": (1200, 4, 1e-3, 20),
+    "prediction": (400, 8, 1e-3, 20),
+    "interpolation": (400, 8, 1e-3, 20),
 }
 RUNLOCAL_STEPS = 3
 # Rendered training examples per stage. The diffusion stages cache their latents (the VAE encoder
 # runs once per example), so a video stage renders about what it trains on: caching 10,000 clips
 # would cost more than encoding the clips of 800 steps. The video stages share one dataset.
 TRAIN_EXAMPLES = {"autoencoder": 10_000, "autoencoder_video": 2_000, "image": 10_000,
-                  "video": 2_000, "hires": 400}
+                  "video": 2_000, "hires": 400, "prediction": 1_000, "interpolation": 1_000}
+# Long videos: the prediction stage's clips move at 1/2.5 of the video stage's speeds, so that a
+# 32-frame clip stays inside the frame and an 8-frame window still moves ≥ 0.08 of the side; the
+# interpolation stage's 9-frame clips at 4× or 16× the frame rate (fps 32 or 128; 64 splits the
+# regimes).
+TEMPOS = {"prediction": (2.5,), "interpolation": (4.0, 16.0)}
+FRAMES = {"interpolation": 9}
+# The prediction stage's clips begin 32-frame motions: its unconditional branch makes a long
+# video's first chunk, which must leave the object room to move for the whole clip (trained on
+# windows anywhere along shorter motions, long clips ran into the border within 16 frames).
+PATH_FRAMES = {"prediction": 32}
+REGIME_FPS = 64.0
 
 
 def stage_resolution(stage, runlocal=False):
@@ -103,8 +130,10 @@ def get_config(arg=None):
   resolution = stage_resolution(stage, local)
   kind = "image" if stage in ("autoencoder", "image") else "video"
   config.data = data_config_lib.data_config(
-      "shapes", kind=kind, resolution=resolution, frames=8, batch_size=config.batch_size,
-      caption_dropout=0.1 if stage in ("image", "video", "hires") else 0.0,
+      "shapes", kind=kind, resolution=resolution, frames=FRAMES.get(stage, 8),
+      batch_size=config.batch_size, tempos=TEMPOS.get(stage, (1.0,)),
+      path_frames=PATH_FRAMES.get(stage, 0),
+      caption_dropout=0.1 if stage in ("image", "video", "hires") + LONG_STAGES else 0.0,
       num_train_examples=64 if local else TRAIN_EXAMPLES[stage],
       num_validation_examples=18 if local else 72, num_workers=2, prefetch=2)
   config.data.data_dir = data_dir
@@ -189,7 +218,7 @@ def ldm_config(stage, local):
   c.temporal = ml_collections.ConfigDict(dict(
       merge_factor=0.5, merge_strategy="learned_with_images", num_frames=8,
       text_motion_embedding=True, zero_init_temporal_outputs=True))
-  c.train = "all" if stage in ("image", "hires") else "temporal"
+  c.train = "all" if stage in ("image", "hires") + LONG_STAGES else "temporal"
   c.joint_image_fraction = 0.0
   c.prediction_type = "v_prediction"
   if stage == "image":
@@ -222,4 +251,22 @@ def ldm_config(stage, local):
       train_crop=latent_size // 2 if upsampler else 0,
       low_res_workdir=config_dict.placeholder(str)))    # the base stage (frozen)
   c.sample_prompts = ("a red circle moving right", "a yellow triangle moving up")
+  c.frame_conditioning = frame_conditioning_config(stage)
+  if stage in LONG_STAGES:
+    c.unet.model.in_channels = frame_conditioning.conditioned_in_channels(4)
+    c.temporal.num_frames = FRAMES.get(stage, 8)
+  if stage == "interpolation":  # the key frames decide what is there: text guidance only hurt
+    c.sampler.guidance_scale = 1.0  # (held-out clips, PSNR between keys: 24.2 dB vs 22.8 at 3)
   return c
+
+
+def frame_conditioning_config(stage):
+  """`ldm.frame_conditioning` (vldm.recipes.ldm.FRAME_CONDITIONING_DEFAULTS): Video LDM's
+  prediction and interpolation stages; mode None elsewhere."""
+  return ml_collections.ConfigDict(dict(
+      mode=stage if stage in LONG_STAGES else config_dict.placeholder(str),
+      context_choices=(0, 1, 2), context_probs=(0.2, 0.4, 0.4), stride=4, uncond_prob=0.1,
+      max_noise_level=250, sample_noise_level=50, regime_fps=REGIME_FPS, context_frames=2,
+      context_scale=1.0,
+      # The video stage's clips move 2.5× faster than these: the prediction model starts its own.
+      first_chunk="prediction"))

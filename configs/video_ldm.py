@@ -8,6 +8,12 @@ Stages (each a `python -m vldm.train` run in ROOT/<stage>):
              spatial layers, text encoder and VAE frozen
   upsampler  the video stage fine-tuned at 2× the resolution as Video LDM's latent upsampler
              (conditioned on the clip's low-resolution latents; it samples after the video stage)
+  prediction     long videos: the video stage conditioned on its clips' first 0, 1 or 2 frames
+                 (temporal layers and the widened input conv train); `python -m vldm.sample
+                 --workdir RUNS --num_frames N` then rolls clips out two frames of context at a time
+  interpolation  the video stage conditioned on key frames every 4th frame of 17-frame clips at
+                 4× the video stage's frame rate (32 fps; whole UNet trains, as Video LDM's
+                 interpolation model); `--interpolate 4` makes (N − 1)·4 + 1 frames
 
   python -m vldm.train \
       --config configs/video_ldm.py:stage=video,pretrained=SD_DIR,data=VIDEOS,root=RUNS \
@@ -33,14 +39,18 @@ from ml_collections import config_dict
 from configs import common
 from vldm.data import config as data_config_lib
 
-STAGES = ("image", "video", "upsampler")
+STAGES = ("image", "video", "upsampler", "prediction", "interpolation")
+LONG_STAGES = ("prediction", "interpolation")
 TASK = "vldm.recipes.ldm:LatentDiffusionTask"
 # Per stage: steps, batch size, peak learning rate, warmup (full recipe; runlocal: 3 steps).
 SCHEDULE = {
     "image": (10_000, 64, 1e-5, 500),
     "video": (20_000, 16, 1e-4, 1000),
     "upsampler": (10_000, 16, 5e-5, 500),
+    "prediction": (10_000, 16, 1e-4, 500),
+    "interpolation": (10_000, 16, 5e-5, 500),
 }
+VIDEO_FPS = 8.0  # the clips' frame rate (data.target_fps); interpolation trains at 4× it
 UPSAMPLER_FACTOR = 2
 
 
@@ -77,6 +87,8 @@ def get_config(arg=None):
       UPSAMPLER_FACTOR if stage == "upsampler" and not arg.resolution else 1
   )
   frames = arg.frames or (4 if local else 16)
+  if stage == "interpolation" and not arg.frames:  # k·4 + 1: key frames at both ends
+    frames = 5 if local else 17
   kind = "image" if stage == "image" else "video"
   config.data = data_config_lib.data_config(
       "video_folder",
@@ -86,7 +98,7 @@ def get_config(arg=None):
       batch_size=config.batch_size,
       folder=os.path.abspath(arg.data or os.curdir),
       caption_dropout=0.1,
-      target_fps=8.0,
+      target_fps=VIDEO_FPS * (4 if stage == "interpolation" else 1),
       max_frames=2 * frames,
       num_workers=2 if local else 8,
       prefetch=2 if local else 4,
@@ -98,10 +110,8 @@ def get_config(arg=None):
   )
   if arg.preset:
     common.use_preset(config.ldm, arg.preset)
-  source = {"image": None, "video": "image", "upsampler": "video"}[stage]
-  config.init_from.transform = {"image": "as_is", "video": "inflate", "upsampler": "widen_input"}[
-      stage
-  ]
+  source = {"image": None, "video": "image"}.get(stage, "video")
+  config.init_from.transform = {"image": "as_is", "video": "inflate"}.get(stage, "widen_input")
   if root:
     config.ldm.latent_cache_dir = os.path.join(root, stage, "latents")
     # The video stage starts from ROOT/image when that optional stage was trained, else from the
@@ -160,7 +170,7 @@ def ldm_config(stage, pretrained, frames, local):
           zero_init_temporal_outputs=True,
       )
   )
-  c.train = "temporal" if stage == "video" else "all"
+  c.train = {"video": "temporal", "prediction": "temporal_and_input"}.get(stage, "all")
   c.joint_image_fraction = 0.0  # > 0: that share of each batch as stills (with train='all')
   c.noise_sampling, c.weighting = "uniform", "uniform"
   c.min_snr_gamma = 5.0
@@ -185,4 +195,22 @@ def ldm_config(stage, pretrained, frames, local):
       )
   )
   c.sample_prompts = ("a video",)
+  # Video LDM's long-video stages (vldm.recipes.ldm.FRAME_CONDITIONING_DEFAULTS for the keys).
+  c.frame_conditioning = ml_collections.ConfigDict(
+      dict(
+          mode=stage if stage in LONG_STAGES else config_dict.placeholder(str),
+          context_choices=(0, 1, 2),
+          context_probs=(0.2, 0.4, 0.4),
+          stride=4,
+          uncond_prob=0.1,
+          max_noise_level=250,
+          sample_noise_level=50,
+          # One regime (T → 4T) by default; train 4T → 16T too by mixing frame strides
+          # (data.max_frame_stride) and setting the fps that splits them here.
+          regime_fps=config_dict.placeholder(float),
+          context_frames=2,
+          context_scale=1.0,
+          first_chunk="video",
+      )
+  )
   return c

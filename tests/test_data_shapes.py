@@ -224,3 +224,117 @@ def test_config_to_pipeline(data_dir):
   for caption, flag in zip(captions, held):
     color, shape = caption.split()[1:3]
     assert flag == ((color, shape) in shapes.HELD_OUT)
+
+
+# Tempo: the same motion filmed at k x the frame rate (long clips, interpolation training clips).
+
+
+def test_tempo_one_is_the_original_dataset():
+  # Regression values of the original renderer (before tempos existed).
+  p = shapes.example_params("video", "train", 0, frames=8)
+  assert (p["color"], p["shape"], p["direction"]) == ("blue", "square", "down")
+  assert (p["x"], p["r"], p["speed"]) == (0.787995353676578, 0.1845710440164981,
+                                          0.05402724260675916)
+  assert (p["tempo"], p["fps"]) == (1.0, shapes_tfds.FPS)
+  assert shapes.max_frames() == shapes.max_frames(1.0) == 25
+  for kind, split, index in (("video", "train", 3), ("video", "validation", 5),
+                             ("image", "train", 2)):
+    default = shapes.make_example(kind, split, index, frames=12, size=8, seed=1)
+    explicit = shapes.make_example(kind, split, index, frames=12, size=8, seed=1, tempos=(1.0,))
+    np.testing.assert_array_equal(default[kind], explicit[kind])
+    assert ({k: v for k, v in default.items() if k != kind} ==
+            {k: v for k, v in explicit.items() if k != kind})
+
+
+def test_tempo_scales_speed_and_fps():
+  assert shapes.max_frames(4) == 97 and shapes.max_frames(2.5) == 61
+  low, high = shapes.SPEED_RANGE[0] / 4, shapes.SPEED_RANGE[1] / 4
+  for i in range(30):
+    p = shapes.example_params("video", "train", i, frames=16, tempos=(4.0,))
+    assert low <= p["speed"] <= high and p["tempo"] == 4.0 and p["fps"] == 32.0
+
+
+def test_long_clip_at_tempo_2_5_stays_inside_the_frame():
+  frames, size = 32, 16
+  for i in range(12):
+    e = shapes.make_example("video", "train", i, frames=frames, size=size, tempos=(2.5,))
+    xs, ys = shapes.trajectory(e["direction"], e["x"], e["y"], e["speed"], frames)
+    for c in (xs, ys):
+      assert c.min() - e["r"] >= -1e-12 and c.max() + e["r"] <= 1 + 1e-12
+    a = alpha(e["video"], e["color"])
+    # A clipped object would lose area at the border; every frame keeps all of it.
+    np.testing.assert_allclose(a.sum((1, 2)) / size**2, shapes.shape_area(e["shape"], e["r"]),
+                               atol=area_tolerance(e["r"], size))
+
+
+def test_mixed_tempos():
+  validation = [shapes.example_params("video", "validation", i, frames=9, tempos=(4, 16))
+                for i in range(4)]
+  assert {p["tempo"] for p in validation} == {4.0, 16.0}
+  assert all(p["fps"] == 8 * p["tempo"] for p in validation)
+  train = [shapes.example_params("video", "train", i, frames=9, tempos=(4, 16)) for i in range(40)]
+  assert {p["tempo"] for p in train} == {4.0, 16.0}
+  for p in train:
+    assert shapes.SPEED_RANGE[0] / p["tempo"] <= p["speed"] <= shapes.SPEED_RANGE[1] / p["tempo"]
+  # Every composition meets both tempos over its validation visits.
+  tempos = {}
+  for i in range(72):
+    p = shapes.example_params("video", "validation", i, frames=9, tempos=(4, 16))
+    tempos.setdefault((p["color"], p["shape"]), set()).add(p["tempo"])
+  assert all(t == {4.0, 16.0} for t in tempos.values())
+
+
+def test_bad_tempos_raise():
+  for bad in ((0,), (-1.0,), (), (float("nan"),)):
+    with pytest.raises(ValueError, match="> 0"):
+      shapes.example_params("video", "train", 0, tempos=bad)
+  with pytest.raises(ValueError, match="at most 97 frames"):
+    shapes.example_params("video", "train", 0, frames=98, tempos=(4.0,))
+  with pytest.raises(ValueError, match="videos only"):
+    shapes.example_params("image", "train", 0, tempos=(4.0,))
+  with pytest.raises(ValueError, match=r"Frames must be in \[1, 61\] at tempo 2.5"):
+    shapes_tfds.ShapesConfig.from_name("video_32_62_tempo2.5")
+  with pytest.raises(ValueError, match="> 0"):
+    shapes_tfds.ShapesConfig.from_name("video_32_8_tempo0")
+  with pytest.raises(ValueError, match=r"_tempo<k>\[-<k2>...\]"):
+    shapes_tfds.ShapesConfig.from_name("video_32_8_train5_tempo4")
+  with pytest.raises(ValueError, match="video configs only"):
+    shapes_tfds.ShapesConfig.from_name("image_32_tempo4")
+
+
+def test_tempo_config_names():
+  for name, tempos in (("video_32_9_tempo4-16", (4.0, 16.0)), ("video_32_32_tempo2.5", (2.5,)),
+                       ("video_8_9_tempo1-4_train4_val4_seed2", (1.0, 4.0))):
+    c = shapes_tfds.ShapesConfig.from_name(name)
+    assert c.tempos == tempos
+    assert shapes_tfds.config_name(c.kind, c.resolution, c.frames, c.num_train, c.num_validation,
+                                   c.seed, c.tempos) == name
+  assert shapes_tfds.config_name("video", 32, 9, tempos=(16, 4, 4)) == "video_32_9_tempo4-16"
+  assert shapes_tfds.config_name("video", 32, 8, tempos=(1.0,)) == "video_32_8"
+  for non_canonical, canonical in (("video_32_9_tempo16-4", "video_32_9_tempo4-16"),
+                                   ("video_32_9_tempo4.0", "video_32_9_tempo4"),
+                                   ("video_32_8_tempo1", "video_32_8")):
+    with pytest.raises(ValueError, match=f"use '{canonical}'"):
+      shapes_tfds.ShapesConfig.from_name(non_canonical)
+
+
+def test_tempo_dataset_and_config(tmp_path):
+  from vldm.data import config as config_lib  # pylint: disable=g-import-not-at-top
+  from vldm.data import sources  # pylint: disable=g-import-not-at-top
+  c = config_lib.data_config("shapes", resolution=8, frames=9, tempos=(4.0, 16.0),
+                             num_train_examples=4, num_validation_examples=4,
+                             data_dir=str(tmp_path))
+  builder = sources.make_builder(c)
+  assert builder.builder_config.name == "video_8_9_tempo4-16_train4_val4"
+  builder.download_and_prepare(file_format="array_record")
+  examples = list(builder.as_data_source("validation"))
+  assert {float(e["tempo"]) for e in examples} == {4.0, 16.0}
+  for e in examples:
+    assert e["video"].shape == (9, 8, 8, 3) and e["fps"] == 8 * e["tempo"]
+  # Tempo-1 configs keep their features: no 'tempo'.
+  plain = shapes_tfds.shapes_builder("video", 8, 9, 4, 4, data_dir=str(tmp_path))
+  assert "tempo" not in plain.info.features and "fps" in plain.info.features
+  for bad in (dict(tempos=(0.0,)), dict(tempos=(4.0,), kind="image"),
+              dict(name="ucf101", tempos=(2.0,))):
+    with pytest.raises(ValueError, match="data.tempos"):
+      config_lib.data_config(**bad)

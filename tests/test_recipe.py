@@ -1,6 +1,8 @@
 """The shapes recipe: stage configs, the tasks' parts, and the whole recipe at runlocal size."""
 import json
 import os
+import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+import recipe_runs
 from vldm import demo
 from vldm import video_io
 from vldm.data import pipeline as pipeline_lib
@@ -282,7 +285,7 @@ def test_recipe_end_to_end_at_runlocal_size(tmp_path):
   assert set(summaries) == {"hires"} and summaries["hires"]["overall"]["clips"] == 72
   report = open(os.path.join(root, "report.md")).read()
   assert "| held-out | 12 |" in report and "| seen | 60 |" in report
-  for stage in shapes_config.STAGES:
+  for stage in shapes_config.BASE_STAGES:  # the long-video stages only with --long
     assert f"| {stage} | 3 × 2 |" in report
   samples = os.path.join(root, "samples")
   entries = json.load(open(os.path.join(samples, "samples.json")))
@@ -298,7 +301,7 @@ def test_recipe_end_to_end_at_runlocal_size(tmp_path):
   for part, frame in ((picture[:height], grid[0]), (picture[height + 8:], grid[-1])):
     assert np.abs(part.astype(float) - frame).mean() < 20  # both palette-quantized
   timings = json.load(open(os.path.join(root, "timings.json")))
-  assert set(timings) == set(shapes_config.STAGES)
+  assert set(timings) == set(shapes_config.BASE_STAGES)
   for stage in ("image", "video", "hires"):  # the diffusion stages trained on cached latents
     assert os.path.exists(os.path.join(root, stage, "latents", "train", "index.p0.json"))
 
@@ -320,6 +323,8 @@ def test_recipe_end_to_end_at_runlocal_size(tmp_path):
                                                                    sampler.guidance_scale)
   assert pipe.base.sampler.sampler == sampler.name == "ddim"
 
+  long_stages(root)
+
   # A stage the demo trained resumes under plain `python -m vldm.train` (the process default
   # PRNG is threefry there): its key follows the stage's config.prng_impl.
   jax.config.update("jax_default_prng_impl", "threefry2x32")
@@ -327,3 +332,52 @@ def test_recipe_end_to_end_at_runlocal_size(tmp_path):
                                   {"total_steps": 4})
   state = trainer.train_and_evaluate(config, os.path.join(root, "video"))
   assert int(state.step) == 4
+
+
+def tmp_path_of(root):
+  return pathlib.Path(root).parent
+
+
+def long_stages(root):
+  """`--long` on the finished runlocal run: the prediction and interpolation stages, their report,
+  sampling long clips from the workdir, and an exact resume of the prediction stage."""
+  summaries = demo.run(root, runlocal=True, num_samples=1, batch_size=72, long=True,
+                       long_frames=14)
+  assert summaries["long"]["overall"]["n"] == 72 and summaries["interpolation"]["n"] == 72
+  report = open(os.path.join(root, "report.md")).read()
+  assert "## Long videos" in report and "## Interpolation (T → 4T)" in report
+  for stage in shapes_config.STAGES:
+    assert f"| {stage} | 3 × 2 |" in report
+  for name in ("strip.png", "interpolation.png", "summary.json"):
+    assert os.path.getsize(os.path.join(root, "long", name)) > 0
+  # The newest text-to-video stage still samples by default; the long pipeline has them all.
+  assert isinstance(stages.pipeline_from_workdir(root), CascadePipeline)
+  pipe = stages.long_video_from_workdir(root)
+  assert pipe.first_chunk == "prediction" and pipe.context_frames == 2
+  assert pipe.prediction.unet.in_channels == 11 and pipe.interpolation.unet.num_frames == 9
+  frames = pipe(["a red circle moving left"], num_frames=14, interpolate=4, rng=0)
+  assert frames.shape == (1, 53, 16, 16, 3)  # 8 + 6 key frames ×4, upsampled to 16 px
+  # A workdir without the long-video stages (the video stage's own) says which one is missing.
+  video_only = stages.long_video_from_workdir(os.path.join(root, "video"))
+  with pytest.raises(ValueError, match="need a prediction stage"):
+    video_only.check(9, 1)
+  with pytest.raises(ValueError, match="needs an interpolation stage"):
+    video_only.check(8, 4)
+  out = str(tmp_path_of(root) / "long_clips")
+  result = recipe_runs.run("sample", "--workdir", os.path.join(root, "video"), "--prompt",
+                           "a red circle moving left", "--num_frames", "20", "--out", out,
+                           inputs={"cache": str(tmp_path_of(root) / "cache")}, check=False)
+  assert result.returncode and "need a prediction stage" in result.stderr, result.stderr[-2000:]
+  # A crash after step 2's checkpoint: step 3 again from it gives the same parameters.
+  workdir = os.path.join(root, "prediction_resume")
+  config = config_lib.load_config(f"{SHAPES}:stage=prediction,root={root},runlocal=True",
+                                  {"checkpoint_every": 1, "keep_checkpoints": 5})
+  trainer.train_and_evaluate(config, workdir)
+  final = common.load_stage_params(workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "3"))
+  trainer.train_and_evaluate(config, workdir)
+  resumed = common.load_stage_params(workdir)
+  flat = traverse_util.flatten_dict
+  assert flat(final).keys() == flat(resumed).keys()
+  for key, value in flat(resumed).items():
+    np.testing.assert_allclose(value, flat(final)[key], rtol=0, atol=1e-6, err_msg=str(key))

@@ -11,7 +11,11 @@ from the final stage, judges them with the shapes oracle (`vldm.eval`) and write
                        grid.png (the grid's first frame above its last)
   DIR/timings.json     seconds per stage (kept across resumed runs)
 `--runlocal` shrinks everything to seconds (tests); `--eval_stages video,hires` also evaluates the
-32-px video stage.
+32-px video stage. `--long` then trains Video LDM's long-video stages (prediction, interpolation)
+and adds a long-video section to the report (`vldm.eval.long_shapes`): `--long_frames` frames per
+clip from the 8-frame model, judged as a whole, per 8-frame window and for drift
+(DIR/long/strip.png shows some), and the interpolation stage on held-out rendered clips
+(DIR/long/interpolation.png); DIR/long/summary.json holds the numbers.
 """
 from __future__ import annotations
 
@@ -34,6 +38,9 @@ flags.DEFINE_integer("batch_size", 48, "Clips sampled per call (one compilation 
 flags.DEFINE_list("eval_stages", ["hires"], "Stages whose samples are judged; the last one's clips "
                   "are written to DIR/samples.")
 flags.DEFINE_string("data_dir", None, "TFDS data folder (default: DIR/data).")
+flags.DEFINE_bool("long", False, "Also train the prediction and interpolation stages and report "
+                  "on long videos.")
+flags.DEFINE_integer("long_frames", 32, "Frames per long clip (--long).")
 
 
 def _config_file() -> str:
@@ -60,6 +67,12 @@ def _config(stage: str, workdir: str, runlocal: bool, data_dir=None):
   return config_lib.load_config(f"{CONFIG_FILE}:{arg}")
 
 
+def _stages(long: bool) -> tuple:
+  """The stages the demo trains, in order."""
+  from configs import shapes as shapes_config  # pylint: disable=g-import-not-at-top
+  return shapes_config.BASE_STAGES + (shapes_config.LONG_STAGES if long else ())
+
+
 def _batch_sizes(runlocal: bool) -> list[int]:
   """Every stage's training batch size."""
   from vldm.train import config_lib  # pylint: disable=g-import-not-at-top
@@ -74,16 +87,16 @@ def _finished_step(workdir: str):
   return None if stage is None else stage.step
 
 
-def train_stages(root: str, runlocal: bool, data_dir=None) -> dict:
-  """Trains (or resumes, or skips) every stage in order; returns {stage: seconds}."""
-  from configs import shapes as shapes_config  # pylint: disable=g-import-not-at-top
+def train_stages(root: str, runlocal: bool, data_dir=None, long: bool = False) -> dict:
+  """Trains (or resumes, or skips) every stage in order (the long-video ones too with `long`);
+  returns {stage: seconds}."""
   from vldm.train import trainer  # pylint: disable=g-import-not-at-top
   timings_path = os.path.join(root, "timings.json")
   timings = {}
   if os.path.exists(timings_path):
     with open(timings_path) as f:
       timings = json.load(f)
-  for stage in shapes_config.STAGES:
+  for stage in _stages(long):
     config = _config(stage, root, runlocal, data_dir)
     workdir = os.path.join(root, stage)
     if _finished_step(workdir) == config.total_steps and stage in timings:
@@ -110,9 +123,6 @@ def sample_and_judge(root: str, stage: str, num_samples: int, seed: int, batch_s
   """Samples every prompt num_samples times from `stage` through its pipeline, as
   `python -m vldm.sample --workdir ROOT/STAGE` does (the stage's saved config and sampler
   settings); returns (prompts, seeds, clips, records, seconds, the stage's config)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from vldm.eval import oracle  # pylint: disable=g-import-not-at-top
   from vldm.pipelines import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from vldm.recipes import common, stages  # pylint: disable=g-import-not-at-top
@@ -120,16 +130,7 @@ def sample_and_judge(root: str, stage: str, num_samples: int, seed: int, batch_s
   stage_dir = os.path.join(root, stage)
   config = stages.saved_config(workdir_lib.newest_stage(stage_dir).path)
   pipe = stages.pipeline_from_workdir(stage_dir)
-  prompts = [p for p in common.all_prompts() for _ in range(num_samples)]
-  seeds = [seed + k for k in range(len(prompts))]
-  clips = []
-  for i in range(0, len(prompts), batch_size):
-    chunk, chunk_seeds = prompts[i:i + batch_size], seeds[i:i + batch_size]
-    pad = batch_size - len(chunk)  # a constant batch size compiles once
-    keys = jax.vmap(jax.random.key)(jnp.asarray(chunk_seeds + chunk_seeds[:1] * pad, jnp.uint32))
-    frames = pipe(chunk + chunk[:1] * pad, rng=keys)
-    clips.append(np.asarray(frames[:len(chunk)]))
-  clips = np.concatenate(clips)
+  prompts, seeds, clips = common.sample_all_prompts(pipe, num_samples, seed, batch_size)
   records = oracle.judge_all(clips, prompts)
   return prompts, seeds, clips, records, time.perf_counter() - start, config
 
@@ -161,9 +162,9 @@ def write_samples(out: str, prompts, seeds, clips, records, num_samples: int) ->
                      palette=True)
 
 
-def report(root: str, timings: dict, evaluations: dict, num_samples: int, runlocal: bool) -> str:
+def report(root: str, timings: dict, evaluations: dict, num_samples: int, runlocal: bool,
+           long_lines=(), long_seconds=None) -> str:
   """DIR/report.md's text."""
-  from configs import shapes as shapes_config  # pylint: disable=g-import-not-at-top
   from vldm.eval import metrics  # pylint: disable=g-import-not-at-top
   lines = ["# Shapes recipe report", "",
            f"Workdir `{root}`{' (runlocal: tiny models, a few steps)' if runlocal else ''}. "
@@ -189,13 +190,14 @@ def report(root: str, timings: dict, evaluations: dict, num_samples: int, runloc
     worst = sorted(summary["prompts"].items(), key=lambda kv: kv[1][0] / kv[1][1])[:8]
     lines += ["Prompts with the fewest correct clips: " + ", ".join(
         f"{p!r} {hits}/{total}" for p, (hits, total) in worst), ""]
+  lines += list(long_lines)
   import jax  # pylint: disable=g-import-not-at-top
   devices = f"{jax.device_count()} {jax.default_backend()} device(s)"
   lines += ["## Time per stage", "", f"On {devices}" + (", data-parallel." if
                                                         jax.device_count() > 1 else "."),
             "", "| stage | steps × batch | seconds |", "|---|---:|---:|"]
   total = 0.0
-  for stage in shapes_config.STAGES:
+  for stage in _stages(bool(long_lines)):
     config = _config(stage, root, runlocal)
     seconds = timings.get(stage, float("nan"))
     total += seconds
@@ -203,31 +205,38 @@ def report(root: str, timings: dict, evaluations: dict, num_samples: int, runloc
   for stage, (_, seconds, _) in evaluations.items():
     total += seconds
     lines.append(f"| sampling + oracle ({stage}) | {72 * num_samples} clips | {seconds:.0f} |")
+  for what, seconds in (long_seconds or {}).items():
+    total += seconds
+    lines.append(f"| {what} | | {seconds:.0f} |")
   lines += [f"| **total** | | **{total:.0f}** |", ""]
   return "\n".join(lines)
 
 
 def run(workdir: str, runlocal: bool = False, num_samples: int = 2, seed: int = 0,
-        batch_size: int = 48, eval_stages=("hires",), data_dir=None) -> dict:
-  """The whole demo (see the module docstring); returns {stage: oracle summary}."""
+        batch_size: int = 48, eval_stages=("hires",), data_dir=None, long: bool = False,
+        long_frames: int = 32) -> dict:
+  """The whole demo (see the module docstring); returns {stage: oracle summary} (+ 'long' and
+  'interpolation' summaries with `long`)."""
   import jax  # pylint: disable=g-import-not-at-top
   # Cheap random-number kernels for sampling: XLA:CPU compiles threefry slowly. Training keys
   # follow each stage's config.prng_impl instead, so a stage resumes the same without the demo.
   previous = jax.config.jax_default_prng_impl
   jax.config.update("jax_default_prng_impl", "rbg")
   try:
-    return _run(workdir, runlocal, num_samples, seed, batch_size, eval_stages, data_dir)
+    return _run(workdir, runlocal, num_samples, seed, batch_size, eval_stages, data_dir, long,
+                long_frames)
   finally:
     jax.config.update("jax_default_prng_impl", previous)
 
 
-def _run(workdir, runlocal, num_samples, seed, batch_size, eval_stages, data_dir):
+def _run(workdir, runlocal, num_samples, seed, batch_size, eval_stages, data_dir, long,
+         long_frames):
   from vldm.eval import metrics  # pylint: disable=g-import-not-at-top
   from vldm.train import config_lib  # pylint: disable=g-import-not-at-top
   config_lib.ensure_importable(CONFIG_FILE)  # configs/ sits beside the vldm package
   started = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
-  timings = train_stages(workdir, runlocal, data_dir)
+  timings = train_stages(workdir, runlocal, data_dir, long)
   evaluations = {}
   for stage in eval_stages:
     prompts, seeds, clips, records, seconds, config = sample_and_judge(
@@ -239,12 +248,53 @@ def _run(workdir, runlocal, num_samples, seed, batch_size, eval_stages, data_dir
       write_samples(os.path.join(workdir, "samples"), prompts, seeds, clips, records, num_samples)
       seconds += time.perf_counter() - start
     evaluations[stage] = (summary, seconds, config)
-  text = report(workdir, timings, evaluations, num_samples, runlocal)
+  summaries = {stage: e[0] for stage, e in evaluations.items()}
+  long_lines, long_seconds = (), None
+  if long:
+    long_lines, long_seconds, long_summaries = long_report(workdir, num_samples, seed, batch_size,
+                                                           long_frames)
+    summaries.update(long_summaries)
+  text = report(workdir, timings, evaluations, num_samples, runlocal, long_lines, long_seconds)
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write(text)
   logging.info("Wrote %s in %.0f s.", os.path.join(workdir, "report.md"),
                time.perf_counter() - started)
-  return {stage: e[0] for stage, e in evaluations.items()}
+  return summaries
+
+
+def long_report(root: str, num_samples: int, seed: int, batch_size: int, num_frames: int):
+  """Samples and judges long clips and the interpolation stage (`vldm.eval.long_shapes`); writes
+  DIR/long/ (strip.png, interpolation.png, summary.json); returns (report lines, seconds per
+  part, {'long': summary, 'interpolation': summary})."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from vldm.eval import long_shapes, long_video  # pylint: disable=g-import-not-at-top
+  out = os.path.join(root, "long")
+  os.makedirs(out, exist_ok=True)
+  prompts, _, clips, long_seconds = long_shapes.sample_long(root, num_samples, seed, batch_size,
+                                                            num_frames)
+  start = time.perf_counter()
+  _, long_summary = long_shapes.judge_long_clips(prompts, clips, long_video.WINDOW)
+  picks = long_shapes.strip_prompts(prompts, num_samples)
+  long_video.strip([clips[i] for i in picks], [prompts[i] for i in picks],
+                               os.path.join(out, "strip.png"))
+  long_seconds += time.perf_counter() - start
+  _, interp_summary, (truth, generated), interp_seconds = long_shapes.evaluate_interpolation(
+      root, 72, seed, batch_size)
+  pairs = [c for i in range(6) for c in (truth[i], generated[i])]
+  long_video.strip(pairs, ["truth", "generated"] * 6,
+                                os.path.join(out, "interpolation.png"))
+  seconds = {"long": long_seconds, "interpolation": interp_seconds}
+  logging.info("Long clips: %s; interpolation: %s", long_summary["overall"], interp_summary)
+  with open(os.path.join(out, "summary.json"), "w") as f:
+    json.dump(dict(long={k: v for k, v in long_summary.items() if k != "prompts"},
+                   interpolation=interp_summary, seconds=seconds, num_frames=num_frames,
+                   num_samples=num_samples), f, indent=2, default=float)
+  np.save(os.path.join(out, "clips.npy"), clips[picks])
+  lines = long_shapes.report_section(long_summary, interp_summary, num_frames, num_samples,
+                                     seconds, "long/strip.png", "long/interpolation.png")
+  return lines, {"long clips: sampling + oracle": long_seconds,
+                 "interpolation: sampling + PSNR": interp_seconds}, dict(
+                     long=long_summary, interpolation=interp_summary)
 
 
 def main(argv):
@@ -262,7 +312,7 @@ def main(argv):
                  os.environ["XLA_FLAGS"])
   try:
     run(FLAGS.workdir, FLAGS.runlocal, FLAGS.num_samples, FLAGS.seed, FLAGS.batch_size,
-        FLAGS.eval_stages, FLAGS.data_dir)
+        FLAGS.eval_stages, FLAGS.data_dir, FLAGS.long, FLAGS.long_frames)
   except Interrupted as e:
     sys.exit(f"vldm.demo: {e}")
 

@@ -7,6 +7,9 @@
   trained stage of a workdir when it is an image-to-video stage:
     python -m vldm.sample --pretrained SVD_DIR --image img.png [--image …] --out OUT
     python -m vldm.sample --workdir DIR --image img.png --out OUT
+  long videos (Video LDM): key frames beyond the trained clip length from the workdir's prediction
+  stage, ×4 or ×16 frames from its interpolation stage:
+    python -m vldm.sample --workdir DIR --prompt "…" --num_frames 32 [--interpolate 4] --out OUT
   text-to-video from a diffusers-layout folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/;
   a UNet2DConditionModel unet generates each frame as an image of its own):
     python -m vldm.sample --pretrained DIR --prompt "…" --out OUT
@@ -46,7 +49,13 @@ flags.DEFINE_multi_string("image", [], "A conditioning image for image-to-video 
 flags.DEFINE_string("out", None, "Output folder.")
 flags.DEFINE_integer("num_samples", 1, "Clips per prompt or image.")
 flags.DEFINE_integer("seed", 0, "Seed of the first clip; clip k uses seed + k.")
-flags.DEFINE_integer("num_frames", None, "Frames per clip (default: the model's).")
+flags.DEFINE_integer("num_frames", None, "Frames per clip (default: the model's); beyond the "
+                     "trained clip length (--workdir) the prediction stage extends the clip. With "
+                     "--interpolate: the key frames.")
+flags.DEFINE_integer("interpolate", 1, "1, 4 or 16: the workdir's interpolation stage makes "
+                     "(N − 1)·k + 1 frames of N key frames.")
+flags.DEFINE_float("context_scale", None, "Context guidance of a prediction stage (1: off; "
+                   "default: the stage's).")
 flags.DEFINE_integer("height", None, "Frame height (default: the model's, or the image's).")
 flags.DEFINE_integer("width", None, "Frame width (default: the model's, or the image's).")
 flags.DEFINE_integer("num_steps", None, "Sampler steps (default: the model's).")
@@ -85,6 +94,8 @@ def _check_flags() -> None:
     raise ValueError("Pass at least one --prompt (text-to-video) or --image (image-to-video).")
   if FLAGS.num_samples < 1:
     raise ValueError(f"--num_samples must be ≥ 1; got {FLAGS.num_samples}.")
+  if FLAGS.interpolate != 1 and (FLAGS.image or not FLAGS.workdir):
+    raise ValueError("--interpolate needs --workdir (with an interpolation stage) and --prompt.")
 
 
 def load_pipeline():
@@ -94,6 +105,13 @@ def load_pipeline():
     from vldm.recipes import stages  # pylint: disable=g-import-not-at-top
     pipe = stages.pipeline_from_workdir(FLAGS.workdir)  # the stage's own sampler settings
     source = f"The newest trained stage in {FLAGS.workdir}"
+    if not FLAGS.image and (FLAGS.interpolate != 1 or _beyond_clip(pipe)):
+      pipe = stages.long_video_from_workdir(FLAGS.workdir)
+      try:
+        pipe.check(FLAGS.num_frames or pipe.chunk_frames, FLAGS.interpolate)
+      except ValueError as e:
+        raise pipelines.PipelineError(f"{FLAGS.workdir}: {e}") from e
+      return pipe.with_sampler(FLAGS.sampler) if FLAGS.sampler else pipe
   elif FLAGS.image:
     from vldm.pipelines import folder  # pylint: disable=g-import-not-at-top
     pipe = folder.load_image_to_video(FLAGS.pretrained)  # + the defaults vldm wrote, if any
@@ -110,8 +128,25 @@ def load_pipeline():
   return pipe.with_sampler(FLAGS.sampler) if FLAGS.sampler else pipe
 
 
-def call_kwargs() -> dict:
+def _beyond_clip(pipe) -> bool:
+  """Whether --num_frames asks for more frames than the text-to-video model's clip."""
+  from vldm import pipelines  # pylint: disable=g-import-not-at-top
+  if isinstance(pipe, pipelines.LongVideoPipeline):
+    return True
+  base = pipe.base if isinstance(pipe, pipelines.CascadePipeline) else pipe
+  frames = getattr(base.unet, "num_frames", None) if base.unet.temporal else None
+  return bool(FLAGS.num_frames and frames and FLAGS.num_frames > frames)
+
+
+def call_kwargs(pipe=None) -> dict:
   """The pipeline call's settings: sizes (None: the model's) and the sampler flags given."""
+  from vldm import pipelines  # pylint: disable=g-import-not-at-top
+  if isinstance(pipe, pipelines.LongVideoPipeline):
+    kwargs = {name: FLAGS[name].value for name in ("num_steps", "guidance_scale", "context_scale")
+              if FLAGS[name].value is not None}
+    return dict(num_frames=FLAGS.num_frames, interpolate=FLAGS.interpolate, height=FLAGS.height,
+                width=FLAGS.width, decode_chunk_size=FLAGS.decode_chunk_size,
+                negative_prompt=FLAGS.negative_prompt, **kwargs)
   options = IMAGE_OPTIONS if FLAGS.image else TEXT_OPTIONS
   kwargs = {name: FLAGS[name].value for name in options if FLAGS[name].value is not None}
   if not FLAGS.image:
@@ -128,7 +163,7 @@ def generate(pipe, out: str) -> list[dict]:
   for i, condition in enumerate(conditions):
     seeds = [FLAGS.seed + i * n + j for j in range(n)]
     start = time.time()
-    frames = pipe([condition] * n, rng=_keys(seeds), **call_kwargs())
+    frames = pipe([condition] * n, rng=_keys(seeds), **call_kwargs(pipe))
     names = [str(i * n + j) for j in range(n)]
     fps = getattr(pipe, "default_fps", FILE_FPS) if FLAGS.fps is None else FLAGS.fps
     written = pipelines.write_clips(frames, out, names, fps=fps)

@@ -320,6 +320,10 @@ def unet_flops(unet, height: int, width: int, *, batch: int = 1, frames: int = 1
 TRAINABLE = {
     "all": lambda part: True,
     "temporal": lambda part: part.startswith("temporal_") or part == "add_embedding",
+    # + the input conv (counted with the output conv: both are "conv_in_out")
+    "temporal_and_input": lambda part: (
+        part.startswith("temporal_") or part in ("add_embedding", "conv_in_out")
+    ),
 }
 
 

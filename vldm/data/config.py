@@ -15,7 +15,11 @@ Keys (all overridable from the command line, `--config.data.resolution=64`):
   num_workers, prefetch: threads and batches built ahead
   train_split, eval_split: split names (moving_mnist only has 'test')
   shapes:         num_train_examples, num_validation_examples, source_resolution (build size,
-                  default resolution)
+                  default resolution), tempos (frame-rate multiples, default (1.0,): tempo k
+                  films the motion at k x the frame rate, speeds / k and fps 8k; several: each
+                  clip takes one, e.g. (4.0, 16.0) for interpolation training), path_frames (> 0:
+                  each clip is the start of a motion that fits that many frames, as the first
+                  chunk of a long video is)
   video_folder:   folder, captions (CSV/JSONL, relative to folder; default captions.csv, else
                   captions.jsonl), min_frames (default: one clip span), max_frames (frames per
                   stored clip; longer videos give several), source_resolution,
@@ -28,6 +32,7 @@ Keys (all overridable from the command line, `--config.data.resolution=64`):
 import ml_collections
 from ml_collections import config_dict
 
+from vldm.data import shapes
 from vldm.data import shapes_tfds
 
 NAMES = ("shapes", "video_folder", "latent_cache", "ucf101", "moving_mnist",
@@ -56,6 +61,8 @@ def data_config(name="shapes", kind="video", resolution=32, frames=8, **override
   c.num_train_examples = shapes_tfds.DEFAULT_NUM_TRAIN
   c.num_validation_examples = shapes_tfds.DEFAULT_NUM_VALIDATION
   c.source_resolution = config_dict.placeholder(int)
+  c.tempos = shapes.DEFAULT_TEMPOS
+  c.path_frames = 0
   c.folder = config_dict.placeholder(str)
   c.captions = "captions.csv"
   c.min_frames = config_dict.placeholder(int)
@@ -86,10 +93,26 @@ def validate(c):
   if c.max_frame_stride and c.max_frame_stride < c.frame_stride:
     raise ValueError(f"data.max_frame_stride ({c.max_frame_stride}) < frame_stride "
                      f"({c.frame_stride}); use 0 for a fixed stride.")
+  _validate_tempos(c, base)
   if base == "video_folder" and not c.folder:
     raise ValueError("data.name='video_folder' needs data.folder (and data.captions).")
   if base == "latent_cache" and not c.cache_dir:
     raise ValueError("data.name='latent_cache' needs data.cache_dir.")
+
+
+def _validate_tempos(c, base):
+  """Tempos are positive numbers, and only the shapes videos have them."""
+  tempos = c.get("tempos", shapes.DEFAULT_TEMPOS)
+  try:
+    tempos = shapes.check_tempos(tempos)
+  except ValueError as e:
+    raise ValueError(f"data.tempos must be a non-empty tuple of numbers > 0, e.g. (1.0,), (2.5,) "
+                     f"or (4.0, 16.0); got {tempos!r}.") from e
+  # A latent cache keeps the config of the shapes data it was built from.
+  if tempos != shapes.DEFAULT_TEMPOS and (base not in ("shapes", "latent_cache")
+                                          or c.kind != "video"):
+    raise ValueError(f"data.tempos={tempos} only applies to name='shapes' with kind='video' (got "
+                     f"name={c.name!r}, kind={c.kind!r}); use (1.0,).")
 
 
 def frame_strides(c):

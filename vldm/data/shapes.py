@@ -35,6 +35,11 @@ HELD_OUT = frozenset({("yellow", "triangle"), ("cyan", "circle"), ("magenta", "s
 SIZE_RANGE = (0.14, 0.22)  # r, as a fraction of the frame side
 SPEED_RANGE = (0.03, 0.06)  # displacement per frame, as a fraction of the frame side
 DEFAULT_FRAMES = 8
+FPS = 8.0  # nominal frame rate of a tempo-1 clip: what fps micro-conditioning sees
+# A clip's tempo k films the same motion at k times the frame rate: speeds SPEED_RANGE / k per
+# frame and FPS * k frames per second, so k times as many frames fit the frame (long clips) and
+# tempo-k frames interpolate tempo-1 ones. Tempo 1 is the original dataset, draw for draw.
+DEFAULT_TEMPOS = (1.0,)
 DEFAULT_SUPERSAMPLE = 4  # 4x4 samples per pixel for anti-aliased edges
 
 # Every (color, shape) pair, held-out ones first so that any evaluation split of at least
@@ -43,9 +48,39 @@ COMPOSITIONS = tuple(sorted(HELD_OUT, key=lambda cs: (list(COLORS).index(cs[0]),
     cs for cs in itertools.product(COLORS, SHAPES) if cs not in HELD_OUT)
 
 
-def max_frames():
-  """The longest clip for which every motion still fits the frame at the slowest speed."""
-  return int((1.0 - 2 * SIZE_RANGE[0]) / SPEED_RANGE[0]) + 1
+def check_tempo(tempo):
+  """`tempo` as a float; a ValueError unless it is a finite number > 0."""
+  try:
+    value = float("nan") if isinstance(tempo, (bool, str, bytes)) else float(tempo)
+  except (TypeError, ValueError):
+    value = float("nan")
+  if not (np.isfinite(value) and value > 0):
+    raise ValueError(f"A shapes tempo must be a finite number > 0 (1: the original speeds at "
+                     f"{FPS:g} fps; k: speeds / k at {FPS:g}k fps), got {tempo!r}.")
+  return value
+
+
+def check_tempos(tempos):
+  """A non-empty sequence of tempos as a tuple of floats (order kept: it is what draws index)."""
+  if isinstance(tempos, (str, bytes)) or not hasattr(tempos, "__len__") or not tempos:
+    raise ValueError(f"Shapes tempos must be a non-empty sequence of numbers > 0, e.g. (1.0,) or "
+                     f"(4, 16); got {tempos!r}.")
+  return tuple(check_tempo(t) for t in tempos)
+
+
+def speed_range(tempo=1.0):
+  """(slowest, fastest) displacement per frame at this tempo: SPEED_RANGE / tempo."""
+  tempo = check_tempo(tempo)
+  return SPEED_RANGE[0] / tempo, SPEED_RANGE[1] / tempo
+
+
+def max_frames(tempo=1.0):
+  """The longest clip for which every motion still fits the frame at the slowest speed of `tempo`.
+
+  A hair of slack absorbs float error in the division, so tempo 4 allows 97 frames, not 96.
+  """
+  travel = (1.0 - 2 * SIZE_RANGE[0]) / speed_range(tempo)[0]
+  return int(travel + 1e-9) + 1
 
 
 def image_caption(color, shape):
@@ -139,16 +174,21 @@ def render_image(color, shape, x, y, r, size, supersample=DEFAULT_SUPERSAMPLE):
   return render_clip(color, shape, None, x, y, r, 0.0, 1, size, supersample)[0]
 
 
-def sample_motion(rng, frames):
-  """Draws (r, speed) so that a `frames`-long motion fits the frame: 2r + speed (frames-1) <= 1."""
-  if frames > max_frames():
-    raise ValueError(f"Shapes clips can have at most {max_frames()} frames (the slowest object "
-                     f"must fit the frame), got {frames}.")
+def sample_motion(rng, frames, tempo=1.0):
+  """Draws (r, speed) so that a `frames`-long motion fits the frame: 2r + speed (frames-1) <= 1.
+
+  Speeds come from SPEED_RANGE / tempo; at tempo 1 the draws are exactly the original ones.
+  """
+  tempo = check_tempo(tempo)
+  slowest, fastest = speed_range(tempo)
+  if frames > max_frames(tempo):
+    raise ValueError(f"Shapes clips at tempo {tempo:g} can have at most {max_frames(tempo)} "
+                     f"frames (the slowest object must fit the frame), got {frames}.")
   travel = max(frames - 1, 0)
-  r_max = min(SIZE_RANGE[1], (1.0 - SPEED_RANGE[0] * travel) / 2)
+  r_max = min(SIZE_RANGE[1], (1.0 - slowest * travel) / 2)
   r = rng.uniform(SIZE_RANGE[0], r_max)
-  speed_max = SPEED_RANGE[1] if travel == 0 else min(SPEED_RANGE[1], (1.0 - 2 * r) / travel)
-  speed = rng.uniform(SPEED_RANGE[0], speed_max)
+  speed_max = fastest if travel == 0 else min(fastest, (1.0 - 2 * r) / travel)
+  speed = rng.uniform(slowest, speed_max)
   return r, speed
 
 
@@ -168,44 +208,80 @@ def sample_start(rng, direction, r, speed, frames):
   return axis(dx), axis(dy)
 
 
-def sample_clip_params(rng, composition, direction, frames):
-  """Draws the free parameters of one clip: dict(color, shape, direction, x, y, r, speed)."""
+def sample_clip_params(rng, composition, direction, frames, tempo=1.0, path_frames=None):
+  """Draws the free parameters of one clip: dict(color, shape, direction, x, y, r, speed, tempo,
+  fps), speeds at `tempo` (see DEFAULT_TEMPOS). With `path_frames` (≥ frames), size, speed and
+  start are drawn so that the motion fits the frame for that many frames: the clip is the start
+  of a longer one (what a long video's first chunk looks like)."""
   color, shape = composition
-  r, speed = sample_motion(rng, frames)
+  tempo = check_tempo(tempo)
+  span = max(frames, path_frames or 0)
+  r, speed = sample_motion(rng, span, tempo)
   if direction is None:
     speed = 0.0
-  x, y = sample_start(rng, direction, r, speed, frames)
-  return dict(color=color, shape=shape, direction=direction, x=x, y=y, r=r, speed=speed)
+  x, y = sample_start(rng, direction, r, speed, span)
+  return dict(color=color, shape=shape, direction=direction, x=x, y=y, r=r, speed=speed,
+              tempo=tempo, fps=FPS * tempo)
 
 
 SPLITS = ("train", "validation")
 KINDS = ("image", "video")
 
 
-def example_params(kind, split, index, frames=DEFAULT_FRAMES, seed=0):
-  """Parameters of example `index` of a split: a pure function of (seed, kind, split, index).
+def validation_tempo(index, tempos):
+  """The tempo of validation example `index`: the tempos cycle with the index, shifted by one at
+  every pass over the compositions and at every pass over compositions x directions, so any
+  len(tempos) consecutive examples hold every tempo and each composition (and, for two tempos,
+  each composition-direction pair) meets every tempo."""
+  passes = index // len(COMPOSITIONS)
+  return tempos[(index + passes + passes // len(DIRECTIONS)) % len(tempos)]
+
+
+def example_params(kind, split, index, frames=DEFAULT_FRAMES, seed=0, tempos=DEFAULT_TEMPOS,
+                   path_frames=None):
+  """Parameters of example `index` of a split: a pure function of (seed, kind, split, index,
+  tempos).
 
   Training examples draw a composition at random (video training never draws a held-out one);
   validation examples cycle through every composition (held-out ones first) and direction, so a
   validation split of n >= 3 examples contains all held-out compositions and is balanced.
+  With several tempos, a training example draws its tempo after its composition and direction
+  (and before its motion, whose speeds depend on it), a validation example takes
+  `validation_tempo`; with one tempo nothing is drawn, so single-tempo data keep the original
+  draws (tempo 1: the original examples, bit for bit). The params carry 'tempo' and 'fps'.
   The resolution plays no part: the same index renders the same scene at any size.
   """
   if kind not in KINDS:
     raise ValueError(f"Unknown kind {kind!r}; expected one of {KINDS}.")
   if split not in SPLITS:
     raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}.")
+  tempos = check_tempos(tempos)
+  if kind == "image" and tempos != DEFAULT_TEMPOS:
+    raise ValueError(f"Shapes images are stills: tempos apply to videos only (use (1.0,)), got "
+                     f"{tempos}.")
+  if path_frames is not None and (kind != "video" or not frames <= path_frames
+                                  <= max_frames(min(tempos))):
+    raise ValueError(f"path_frames (the long clip a shapes clip starts) must be in [frames, "
+                     f"max_frames(tempo)] = [{frames}, {max_frames(min(tempos))}] and is for videos "
+                     f"only; got {path_frames} ({kind}).")
+  if kind == "video" and frames > max_frames(min(tempos)):
+    raise ValueError(f"Shapes clips at tempo {min(tempos):g} can have at most "
+                     f"{max_frames(min(tempos))} frames (the slowest object must fit the frame), "
+                     f"got {frames}.")
   rng = np.random.default_rng([seed, KINDS.index(kind), SPLITS.index(split), index])
   directions = list(DIRECTIONS)
   if split == "validation":
     composition = COMPOSITIONS[index % len(COMPOSITIONS)]
     direction = directions[(index // len(COMPOSITIONS)) % len(directions)]
+    tempo = validation_tempo(index, tempos)
   else:
     pool = COMPOSITIONS if kind == "image" else COMPOSITIONS[len(HELD_OUT):]
     composition = pool[rng.integers(len(pool))]
     direction = directions[rng.integers(len(directions))]
+    tempo = tempos[rng.integers(len(tempos))] if len(tempos) > 1 else tempos[0]
   if kind == "image":
     direction, frames = None, 1
-  params = sample_clip_params(rng, composition, direction, frames)
+  params = sample_clip_params(rng, composition, direction, frames, tempo, path_frames)
   params["held_out"] = is_held_out(*composition)
   params["caption"] = (image_caption(*composition) if kind == "image" else
                        video_caption(*composition, direction))
@@ -213,9 +289,9 @@ def example_params(kind, split, index, frames=DEFAULT_FRAMES, seed=0):
 
 
 def make_example(kind, split, index, frames=DEFAULT_FRAMES, size=32, seed=0,
-                 supersample=DEFAULT_SUPERSAMPLE):
+                 supersample=DEFAULT_SUPERSAMPLE, tempos=DEFAULT_TEMPOS, path_frames=None):
   """Parameters of `example_params` plus the pixels: 'image' [S,S,3] or 'video' [F,S,S,3] uint8."""
-  params = example_params(kind, split, index, frames, seed)
+  params = example_params(kind, split, index, frames, seed, tempos, path_frames)
   keys = ("color", "shape", "direction", "x", "y", "r", "speed")
   pixels = render_clip(*(params[k] for k in keys), frames if kind == "video" else 1, size,
                        supersample)

@@ -40,7 +40,8 @@ def make_builder(c):
     span = pipeline_lib.clip_span(c.frames, max(config_lib.frame_strides(c)))
     return shapes_tfds.shapes_builder(
         c.kind, _source_resolution(c), span, num_train=c.num_train_examples,
-        num_validation=c.num_validation_examples, seed=0, data_dir=c.data_dir)
+        num_validation=c.num_validation_examples, seed=0, data_dir=c.data_dir,
+        tempos=tuple(c.get("tempos", (1.0,))), path_frames=c.get("path_frames") or 0)
   if base == "video_folder":
     from vldm.data import video_folder  # pylint: disable=g-import-not-at-top
     min_frames = c.min_frames or pipeline_lib.clip_span(c.frames, min(config_lib.frame_strides(c)))

@@ -87,3 +87,27 @@ def frame_guidance_scale(min_guidance_scale: float, max_guidance_scale: float, n
     raise ValueError(f"num_frames and batch_size must be ≥ 1; got {num_frames}, {batch_size}.")
   scale = np.linspace(min_guidance_scale, max_guidance_scale, num_frames).astype(np.float32)
   return jnp.asarray(np.tile(scale[None], (batch_size, 1)))
+
+
+def context_guidance(network_fn: NetworkFn, cond, text_uncond, context_uncond, guidance_scale,
+                     context_scale) -> NetworkFn:
+  """Text guidance and Video LDM's context guidance, separately scaled:
+
+    out = c + (s_T − 1)(c − u_T) + (s_C − 1)(c − u_C)
+
+  c: prompt + given frames; u_T: the negative prompt + given frames; u_C: the prompt without
+  them (S = 0). With s_C = 1 it is classifier-free guidance on the conditional model, with
+  s_T = 1 Video LDM's f(z) + s_C (f(z; c_S) − f(z)); a Python scale of exactly 1 skips its branch.
+  """
+  scales = [(guidance_scale, text_uncond), (context_scale, context_uncond)]
+  used = [(scale, uncond) for scale, uncond in scales if not _is_one(scale)]
+  branches = batched_branches(network_fn, [cond] + [uncond for _, uncond in used])
+
+  def guided(x, t):
+    out, *unconds = branches(x, t)
+    result = out
+    for (scale, _), out_uncond in zip(used, unconds):
+      result = result + (_as_scale(scale, out.ndim) - 1) * (out - out_uncond)
+    return result
+
+  return guided

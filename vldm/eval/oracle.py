@@ -135,9 +135,11 @@ def frame_shape(mask) -> Optional[str]:
   return shapes.SHAPES[int(np.argmax(scores))]
 
 
-def direction_of(dx: float, dy: float) -> str:
-  """'static' below the threshold, else the dominant axis and its sign."""
-  if max(abs(dx), abs(dy)) < STATIC_THRESHOLD:
+def direction_of(dx: float, dy: float, threshold: float = STATIC_THRESHOLD) -> str:
+  """'static' when both components are below `threshold` (a fraction of the side; windows of a
+  long clip move less than a whole clip, so they pass a smaller one), else the dominant axis and
+  its sign."""
+  if max(abs(dx), abs(dy)) < threshold:
     return STATIC
   if abs(dx) >= abs(dy):
     return "right" if dx > 0 else "left"

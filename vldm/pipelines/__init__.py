@@ -4,6 +4,7 @@ image-to-video, from vldm components or diffusers folders. Each `__call__` retur
 from vldm.pipelines.cascade import CascadePipeline
 from vldm.pipelines.common import PipelineError, SamplerSettings, write_clips
 from vldm.pipelines.image_to_video import ImageToVideoPipeline
+from vldm.pipelines.long_video import LongVideoPipeline
 from vldm.pipelines.text_to_video import TextToVideoPipeline
 from vldm.pipelines.workdir import (TrainedStage, find_trained_stages, pipeline_from_components,
                                     pipeline_from_workdir)

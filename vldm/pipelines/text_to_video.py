@@ -23,6 +23,12 @@ With `low_res_factor` set, the UNet is a Video LDM latent upsampler (2 × the la
 each call takes `low_res_latents` [B,F,h,w,c] (a base model's sampled latents), noises them to
 `low_res_noise_level` (a training timestep: conditioning augmentation) and concatenates them,
 nearest-upsampled ×factor, to the UNet input; `vldm.pipelines.CascadePipeline` chains the two.
+With `frame_conditioning` set ('prediction' or 'interpolation'), the UNet is a Video LDM
+frame-conditioned model (`vldm.diffusion.frame_conditioning`): each call takes `given_latents`
+[B,F,h,w,c] and `given_mask` ([F] or [B,F], 1 = given), noise-augments the given latents to
+`condition_noise_level` and concatenates the condition to the UNet input; `context_scale` ≠ 1 adds
+context guidance (the branch without given frames, `guidance.context_guidance`).
+`vldm.pipelines.LongVideoPipeline` chains such models into long videos.
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vldm import devices
+from vldm.diffusion import frame_conditioning as frames_lib
 from vldm.diffusion import guidance as guidance_lib
 from vldm.diffusion import samplers
 from vldm.models import clip as clip_lib
@@ -77,6 +84,10 @@ class TextToVideoPipeline:
   low_res_noise_level: int = 0
   default_num_steps: int = 25
   default_guidance_scale: float = 7.5
+  frame_conditioning: Optional[str] = None
+  frame_stride: int = 4
+  condition_noise_level: int = 0
+  default_context_scale: float = 1.0
   _compiled: common.CompiledCache = common.compiled_cache_field()
 
   def __post_init__(self):
@@ -128,7 +139,22 @@ class TextToVideoPipeline:
                                  f"{type(tokenizer).__name__}.")
     c = vae.latent_channels
     problems = []
-    if self.low_res_factor:
+    if self.frame_conditioning:
+      if self.frame_conditioning not in frames_lib.MODES:
+        problems.append(f"frame_conditioning must be one of {frames_lib.MODES} (or None); got "
+                        f"{self.frame_conditioning!r}")
+      if self.low_res_factor:
+        problems.append("a frame-conditioned model cannot also be a latent upsampler")
+      if unet.in_channels != frames_lib.conditioned_in_channels(c):
+        problems.append(f"a {self.frame_conditioning} model takes the VAE's {c} latent channels + "
+                        f"the condition's {frames_lib.condition_channels(c)} = "
+                        f"{frames_lib.conditioned_in_channels(c)} input channels; this UNet takes "
+                        f"{unet.in_channels}")
+      if not 0 <= self.condition_noise_level < self.sampler.schedule.num_train_timesteps:
+        problems.append(f"condition_noise_level must be a training timestep in [0, "
+                        f"{self.sampler.schedule.num_train_timesteps}); got "
+                        f"{self.condition_noise_level}")
+    elif self.low_res_factor:
       if unet.in_channels != 2 * c:
         problems.append(f"a latent upsampler (low_res_factor={self.low_res_factor}) takes 2 × the "
                         f"VAE's {c} latent channels; this UNet takes {unet.in_channels}")
@@ -139,6 +165,10 @@ class TextToVideoPipeline:
         problems.append(f"low_res_noise_level must be a training timestep in [0, "
                         f"{self.sampler.schedule.num_train_timesteps}); got "
                         f"{self.low_res_noise_level}")
+    elif unet.in_channels == frames_lib.conditioned_in_channels(c):
+      problems.append(f"the UNet takes {unet.in_channels} input channels = the VAE's {c} + a "
+                      "frame condition's: it is a prediction or interpolation model (set "
+                      "frame_conditioning)")
     elif unet.in_channels == 2 * c:
       problems.append(f"the UNet takes {unet.in_channels} input channels = 2 × the VAE's {c} "
                       "latent channels: it is an image-to-video UNet (use ImageToVideoPipeline) or "
@@ -205,6 +235,8 @@ class TextToVideoPipeline:
                motion_bucket_id: int = 127, time_ids: Optional[Sequence[float]] = None,
                decode_chunk_size: Optional[int] = None, rng=None, noise=None,
                video=None, strength: float = 0.6, low_res_latents=None,
+               given_latents=None, given_mask=None, regime: float = 0.0,
+               context_scale: Optional[float] = None,
                output: str = "frames") -> np.ndarray:
     """Frames [B,F,H,W,3] in [0,1], one clip per prompt (or the latents, output='latents').
 
@@ -217,6 +249,11 @@ class TextToVideoPipeline:
     ⌊num_steps·strength⌋ steps begin, and denoised by those; they set num_frames, height, width.
     low_res_latents: [B,F,h,w,c], required by (and only by) a latent upsampler; they set
     num_frames, and height, width = factor × theirs in pixels.
+    given_latents [B,F,h,w,c] (scaled, as output='latents' returns them), given_mask [F] or [B,F]
+    (1: given), regime (interpolation: 0 for T → 4T, 1 for 4T → 16T), context_scale (default the
+    pipeline's): required by (and only by) a frame-conditioned model; they set num_frames,
+    height, width. The given frames come back as the model generates them, not copied: callers
+    that want them exact put them back (`LongVideoPipeline` does).
     """
     if output not in OUTPUTS:
       raise ValueError(f"Unknown output {output!r}; accepted: {OUTPUTS}.")
@@ -233,6 +270,11 @@ class TextToVideoPipeline:
                                             width)
       num_frames = low_res_latents.shape[1]
       height, width = (self._low_res_pixels() * n for n in low_res_latents.shape[2:4])
+    if self.frame_conditioning or given_latents is not None:
+      given_latents, given_mask = self._check_given(given_latents, given_mask, len(prompts),
+                                                    num_frames, height, width)
+      num_frames = given_latents.shape[1]
+      height, width = (self._low_res_pixels(1) * n for n in given_latents.shape[2:4])
     if height is None or width is None:
       default_h, default_w = self.default_size()
       height, width = height or default_h, width or default_w
@@ -260,31 +302,45 @@ class TextToVideoPipeline:
     ids_time = self._time_ids(batch, fps, motion_bucket_id, time_ids)
 
     use_guidance = guidance_scale > 1  # diffusers' do_classifier_free_guidance
+    context_scale = self.default_context_scale if context_scale is None else context_scale
+    use_context = bool(self.frame_conditioning) and context_scale != 1
     strength = None if video is None else float(strength)
-    sample = self._compiled.get(("sample", num_steps, use_guidance, strength), functools.partial(
-        self._sample, num_steps=num_steps, use_guidance=use_guidance, strength=strength))
-    low_res = None
+    sample = self._compiled.get(
+        ("sample", num_steps, use_guidance, strength, use_context),
+        functools.partial(self._sample, num_steps=num_steps, use_guidance=use_guidance,
+                          strength=strength, use_context=use_context))
+    low_res = context_free = None
     if low_res_latents is not None:
       if keys is None:
         raise ValueError("A latent upsampler needs rng: its conditioning augmentation draws noise.")
       alpha_bar = self.sampler.schedule.alphas_cumprod[self.low_res_noise_level]
       low_res = common.low_res_condition(low_res_latents, common.draw_normal(
           keys, low_res_latents.shape[1:], 1), alpha_bar, self.low_res_factor)
-    ids, uncond_ids, ids_time, noise, video, low_res = devices.split_batch(
-        ids, uncond_ids, ids_time, noise, video, low_res)
+    if given_latents is not None:
+      if keys is None:
+        raise ValueError("A frame-conditioned model needs rng: the given frames' augmentation "
+                         "draws noise.")
+      low_res, context_free = self._frame_condition(given_latents, given_mask, regime, keys)
+    ids, uncond_ids, ids_time, noise, video, low_res, context_free = devices.split_batch(
+        ids, uncond_ids, ids_time, noise, video, low_res, context_free)
     latents = sample(self.params, ids, uncond_ids, ids_time, noise, jnp.float32(guidance_scale),
-                     sampler_key, video, low_res)
+                     sampler_key, video, low_res, context_free, jnp.float32(context_scale))
     if output == "latents":
       return np.asarray(latents)
+    return self.decode(latents, decode_chunk_size)
+
+  def decode(self, latents, decode_chunk_size: Optional[int] = None) -> np.ndarray:
+    """Frames [B,F,H,W,3] in [0,1] of scaled latents [B,F,h,w,c] (as output='latents' gives)."""
     decode = self._compiled.decoder(self.vae, decode_chunk_size)
-    return np.asarray(decode(self.params["vae"], latents))
+    return np.asarray(decode(self.params["vae"], *devices.split_batch(jnp.asarray(latents))))
 
   def _network(self, unet_params):
     """network(x [B,F,h,w,c], t [B], cond) → prediction, for the video or the image UNet."""
     unet = self.unet
 
     def network(x, t, cond):
-      if "low_res" in cond:  # a latent upsampler: the conditioning after the input scaling
+      if "low_res" in cond:  # an upsampler's / frame-conditioned model's conditioning, after the
+        # input scaling
         x = jnp.concatenate([x, cond["low_res"].astype(x.dtype)], axis=-1)
       if unet.temporal:
         return unet.apply({"params": unet_params}, x, t, cond["context"], cond.get("time_ids"))
@@ -306,9 +362,53 @@ class TextToVideoPipeline:
         raise ValueError(f"{name}={given} disagrees with the video's {actual}; leave it unset.")
     return video.astype(np.float32)
 
-  def _low_res_pixels(self) -> int:
+  def _low_res_pixels(self, factor: Optional[int] = None) -> int:
     """Output pixels per low-resolution latent: the VAE factor × low_res_factor."""
-    return common.size_multiple(self.vae, self.unet)[0] * self.low_res_factor
+    factor = self.low_res_factor if factor is None else factor
+    return common.size_multiple(self.vae, self.unet)[0] * factor
+
+  def _frame_condition(self, given_latents, given_mask, regime, keys):
+    """(condition, the condition without given frames) of a frame-conditioned call."""
+    schedule = self.sampler.schedule
+    batch = given_latents.shape[0]
+    noise = common.draw_normal(keys, given_latents.shape[1:], 2)
+    levels = jnp.full((batch,), self.condition_noise_level, jnp.int32)
+    given = frames_lib.augment(given_latents, levels, schedule.alphas_cumprod, noise)
+    level = jnp.full((batch,), self.condition_noise_level / schedule.num_train_timesteps)
+    regime = jnp.broadcast_to(jnp.asarray(regime, jnp.float32), (batch,))
+    condition = frames_lib.build_condition(given, given_mask, level, regime)
+    free = frames_lib.build_condition(jnp.zeros_like(given), jnp.zeros_like(given_mask), level,
+                                      regime)
+    return condition, free
+
+  def _check_given(self, latents, mask, batch, num_frames, height, width):
+    if not self.frame_conditioning:
+      raise ValueError("given_latents is for a frame-conditioned model (prediction or "
+                       "interpolation); this pipeline's UNet is a plain text-to-video one.")
+    expected = f"[B={batch}, F, h, w, {self.vae.latent_channels}]"
+    if latents is None or mask is None:
+      raise ValueError(f"This pipeline is a {self.frame_conditioning} model: pass given_latents "
+                       f"{expected} (e.g. another pipeline's output='latents') and given_mask "
+                       "[F] or [B, F] (1 = given).")
+    latents = jnp.asarray(latents, jnp.float32)
+    if (latents.ndim != 5 or latents.shape[0] != batch
+        or latents.shape[-1] != self.vae.latent_channels):
+      raise ValueError(f"given_latents must be {expected}, one clip per prompt; got shape "
+                       f"{latents.shape}.")
+    mask = jnp.asarray(mask, jnp.float32)
+    if mask.ndim == 1:
+      mask = jnp.broadcast_to(mask[None], (batch, mask.shape[0]))
+    if mask.shape != latents.shape[:2]:
+      raise ValueError(f"given_mask must be [F={latents.shape[1]}] or [B={batch}, "
+                       f"F={latents.shape[1]}]; got shape {mask.shape}.")
+    unit = self._low_res_pixels(1)
+    for name, given, actual in (("num_frames", num_frames, latents.shape[1]),
+                                ("height", height, latents.shape[2] * unit),
+                                ("width", width, latents.shape[3] * unit)):
+      if given is not None and given != actual:
+        raise ValueError(f"{name}={given} disagrees with the given_latents' {actual}; leave it "
+                         "unset.")
+    return latents, mask
 
   def _check_low_res(self, latents, batch, num_frames, height, width):
     if not self.low_res_factor:
@@ -333,7 +433,8 @@ class TextToVideoPipeline:
     return latents
 
   def _sample(self, params, ids, uncond_ids, time_ids, noise, guidance_scale, sampler_key, video,
-              low_res, *, num_steps, use_guidance, strength):
+              low_res, context_free, context_scale, *, num_steps, use_guidance, strength,
+              use_context):
     """Text encoder (+ the video's encoding) + the sampling loop (one jitted function); →
     latents."""
     encode = lambda tokens: self.text_encoder.apply({"params": params["text_encoder"]}, tokens)[0]
@@ -342,7 +443,12 @@ class TextToVideoPipeline:
       extra["low_res"] = low_res
     cond = dict(context=encode(ids), **extra)
     network = self._network(params["unet"])
-    if use_guidance:
+    if use_context:  # the context-free branch keeps the prompt, drops the given frames
+      uncond = dict(context=encode(uncond_ids), **extra) if use_guidance else None
+      guided = guidance_lib.context_guidance(
+          network, cond, uncond, dict(cond, low_res=context_free),
+          guidance_scale if use_guidance else 1, context_scale)
+    elif use_guidance:
       uncond = dict(context=encode(uncond_ids), **extra)
       guided = guidance_lib.classifier_free_guidance(network, cond, uncond, guidance_scale)
     else:

@@ -21,7 +21,7 @@ from vldm.pipelines.text_to_video import TextToVideoPipeline
 CHECKPOINTS = "checkpoints"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")  # + optional sampler, time_ids
 CASCADE_OPTIONS = ("upsampler_num_steps", "upsampler_guidance_scale")
-DEFAULTS = ("num_steps", "guidance_scale")
+DEFAULTS = ("num_steps", "guidance_scale", "context_scale")
 # Image-to-video (SVD) stages: components with an image_encoder.
 IMAGE_COMPONENTS = ("unet", "vae", "image_encoder")
 IMAGE_DEFAULTS = ("num_steps", "min_guidance_scale", "max_guidance_scale", "fps",

@@ -76,6 +76,21 @@ def all_prompts() -> list[str]:
           for d in shapes.DIRECTIONS]
 
 
+def sample_all_prompts(pipe, num_samples: int, seed: int, batch_size: int, **kwargs):
+  """(prompts, seeds, clips): every prompt (`all_prompts`) num_samples times through `pipe`, clip
+  k from seed + k, in batches of one size (padded with the first prompt: one compilation)."""
+  prompts = [p for p in all_prompts() for _ in range(num_samples)]
+  seeds = [seed + k for k in range(len(prompts))]
+  clips = []
+  for i in range(0, len(prompts), batch_size):
+    chunk, chunk_seeds = prompts[i:i + batch_size], seeds[i:i + batch_size]
+    pad = batch_size - len(chunk)
+    keys = jax.vmap(jax.random.key)(jnp.asarray(chunk_seeds + chunk_seeds[:1] * pad, jnp.uint32))
+    frames = pipe(chunk + chunk[:1] * pad, rng=keys, **kwargs)
+    clips.append(np.asarray(frames[:len(chunk)]))
+  return prompts, seeds, np.concatenate(clips)
+
+
 # ------------------------------------------------------------------------------------- data
 _METADATA = ("index", "held_out")
 

@@ -23,6 +23,7 @@ import numpy as np
 from vldm import convert
 from vldm.convert import registry
 from vldm.data import shapes
+from vldm.diffusion import frame_conditioning
 from vldm.diffusion import samplers
 from vldm.diffusion.schedules import DiscreteSchedule
 from vldm.models import autoencoder as autoencoder_lib
@@ -161,9 +162,19 @@ def make_unet(config) -> unet_lib.UNet:
     # A latent upsampler's module config states its full input width; a folder's UNet does not.
     if (upsampler and path) or image_conditioned(config):
       unet = unet.clone(in_channels=2 * unet.in_channels)
+    elif path and frame_mode(config):  # + the given frames' condition (prediction, interpolation)
+      unet = unet.clone(
+          in_channels=frame_conditioning.conditioned_in_channels(unet.in_channels)
+      )
     if config.ldm.kind == "video":
       unet = inflate.video_config_from_image(unet, **config.ldm.temporal.to_dict())
   return unet.clone(**_compute_options(config))
+
+
+def frame_mode(config):
+  """`ldm.frame_conditioning.mode` (prediction, interpolation) or None."""
+  frames = config.ldm.get("frame_conditioning")
+  return frames.get("mode") if frames else None
 
 
 # ---------------------------------------------------------------------------- text encoder

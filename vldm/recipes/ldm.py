@@ -14,6 +14,10 @@ tokenizer, VAE, noise schedule) come from folders, earlier stages or module conf
              Video LDM's latent upsampler: its UNet also takes the low-resolution clip's latents
              (noise-augmented, upsampled, concatenated; the input conv widened with zero weights,
              `widen_input`) and samples after the base stage (`ldm.upsampler.low_res_workdir`).
+  prediction / interpolation  (`ldm.frame_conditioning.mode`) Video LDM's long-video models: the
+             video model conditioned on given frames (the first S ∈ {0, 1, 2} frames, or key frames
+             every `stride`; `vldm.diffusion.frame_conditioning`), its input conv widened with zero
+             weights (`widen_input`), the loss on the generated frames only.
 Parameters: {'unet', 'text_encoder'} (the text encoder learns only with `ldm.text_encoder.train`);
 frozen: {'vae', 'scale'} (+ 'low_res', the upsampler's base). With `ldm.latent_cache_dir` set, a
 stage first writes the VAE posterior (mean, std) of every training example there and trains on it,
@@ -34,6 +38,7 @@ from jax.experimental import multihost_utils
 from vldm import devices
 from vldm.data import motion as motion_lib
 from vldm.data import sources
+from vldm.diffusion import frame_conditioning
 from vldm.diffusion import losses
 from vldm.models import inflate
 from vldm.models import unet as unet_lib
@@ -45,7 +50,9 @@ from vldm.recipes import components as components_lib
 from vldm.train import tasks as tasks_lib
 
 KINDS = ("image", "video")
-TRAIN_CHOICES = ("all", "temporal")
+# 'temporal_and_input': the temporal layers and the input conv (a frame-conditioned model's new
+# input channels are there).
+TRAIN_CHOICES = ("all", "temporal", "temporal_and_input")
 # SVD's micro-conditioning (`ldm.micro`), for UNets that take added time ids; these defaults apply
 # where a config has no `ldm.micro`.
 MICRO_DEFAULTS = dict(
@@ -55,6 +62,30 @@ MICRO_DEFAULTS = dict(
     sample_fps=7.0,
     sample_motion_bucket_id=127,
 )
+
+
+# `ldm.frame_conditioning` (prediction and interpolation stages); these defaults apply where a
+# config leaves a key out, and `mode` None is a plain text-to-video stage.
+FRAME_CONDITIONING_DEFAULTS = dict(
+    mode=None,
+    context_choices=(0, 1, 2),  # prediction: how many first frames are given (0: unconditional)
+    context_probs=(0.2, 0.4, 0.4),
+    stride=4,  # interpolation: key frames every `stride` frames (T → stride·T)
+    uncond_prob=0.1,  # interpolation: key frames dropped, for guidance
+    max_noise_level=250,  # given latents noise-augmented to a timestep drawn in [0, this]
+    sample_noise_level=50,  # … and to this one when sampling
+    regime_fps=None,  # interpolation: clips at ≥ this fps are the 4T → 16T regime (label 1)
+    context_frames=2,  # rollout: generated frames re-used as the next chunk's context
+    context_scale=1.0,  # sampling: context guidance (1: off)
+    first_chunk="video",  # the long video's first chunk: the video stage, or 'prediction' (S = 0)
+)
+
+
+def frame_settings(config) -> Optional[dict]:
+  """`ldm.frame_conditioning` over FRAME_CONDITIONING_DEFAULTS; None for a plain stage."""
+  own = config.ldm.get("frame_conditioning")
+  settings = {**FRAME_CONDITIONING_DEFAULTS, **(own.to_dict() if own is not None else {})}
+  return settings if settings["mode"] else None
 
 
 def micro_settings(config) -> dict:
@@ -160,6 +191,7 @@ class LatentDiffusionTask(tasks_lib.Task):
       )
     components_lib.check_pretrained(config, self.PRETRAINED_COMPONENTS)
     self.upsample = c.upsampler.factor
+    self.frame_conditioning = frame_settings(config)
     self.tokenizer = components_lib.make_tokenizer(config)
     self.unet = components_lib.make_unet(config)
     self.text_encoder = components_lib.make_text_encoder(config, self.tokenizer)
@@ -184,12 +216,21 @@ class LatentDiffusionTask(tasks_lib.Task):
     c = config.ldm
     latent_channels = self.vae.latent_channels
     wanted = latent_channels * (2 if self.upsample else 1)
-    if self.unet.in_channels != wanted:
+    what = (
+        f"a latent upsampler (ldm.upsampler.factor={self.upsample}) needs 2 × the VAE's "
+        if self.upsample
+        else "the UNet denoises the VAE's "
+    )
+    frames = self.frame_conditioning
+    if frames:
+      self._check_frame_conditioning(config, frames)
+      wanted = frame_conditioning.conditioned_in_channels(latent_channels)
       what = (
-          f"a latent upsampler (ldm.upsampler.factor={self.upsample}) needs 2 × the VAE's "
-          if self.upsample
-          else "the UNet denoises the VAE's "
+          f"a {frames['mode']} model (ldm.frame_conditioning) takes the noisy latents and the "
+          f"condition (given latents, mask, level, regime: +{frame_conditioning.EXTRA_CHANNELS}) "
+          "from the VAE's "
       )
+    if self.unet.in_channels != wanted:
       raise components_lib.ComponentError(
           f"The UNet takes {self.unet.in_channels} input channels; {what}"
           f"{latent_channels} latent channels = {wanted}."
@@ -244,6 +285,40 @@ class LatentDiffusionTask(tasks_lib.Task):
           f"{fraction} (kind {c.kind!r})."
       )
 
+  def _check_frame_conditioning(self, config, frames) -> None:
+    try:
+      frame_conditioning.check_mode(frames["mode"])
+      if config.ldm.kind != "video" or self.upsample:
+        raise ValueError(
+            f"ldm.frame_conditioning.mode={frames['mode']!r} needs a video stage (kind 'video') "
+            f"that is not a latent upsampler; got kind {config.ldm.kind!r}, upsampler factor "
+            f"{self.upsample}."
+        )
+      if frames["mode"] == "interpolation":
+        frame_conditioning.check_interpolation_frames(config.data.frames, frames["stride"])
+      else:
+        for s in frames["context_choices"]:
+          frame_conditioning.prediction_mask(config.data.frames, s)
+        if not 0 < frames["context_frames"] < config.data.frames:
+          raise ValueError(
+              f"ldm.frame_conditioning.context_frames must be in [1, {config.data.frames}); got "
+              f"{frames['context_frames']}."
+          )
+      levels = self.schedule.num_train_timesteps
+      for key in ("max_noise_level", "sample_noise_level"):
+        if not 0 <= frames[key] < levels:
+          raise ValueError(
+              f"ldm.frame_conditioning.{key} must be a training timestep in [0, {levels}); got "
+              f"{frames[key]}."
+          )
+      if frames["first_chunk"] not in ("video", "prediction"):
+        raise ValueError(
+            "ldm.frame_conditioning.first_chunk must be 'video' (the workdir's text-to-video "
+            f"stage) or 'prediction' (its S = 0 branch); got {frames['first_chunk']!r}."
+        )
+    except ValueError as e:
+      raise components_lib.ComponentError(str(e)) from e
+
   @property
   def video(self) -> bool:
     return self.config.ldm.kind == "video"
@@ -279,11 +354,14 @@ class LatentDiffusionTask(tasks_lib.Task):
 
   def trainable_labels(self, params):
     c = self.config.ldm
-    temporal_only = self.video and c.train == "temporal"
+    temporal_only = self.video and c.train in ("temporal", "temporal_and_input")
+    with_input = c.train == "temporal_and_input"
 
     def label(path):
       if path[0] == "text_encoder":
         return tasks_lib.TRAIN if c.text_encoder.train else tasks_lib.FREEZE
+      if with_input and path[:2] == ("unet", "conv_in"):
+        return tasks_lib.TRAIN
       if temporal_only and not inflate.is_temporal(path):
         return tasks_lib.FREEZE
       return tasks_lib.TRAIN
@@ -479,6 +557,9 @@ class LatentDiffusionTask(tasks_lib.Task):
           alpha_bar,
           self.upsample,
       )
+    frames, frame_mask = self.frame_conditioning, None
+    if frames:
+      frame_mask, condition = self.frame_condition(x0, batch, jax.random.fold_in(encode_rng, 3))
     extra = {}
     if self.video:
       indicator = self._image_only_indicator(x0.shape[0])
@@ -488,12 +569,50 @@ class LatentDiffusionTask(tasks_lib.Task):
       extra["added_time_ids"] = added_time_ids(self.config, batch, x0.shape[0])
 
     def network(x, t):
-      if condition is not None:  # a latent upsampler's input: noisy latents + the condition
-        x = jnp.concatenate([x, condition], axis=-1)
+      if condition is not None:  # an upsampler's or a frame-conditioned model's input
+        x = jnp.concatenate([x, condition.astype(x.dtype)], axis=-1)
       return self.unet.apply({"params": params["unet"]}, x, t, context, **extra)
 
-    loss, aux = losses.diffusion_loss(network, x0, loss_rng, **self.loss_options())
-    return jnp.mean(loss), dict(mse=jnp.mean(aux["mse"]), latent_std=jnp.std(x0))
+    loss, aux = losses.diffusion_loss(
+        network, x0, loss_rng, per_frame=bool(frames), **self.loss_options()
+    )
+    mse = aux["mse"]
+    if frames:  # the given frames are not the model's to generate
+      loss = frame_conditioning.generated_frames_loss(loss, frame_mask)
+      mse = frame_conditioning.generated_frames_loss(mse, frame_mask)
+    return jnp.mean(loss), dict(mse=jnp.mean(mse), latent_std=jnp.std(x0))
+
+  def frame_condition(self, x0, batch, rng):
+    """(mask [B, F], condition [B, F, h, w, C + 3]) of a training batch's latents: given frames
+    drawn per example (`frame_conditioning.sample_masks`), noise-augmented to a level drawn in
+    [0, max_noise_level], the interpolation regime from the clip's fps."""
+    s = self.frame_conditioning
+    mask_rng, level_rng, noise_rng = jax.random.split(rng, 3)
+    b, f = x0.shape[:2]
+    mask = frame_conditioning.sample_masks(
+        mask_rng,
+        s["mode"],
+        b,
+        f,
+        context_choices=s["context_choices"],
+        context_probs=s["context_probs"],
+        stride=s["stride"],
+        uncond_prob=s["uncond_prob"],
+    )
+    levels = jax.random.randint(level_rng, (b,), 0, s["max_noise_level"] + 1)
+    given = frame_conditioning.augment(
+        x0, levels, self.schedule.alphas_cumprod, jax.random.normal(noise_rng, x0.shape)
+    )
+    level = levels.astype(jnp.float32) / self.schedule.num_train_timesteps
+    condition = frame_conditioning.build_condition(given, mask, level, self.regime(batch, b))
+    return mask, condition
+
+  def regime(self, batch, batch_size: int):
+    """[B] the interpolation regime label of a batch's clips: 1 where fps ≥ regime_fps."""
+    boundary = self.frame_conditioning["regime_fps"]
+    if self.frame_conditioning["mode"] != "interpolation" or not boundary or "fps" not in batch:
+      return jnp.zeros((batch_size,), jnp.float32)
+    return (jnp.asarray(batch["fps"], jnp.float32) >= boundary).astype(jnp.float32)
 
   # ---- sampling -------------------------------------------------------------------------------
   def sampler_settings(self) -> pipeline_common.SamplerSettings:
@@ -519,6 +638,14 @@ class LatentDiffusionTask(tasks_lib.Task):
         num_steps=s.num_steps,
         guidance_scale=s.guidance_scale,
     )
+    frames = self.frame_conditioning
+    if frames:
+      out.update(
+          frame_conditioning=frames["mode"],
+          frame_stride=frames["stride"],
+          condition_noise_level=frames["sample_noise_level"],
+          context_scale=frames["context_scale"],
+      )
     if self.unet.num_time_ids:  # sample with the stage's micro-conditioning defaults
       micro = micro_settings(self.config)
       out["time_ids"] = (micro["sample_fps"] - 1, micro["sample_motion_bucket_id"], 0.0)
@@ -566,15 +693,21 @@ class LatentDiffusionTask(tasks_lib.Task):
       **kwargs,
   ):
     """Clips [B, F, H, W, 3] in [0, 1], one per prompt (still frames for the image stage), with
-    the stage's sampler settings unless kwargs (num_steps, guidance_scale, …) say otherwise."""
+    the stage's sampler settings unless kwargs (num_steps, guidance_scale, …) say otherwise.
+    A prediction or interpolation stage without `given_latents` samples its unconditional
+    branch (no frame given)."""
     size = size or self.size
+    num_frames = num_frames or (self.frames if self.video else 1)
+    if self.frame_conditioning and kwargs.get("given_latents") is None:
+      vae_factor, _ = pipeline_common.size_multiple(self.vae, self.unet)
+      shape = (len(prompts), num_frames, size // vae_factor, size // vae_factor)
+      kwargs.update(
+          given_latents=np.zeros(shape + (self.vae.latent_channels,), np.float32),
+          given_mask=np.zeros(shape[:2], np.float32),
+      )
+      return self.pipeline(params, frozen)(list(prompts), rng=rng, **kwargs)
     return self.pipeline(params, frozen)(
-        list(prompts),
-        num_frames=num_frames or (self.frames if self.video else 1),
-        height=size,
-        width=size,
-        rng=rng,
-        **kwargs,
+        list(prompts), num_frames=num_frames, height=size, width=size, rng=rng, **kwargs
     )
 
   def sample_fn(self, params, frozen, rng):

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Mapping
+from typing import Mapping, Optional
 
 import ml_collections
 
 from vldm.pipelines import common as pipeline_common
 from vldm.pipelines import folder as pipeline_folder
 from vldm.pipelines import workdir as workdir_lib
+from vldm.pipelines.cascade import CascadePipeline
+from vldm.pipelines.long_video import LongVideoPipeline
 from vldm.recipes import common
 from vldm.recipes import ldm
 from vldm.train import tasks as tasks_lib
@@ -65,10 +67,66 @@ def components_of(stage: workdir_lib.TrainedStage) -> Mapping:
   return task.components(params, frozen)
 
 
+def frame_mode(stage: workdir_lib.TrainedStage) -> Optional[str]:
+  """'prediction' or 'interpolation' for Video LDM's frame-conditioned stages, else None."""
+  try:
+    config = saved_config(stage.path)
+  except FileNotFoundError:
+    return None
+  frames = config.get("ldm", {}).get("frame_conditioning")
+  return frames.get("mode") if frames else None
+
+
+def stages_by_mode(workdir: str) -> dict:
+  """{None (text-to-video), 'prediction', 'interpolation'} → the newest such stage, for those
+  the workdir has; a PipelineError when it has no trained stage at all."""
+  workdir_lib.newest_stage(workdir)  # says where it looked when there is none
+  found = {}
+  for stage in workdir_lib.find_trained_stages(workdir):  # newest first
+    found.setdefault(frame_mode(stage), stage)
+  return found
+
+
 def pipeline_from_workdir(workdir: str):
-  """The text-to-video pipeline of the newest trained stage in `workdir` (a CascadePipeline for
-  a latent upsampler stage), with the stage's own sampler settings as its defaults."""
-  return workdir_lib.pipeline_from_components(components_of(workdir_lib.newest_stage(workdir)))
+  """The text-to-video pipeline of the newest trained text-to-video stage in `workdir` (a
+  CascadePipeline for a latent upsampler stage), with the stage's own sampler settings as its
+  defaults. A workdir whose only stages are long-video ones (prediction, interpolation) gives
+  their LongVideoPipeline."""
+  found = stages_by_mode(workdir)
+  if None not in found:
+    return long_video_from_workdir(workdir)
+  return workdir_lib.pipeline_from_components(components_of(found[None]))
+
+
+def long_video_from_workdir(workdir: str, upsample: bool = True) -> LongVideoPipeline:
+  """Video LDM's long-video pipeline of a workdir: its newest text-to-video stage (a cascade
+  with an upsampler stage, unless `upsample` is False: then its base), prediction stage and
+  interpolation stage, those it has; the rollout's context and first chunk as the prediction
+  stage was configured."""
+  found = stages_by_mode(workdir)
+  first = found.get(None)
+  if first is not None:
+    first = workdir_lib.pipeline_from_components(components_of(first))
+    if not upsample and isinstance(first, CascadePipeline):
+      first = first.base
+  pipes = {
+      mode: workdir_lib.pipeline_from_components(components_of(found[mode]))
+      for mode in ("prediction", "interpolation")
+      if mode in found
+  }
+  settings = {}
+  if "prediction" in found:
+    own = ldm.frame_settings(saved_config(found["prediction"].path))
+    settings = dict(context_frames=own["context_frames"], first_chunk=own["first_chunk"])
+  try:
+    return LongVideoPipeline(
+        first=first,
+        prediction=pipes.get("prediction"),
+        interpolation=pipes.get("interpolation"),
+        **settings,
+    )
+  except pipeline_common.PipelineError as e:
+    raise pipeline_common.PipelineError(f"{workdir}: {e}") from e
 
 
 def export(workdir: str, out: str) -> str:

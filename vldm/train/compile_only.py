@@ -236,6 +236,7 @@ def compile_train_step(config, devices: Sequence, topology: str = "") -> Report:
   if config.batch_size % mesh.size:
     report.error = f"batch_size {config.batch_size} does not divide over the {mesh.size} chips"
     return report
+  report.analytic_flops = task.step_flops(config.batch_size)
   started = time.perf_counter()
   try:
     builder = state_lib.StateBuilder(task, config, mesh)
@@ -255,7 +256,6 @@ def compile_train_step(config, devices: Sequence, topology: str = "") -> Report:
   except Exception as e:  # pylint: disable=broad-except  # XLA's resource errors, among others
     return _failed(report, e, started)
   report.compile_seconds = time.perf_counter() - started
-  report.analytic_flops = task.step_flops(config.batch_size)
   return _analyse(report, compiled)
 
 
