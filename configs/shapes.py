@@ -24,6 +24,7 @@ ones through `init_from` and `ldm.vae.workdir`):
 Args: stage, root (the folder of stage workdirs), data_dir (TFDS; default ROOT/data when root is
 set), runlocal (tiny models, data and step counts: seconds per stage, for tests).
 """
+
 import os
 
 import ml_collections
@@ -74,18 +75,28 @@ RUNLOCAL_STEPS = 3
 # Rendered training examples per stage. The diffusion stages cache their latents (the VAE encoder
 # runs once per example), so a video stage renders about what it trains on: caching 10,000 clips
 # would cost more than encoding the clips of 800 steps. The video stages share one dataset.
-TRAIN_EXAMPLES = {"autoencoder": 10_000, "autoencoder_video": 2_000, "image": 10_000,
-                  "video": 2_000, "hires": 400, "prediction": 1_000, "interpolation": 1_000}
+TRAIN_EXAMPLES = {
+    "autoencoder": 10_000,
+    "autoencoder_video": 2_000,
+    "image": 10_000,
+    "video": 2_000,
+    "hires": 400,
+    "prediction": 1_000,
+    "interpolation": 1_000,
+}
 # Long videos: the prediction stage's clips move at 1/2.5 of the video stage's speeds, so that a
 # 32-frame clip stays inside the frame and an 8-frame window still moves ≥ 0.08 of the side; the
 # interpolation stage's 9-frame clips at 4× or 16× the frame rate (fps 32 or 128; 64 splits the
 # regimes).
 TEMPOS = {"prediction": (2.5,), "interpolation": (4.0, 16.0)}
 FRAMES = {"interpolation": 9}
-# The prediction stage's clips begin 32-frame motions: its unconditional branch makes a long
-# video's first chunk, which must leave the object room to move for the whole clip (trained on
-# windows anywhere along shorter motions, long clips ran into the border within 16 frames).
+# The prediction stage trains on 8-frame windows of 32-frame motions: conditioned chunks see the
+# object anywhere along its path, the unconditional branch (a long video's first chunk) only the
+# starts of paths (CLIP_START_PROB of the windows), so that the object has room for the whole
+# clip. Trained on the starts only, rollouts slowed down once past the states starts show; on
+# windows of short motions, long clips ran into the border within 16 frames.
 PATH_FRAMES = {"prediction": 32}
+CLIP_START_PROB = {"prediction": 0.5}
 REGIME_FPS = 64.0
 
 
@@ -130,12 +141,20 @@ def get_config(arg=None):
   resolution = stage_resolution(stage, local)
   kind = "image" if stage in ("autoencoder", "image") else "video"
   config.data = data_config_lib.data_config(
-      "shapes", kind=kind, resolution=resolution, frames=FRAMES.get(stage, 8),
-      batch_size=config.batch_size, tempos=TEMPOS.get(stage, (1.0,)),
+      "shapes",
+      kind=kind,
+      resolution=resolution,
+      frames=FRAMES.get(stage, 8),
+      batch_size=config.batch_size,
+      tempos=TEMPOS.get(stage, (1.0,)),
       path_frames=PATH_FRAMES.get(stage, 0),
+      clip_start_prob=CLIP_START_PROB.get(stage, 0.0),
       caption_dropout=0.1 if stage in ("image", "video", "hires") + LONG_STAGES else 0.0,
       num_train_examples=64 if local else TRAIN_EXAMPLES[stage],
-      num_validation_examples=18 if local else 72, num_workers=2, prefetch=2)
+      num_validation_examples=18 if local else 72,
+      num_workers=2,
+      prefetch=2,
+  )
   config.data.data_dir = data_dir
   config.data.batch_size = config.get_ref("batch_size")  # one batch size: --config.batch_size
 
@@ -154,17 +173,25 @@ def get_config(arg=None):
 
 def autoencoder_config(local):
   c = ml_collections.ConfigDict()
-  c.vae = ml_collections.ConfigDict(dict(
-      block_out_channels=(32, 32) if local else (32, 64, 64), layers_per_block=1,
-      latent_channels=4, norm_num_groups=32, use_post_quant_conv=False,
-      sample_size=stage_resolution("autoencoder", local), scaling_factor=1.0))
-  c.discriminator = ml_collections.ConfigDict(dict(
-      features=16 if local else 32, num_layers=1 if local else 2, norm_num_groups=8))
-  c.l2_weight = 1.0         # reconstruction: L1 + l2_weight · L2 (L1 alone averages colors)
-  c.kl_weight = 1e-5        # on the KL summed over latents (LDM's convention: per pixel value)
-  c.disc_weight = 0.5       # × the adaptive weight
+  c.vae = ml_collections.ConfigDict(
+      dict(
+          block_out_channels=(32, 32) if local else (32, 64, 64),
+          layers_per_block=1,
+          latent_channels=4,
+          norm_num_groups=32,
+          use_post_quant_conv=False,
+          sample_size=stage_resolution("autoencoder", local),
+          scaling_factor=1.0,
+      )
+  )
+  c.discriminator = ml_collections.ConfigDict(
+      dict(features=16 if local else 32, num_layers=1 if local else 2, norm_num_groups=8)
+  )
+  c.l2_weight = 1.0  # reconstruction: L1 + l2_weight · L2 (L1 alone averages colors)
+  c.kl_weight = 1e-5  # on the KL summed over latents (LDM's convention: per pixel value)
+  c.disc_weight = 0.5  # × the adaptive weight
   c.disc_start = 1 if local else 2 * SCHEDULE["autoencoder"][0] // 3  # the last third
-  c.temporal_weight = 1.0   # temporal decoder: L1 on frame differences (flicker)
+  c.temporal_weight = 1.0  # temporal decoder: L1 on frame differences (flicker)
   return c
 
 
@@ -185,39 +212,74 @@ def ldm_config(stage, local):
   up_blocks = ("UpBlock2D",) if local else ("CrossAttnUpBlock2D",) * levels
   c.unet = ml_collections.ConfigDict()
   c.unet.folder = config_dict.placeholder(str)
-  c.unet.model = ml_collections.ConfigDict(dict(
-      in_channels=8 if upsampler else 4, out_channels=4,
-      down_block_types=("CrossAttnDownBlock2D",) * levels, mid_block_type="UNetMidBlock2DCrossAttn",
-      up_block_types=up_blocks,
-      block_out_channels=(16,) if local else (32, 64), layers_per_block=1,
-      num_attention_heads=(2,) if local else (2, 4), cross_attention_dim=32 if local else 64,
-      norm_num_groups=8, sample_size=latent_size))
+  c.unet.model = ml_collections.ConfigDict(
+      dict(
+          in_channels=8 if upsampler else 4,
+          out_channels=4,
+          down_block_types=("CrossAttnDownBlock2D",) * levels,
+          mid_block_type="UNetMidBlock2DCrossAttn",
+          up_block_types=up_blocks,
+          block_out_channels=(16,) if local else (32, 64),
+          layers_per_block=1,
+          num_attention_heads=(2,) if local else (2, 4),
+          cross_attention_dim=32 if local else 64,
+          norm_num_groups=8,
+          sample_size=latent_size,
+      )
+  )
   # A small CLIP text encoder learned from scratch over the 19-token word vocabulary of the
   # captions. Image captions have no direction words: the video stage is where it learns them.
   c.text_encoder = ml_collections.ConfigDict()
   c.text_encoder.folder = config_dict.placeholder(str)
-  c.text_encoder.model = ml_collections.ConfigDict(dict(
-      hidden_size=32 if local else 64, intermediate_size=64 if local else 128,
-      num_hidden_layers=1 if local else 2, num_attention_heads=2))
+  c.text_encoder.model = ml_collections.ConfigDict(
+      dict(
+          hidden_size=32 if local else 64,
+          intermediate_size=64 if local else 128,
+          num_hidden_layers=1 if local else 2,
+          num_attention_heads=2,
+      )
+  )
   c.text_encoder.train = stage in ("image", "video")
   # "a red circle moving left" + bos + eos = 7 tokens
-  c.tokenizer = ml_collections.ConfigDict(dict(
-      folder=config_dict.placeholder(str), kind="shapes_words",
-      padding=config_dict.placeholder(str), max_length=8))
+  c.tokenizer = ml_collections.ConfigDict(
+      dict(
+          folder=config_dict.placeholder(str),
+          kind="shapes_words",
+          padding=config_dict.placeholder(str),
+          max_length=8,
+      )
+  )
   # The frozen temporal-decoder VAE of the autoencoder stages; its latents are scaled by 1/std,
   # measured on fixed rendered frames, so every stage and the sampler agree on the scale.
   vae = autoencoder_config(local).vae
-  c.vae = ml_collections.ConfigDict(dict(
-      folder=config_dict.placeholder(str), workdir=config_dict.placeholder(str),
-      scaling_factor=config_dict.placeholder(float), scale_from="shapes"))
-  c.vae.model = ml_collections.ConfigDict(dict(
-      kind="temporal_decoder", block_out_channels=vae.block_out_channels,
-      layers_per_block=vae.layers_per_block, latent_channels=vae.latent_channels,
-      sample_size=vae.sample_size, scaling_factor=vae.scaling_factor))
+  c.vae = ml_collections.ConfigDict(
+      dict(
+          folder=config_dict.placeholder(str),
+          workdir=config_dict.placeholder(str),
+          scaling_factor=config_dict.placeholder(float),
+          scale_from="shapes",
+      )
+  )
+  c.vae.model = ml_collections.ConfigDict(
+      dict(
+          kind="temporal_decoder",
+          block_out_channels=vae.block_out_channels,
+          layers_per_block=vae.layers_per_block,
+          latent_channels=vae.latent_channels,
+          sample_size=vae.sample_size,
+          scaling_factor=vae.scaling_factor,
+      )
+  )
   c.scheduler = ml_collections.ConfigDict(dict(folder=config_dict.placeholder(str)))
-  c.temporal = ml_collections.ConfigDict(dict(
-      merge_factor=0.5, merge_strategy="learned_with_images", num_frames=8,
-      text_motion_embedding=True, zero_init_temporal_outputs=True))
+  c.temporal = ml_collections.ConfigDict(
+      dict(
+          merge_factor=0.5,
+          merge_strategy="learned_with_images",
+          num_frames=8,
+          text_motion_embedding=True,
+          zero_init_temporal_outputs=True,
+      )
+  )
   c.train = "all" if stage in ("image", "hires") + LONG_STAGES else "temporal"
   c.joint_image_fraction = 0.0
   c.prediction_type = "v_prediction"
@@ -230,26 +292,41 @@ def ldm_config(stage, local):
   c.min_snr_gamma = 5.0
   # 'lognormal': σ ~ exp(p_mean + p_std·n), mapped to timesteps.
   c.p_mean, c.p_std = 1.5, 1.6
-  c.schedule = ml_collections.ConfigDict(dict(
-      num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-      rescale_betas_zero_snr=True))
+  c.schedule = ml_collections.ConfigDict(
+      dict(
+          num_train_timesteps=1000,
+          beta_start=0.00085,
+          beta_end=0.012,
+          beta_schedule="scaled_linear",
+          rescale_betas_zero_snr=True,
+      )
+  )
   # Guidance trades shape for direction (32-px video stage, 144 clips: scale 2 → shape 93 %,
   # direction 91 %, all attributes 85 %; 3 → 94 %, 95 %, 89 %; 4 → 87 %, 98 %, 85 %).
-  c.sampler = ml_collections.ConfigDict(dict(
-      name="ddim", options=dict(timestep_spacing="trailing"), num_steps=2 if local else 12,
-      guidance_scale=3.0))
+  c.sampler = ml_collections.ConfigDict(
+      dict(
+          name="ddim",
+          options=dict(timestep_spacing="trailing"),
+          num_steps=2 if local else 12,
+          guidance_scale=3.0,
+      )
+  )
   # hires as a latent upsampler (Video LDM): the 64-px model also sees the 32-px clip's latents, so
   # shape and motion come from the video stage. Fine-tuned from the 32-px video stage alone, the
   # 64-px model rounded almost every square (shape 59 % against 90 % at 32 px, README).
-  c.upsampler = ml_collections.ConfigDict(dict(
-      factor=2 if upsampler else 0,  # 0: not an upsampler
-      noise_level=100,      # conditioning augmentation, a training timestep (ᾱ ≈ 0.89)
-      # The upsampler's own sampling: 6 steps judge as well as 12 (all attributes 66 % vs 64 %).
-      num_steps=2 if local else 6, guidance_scale=1.0,
-      # Trained on random 32-px windows (half the latent size) of the 64-px clips, as SD's x4
-      # upscaler on crops; sampled whole: all attributes 66 % → 78 % on seen compositions.
-      train_crop=latent_size // 2 if upsampler else 0,
-      low_res_workdir=config_dict.placeholder(str)))    # the base stage (frozen)
+  c.upsampler = ml_collections.ConfigDict(
+      dict(
+          factor=2 if upsampler else 0,  # 0: not an upsampler
+          noise_level=100,  # conditioning augmentation, a training timestep (ᾱ ≈ 0.89)
+          # The upsampler's own sampling: 6 steps judge as well as 12 (all attributes 66 % vs 64 %).
+          num_steps=2 if local else 6,
+          guidance_scale=1.0,
+          # Trained on random 32-px windows (half the latent size) of the 64-px clips, as SD's x4
+          # upscaler on crops; sampled whole: all attributes 66 % → 78 % on seen compositions.
+          train_crop=latent_size // 2 if upsampler else 0,
+          low_res_workdir=config_dict.placeholder(str),
+      )
+  )  # the base stage (frozen)
   c.sample_prompts = ("a red circle moving right", "a yellow triangle moving up")
   c.frame_conditioning = frame_conditioning_config(stage)
   if stage in LONG_STAGES:
@@ -263,10 +340,19 @@ def ldm_config(stage, local):
 def frame_conditioning_config(stage):
   """`ldm.frame_conditioning` (vldm.recipes.ldm.FRAME_CONDITIONING_DEFAULTS): Video LDM's
   prediction and interpolation stages; mode None elsewhere."""
-  return ml_collections.ConfigDict(dict(
-      mode=stage if stage in LONG_STAGES else config_dict.placeholder(str),
-      context_choices=(0, 1, 2), context_probs=(0.2, 0.4, 0.4), stride=4, uncond_prob=0.1,
-      max_noise_level=250, sample_noise_level=50, regime_fps=REGIME_FPS, context_frames=2,
-      context_scale=1.0,
-      # The video stage's clips move 2.5× faster than these: the prediction model starts its own.
-      first_chunk="prediction"))
+  return ml_collections.ConfigDict(
+      dict(
+          mode=stage if stage in LONG_STAGES else config_dict.placeholder(str),
+          context_choices=(0, 1, 2),
+          context_probs=(0.2, 0.4, 0.4),
+          stride=4,
+          uncond_prob=0.1,
+          max_noise_level=250,
+          sample_noise_level=50,
+          regime_fps=REGIME_FPS,
+          context_frames=2,
+          context_scale=1.0,
+          # The video stage's clips move 2.5× faster than these: the prediction model starts its own
+          first_chunk="prediction",
+      )
+  )

@@ -1,5 +1,6 @@
 """The input pipeline: clips, normalisation, dropout, host sharding, global arrays, exact resume,
 and the latent cache read back through it."""
+
 import os
 import subprocess
 import sys
@@ -48,8 +49,9 @@ def assert_batches_equal(a, b):
 
 
 def test_clip_sampling_stride_fps_and_normalisation():
-  stream = pipeline_lib.Pipeline(fake_source(), global_batch_size=8, frames=4,
-                                 frame_stride=(1, 3), resolution=16, seed=3)
+  stream = pipeline_lib.Pipeline(
+      fake_source(), global_batch_size=8, frames=4, frame_stride=(1, 3), resolution=16, seed=3
+  )
   seen_strides = set()
   for batch in collect(stream, 5):
     video = batch["video"]
@@ -88,8 +90,9 @@ def test_normalisation_endpoints_and_resize_crop():
 
 @pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
 def test_caption_dropout(p):
-  stream = pipeline_lib.Pipeline(fake_source(n=100), global_batch_size=50, frames=2,
-                                 caption_dropout=p, seed=0)
+  stream = pipeline_lib.Pipeline(
+      fake_source(n=100), global_batch_size=50, frames=2, caption_dropout=p, seed=0
+  )
   captions = sum((b["caption"] for b in collect(stream, 8)), [])
   rate = np.mean([c == "" for c in captions])
   assert rate == pytest.approx(p, abs=0.06)
@@ -97,10 +100,15 @@ def test_caption_dropout(p):
 
 def test_two_processes_disjoint_and_cover_the_epoch():
   source = fake_source(n=48)
-  whole = pipeline_lib.Pipeline(source, global_batch_size=8, frames=2, seed=5,
-                                process_index=0, process_count=1)
-  hosts = [pipeline_lib.Pipeline(source, global_batch_size=8, frames=2, seed=5,
-                                 process_index=p, process_count=2) for p in range(2)]
+  whole = pipeline_lib.Pipeline(
+      source, global_batch_size=8, frames=2, seed=5, process_index=0, process_count=1
+  )
+  hosts = [
+      pipeline_lib.Pipeline(
+          source, global_batch_size=8, frames=2, seed=5, process_index=p, process_count=2
+      )
+      for p in range(2)
+  ]
   steps = whole.steps_per_epoch
   assert steps == 6
   seen = [[], []]
@@ -122,9 +130,17 @@ def test_two_processes_disjoint_and_cover_the_epoch():
 @pytest.mark.parametrize("prefetch", [1, 3])
 def test_resume_yields_the_same_stream(prefetch):
   def make():
-    return pipeline_lib.Pipeline(fake_source(n=20), global_batch_size=6, frames=3,
-                                 frame_stride=(1, 2), caption_dropout=0.3, seed=11,
-                                 prefetch=prefetch, num_workers=2)
+    return pipeline_lib.Pipeline(
+        fake_source(n=20),
+        global_batch_size=6,
+        frames=3,
+        frame_stride=(1, 2),
+        caption_dropout=0.3,
+        seed=11,
+        prefetch=prefetch,
+        num_workers=2,
+    )
+
   uninterrupted = collect(make(), 9)  # 3 steps per epoch: crosses two epoch boundaries
   first = make()
   collect(first, 4)
@@ -141,8 +157,14 @@ def test_resume_yields_the_same_stream(prefetch):
 
 
 def test_finite_epochs_and_ragged_last_batch():
-  stream = pipeline_lib.Pipeline(fake_source(n=10), global_batch_size=4, frames=2,
-                                 shuffle=False, num_epochs=1, drop_remainder=False)
+  stream = pipeline_lib.Pipeline(
+      fake_source(n=10),
+      global_batch_size=4,
+      frames=2,
+      shuffle=False,
+      num_epochs=1,
+      drop_remainder=False,
+  )
   batches = list(stream)
   assert [len(b["caption"]) for b in batches] == [4, 4, 2]
   assert np.concatenate([b["index"] for b in batches]).tolist() == list(range(10))
@@ -204,10 +226,20 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_global_batches_on_8_cpu_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+  env = dict(
+      os.environ,
+      XLA_FLAGS="--xla_force_host_platform_device_count=8",
+      JAX_PLATFORMS="cpu",
+      PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
+  result = subprocess.run(
+      [sys.executable, "-c", SHARDED_SCRIPT],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert result.returncode == 0 and "SHARDED_OK" in result.stdout, result.stderr[-3000:]
 
 
@@ -231,27 +263,49 @@ def toy_encode_text(captions):
 def test_latent_cache_roundtrip_through_the_pipeline(tmp_path):
   source = fake_source(n=22, height=8, width=8)
   directory = str(tmp_path / "cache")
-  rows = [cache.build_latent_cache(source, directory, toy_encode_video, toy_encode_text,
-                                   batch_size=6, frames=3, seed=4, shard_size=5,
-                                   process_index=p, process_count=2) for p in range(2)]
+  rows = [
+      cache.build_latent_cache(
+          source,
+          directory,
+          toy_encode_video,
+          toy_encode_text,
+          batch_size=6,
+          frames=3,
+          seed=4,
+          shard_size=5,
+          process_index=p,
+          process_count=2,
+      )
+      for p in range(2)
+  ]
   assert sum(rows) == 22
   cached = cache.LatentCache(directory)
   assert len(cached) == 22
   assert set(cached.fields) == {"latents", "text_embedding", "pooled", "fps", "held_out"}
   # Every row equals the encoders applied to the pipeline's clip of that example.
-  pixels = pipeline_lib.Pipeline(source, global_batch_size=22, frames=3, seed=4, shuffle=False,
-                                 num_epochs=1, process_index=0, process_count=1)
+  pixels = pipeline_lib.Pipeline(
+      source,
+      global_batch_size=22,
+      frames=3,
+      seed=4,
+      shuffle=False,
+      num_epochs=1,
+      process_index=0,
+      process_count=1,
+  )
   reference = next(pixels)
   expected = toy_encode_video(reference["video"])
   by_caption = {cached[i]["caption"]: cached[i] for i in range(len(cached))}
   assert len(by_caption) == 22
   for i, caption in enumerate(reference["caption"]):
     np.testing.assert_allclose(by_caption[caption]["latents"], expected[i], rtol=1e-6)
-    np.testing.assert_allclose(by_caption[caption]["text_embedding"],
-                               toy_encode_text([caption])["text_embedding"][0])
+    np.testing.assert_allclose(
+        by_caption[caption]["text_embedding"], toy_encode_text([caption])["text_embedding"][0]
+    )
   # The training pipeline reads the cache like pixels, with caption dropout -> null embeddings.
-  stream = pipeline_lib.Pipeline(cached, global_batch_size=11, caption_dropout=0.5, seed=1,
-                                 process_index=0, process_count=1)
+  stream = pipeline_lib.Pipeline(
+      cached, global_batch_size=11, caption_dropout=0.5, seed=1, process_index=0, process_count=1
+  )
   batch = next(stream)
   assert batch["latents"].shape == (11, 3, 2, 2, 4) and batch["text_embedding"].shape == (11, 3, 5)
   assert "video" not in batch and batch["fps"].shape == (11,)
@@ -271,33 +325,98 @@ def test_motion_scores_reach_pixel_batches_and_the_cache(tmp_path):
   source = fake_source(n=8, height=8, width=8)
   for i, example in enumerate(source):
     example["motion"] = np.float32(0.01 * i)  # as the video-folder builder stores it
-  batch = next(pipeline_lib.Pipeline(source, global_batch_size=4, frames=3, frame_stride=(1, 2),
-                                     seed=2, process_index=0, process_count=1))
+  batch = next(
+      pipeline_lib.Pipeline(
+          source,
+          global_batch_size=4,
+          frames=3,
+          frame_stride=(1, 2),
+          seed=2,
+          process_index=0,
+          process_count=1,
+      )
+  )
   assert batch["motion"].dtype == np.float32 and batch["motion"].shape == (4,)
   np.testing.assert_allclose(batch["motion"], 0.01 * batch["index"], rtol=1e-6)  # stride-free
   directory = str(tmp_path / "cache")
-  cache.build_latent_cache(source, directory, toy_encode_video, toy_encode_text, batch_size=4,
-                           frames=3, process_index=0, process_count=1)
+  cache.build_latent_cache(
+      source,
+      directory,
+      toy_encode_video,
+      toy_encode_text,
+      batch_size=4,
+      frames=3,
+      process_index=0,
+      process_count=1,
+  )
   cached = cache.LatentCache(directory)
   assert "motion" in cached.fields
-  stream = pipeline_lib.Pipeline(cached, global_batch_size=4, caption_dropout=1.0, seed=1,
-                                 process_index=0, process_count=1)
+  stream = pipeline_lib.Pipeline(
+      cached, global_batch_size=4, caption_dropout=1.0, seed=1, process_index=0, process_count=1
+  )
   batch = next(stream)
   assert batch["motion"].dtype == np.float32 and batch["motion"].shape == (4,)
   by_index = {int(i): cached[int(i)] for i in batch["index"]}
-  np.testing.assert_array_equal(batch["motion"],
-                                [by_index[int(i)]["motion"] for i in batch["index"]])
+  np.testing.assert_array_equal(
+      batch["motion"], [by_index[int(i)]["motion"] for i in batch["index"]]
+  )
   assert sorted(np.round(cached[i]["motion"] * 100) for i in range(8)) == list(range(8))
   # No source motion, no batch field.
-  assert "motion" not in next(pipeline_lib.Pipeline(fake_source(n=4, height=8, width=8),
-                                                    global_batch_size=4, frames=3))
+  assert "motion" not in next(
+      pipeline_lib.Pipeline(fake_source(n=4, height=8, width=8), global_batch_size=4, frames=3)
+  )
+
+
+def test_clip_start_windows_reach_batches_and_the_cache(tmp_path):
+  """clip_start_prob: about that share of clips start their video (first frame 0), the rest are
+  windows anywhere; batches and the latent cache carry which is which."""
+  source = fake_source(n=64, length=12, height=8, width=8)
+  stream = pipeline_lib.Pipeline(
+      source,
+      global_batch_size=64,
+      frames=4,
+      clip_start_prob=0.5,
+      seed=3,
+      process_index=0,
+      process_count=1,
+  )
+  batch = next(stream)
+  first = frame_values(batch["video"])[:, 0] // 10  # the source frame each clip starts at
+  assert batch["clip_start"].dtype == np.bool_
+  np.testing.assert_array_equal(batch["clip_start"], first == 0)
+  assert 0.35 < batch["clip_start"].mean() < 0.75 and first.max() > 4
+  assert "clip_start" not in next(pipeline_lib.Pipeline(source, global_batch_size=4, frames=4))
+  directory = str(tmp_path / "cache")
+  cache.build_latent_cache(
+      source[:8],
+      directory,
+      toy_encode_video,
+      toy_encode_text,
+      batch_size=4,
+      frames=4,
+      clip_start_prob=1.0,
+      process_index=0,
+      process_count=1,
+  )
+  cached = cache.LatentCache(directory)
+  batch = next(pipeline_lib.Pipeline(cached, global_batch_size=4, process_index=0, process_count=1))
+  np.testing.assert_array_equal(batch["clip_start"], [True] * 4)
+  with pytest.raises(ValueError, match="clip_start_prob must be in"):
+    pipeline_lib.Pipeline(source, global_batch_size=4, clip_start_prob=1.5)
 
 
 def test_incomplete_cache_is_refused(tmp_path):
   directory = str(tmp_path / "cache")
-  cache.build_latent_cache(fake_source(n=6, height=8, width=8), directory, toy_encode_video,
-                           toy_encode_text, batch_size=2, frames=2, process_index=0,
-                           process_count=2)
+  cache.build_latent_cache(
+      fake_source(n=6, height=8, width=8),
+      directory,
+      toy_encode_video,
+      toy_encode_text,
+      batch_size=2,
+      frames=2,
+      process_index=0,
+      process_count=2,
+  )
   with pytest.raises(FileNotFoundError, match="incomplete"):
     cache.LatentCache(directory)
   with pytest.raises(FileNotFoundError, match="not a latent cache"):

@@ -1,4 +1,5 @@
 """The shapes dataset: renderer geometry and the TFDS builder, against the DESIGN.md contract."""
+
 import re
 
 import numpy as np
@@ -16,9 +17,14 @@ NUM_TRAIN, NUM_VALIDATION = 48, 24
 
 
 def test_contract_constants():
-  assert shapes.COLORS == {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240),
-                           "yellow": (240, 220, 40), "magenta": (220, 50, 220),
-                           "cyan": (40, 220, 230)}
+  assert shapes.COLORS == {
+      "red": (230, 40, 40),
+      "green": (40, 200, 60),
+      "blue": (50, 90, 240),
+      "yellow": (240, 220, 40),
+      "magenta": (220, 50, 220),
+      "cyan": (40, 220, 230),
+  }
   assert set(shapes.SHAPES) == {"circle", "square", "triangle"}
   assert set(shapes.DIRECTIONS) == {"left", "right", "up", "down"}
   assert shapes.HELD_OUT == {("yellow", "triangle"), ("cyan", "circle"), ("magenta", "square")}
@@ -55,15 +61,17 @@ def test_render_geometry(shape):
   assert (clip.reshape(-1, 3) == shapes.COLORS["green"]).all(-1).sum() > 0
   assert (clip[:, 0, 0] == 0).all()
   a = alpha(clip, "green")
-  np.testing.assert_allclose(a.sum((1, 2)) / size**2, shapes.shape_area(shape, r),
-                             atol=area_tolerance(r, size))
+  np.testing.assert_allclose(
+      a.sum((1, 2)) / size**2, shapes.shape_area(shape, r), atol=area_tolerance(r, size)
+  )
   fine = alpha(shapes.render_clip("green", shape, None, 0.5, 0.5, r, 0, 1, size, 16), "green")
   np.testing.assert_allclose(fine.sum() / size**2, shapes.shape_area(shape, r), rtol=0.005)
   cx, _ = centroid(a)
   np.testing.assert_allclose(np.diff(cx), 0.05, atol=0.1 / size)
   # Deterministic.
-  np.testing.assert_array_equal(clip, shapes.render_clip("green", shape, "right", 0.3, 0.4, r,
-                                                         0.05, 3, size))
+  np.testing.assert_array_equal(
+      clip, shapes.render_clip("green", shape, "right", 0.3, 0.4, r, 0.05, 3, size)
+  )
 
 
 def test_triangle_orientation():
@@ -95,8 +103,9 @@ def test_params_are_resolution_independent_and_in_range():
       assert c.min() - p["r"] >= -1e-12 and c.max() + p["r"] <= 1 + 1e-12
   a = shapes.make_example("video", "train", 7, size=32)
   b = shapes.make_example("video", "train", 7, size=64)
-  assert {k: a[k] for k in ("caption", "x", "y", "r")} == {k: b[k] for k in ("caption", "x", "y",
-                                                                            "r")}
+  assert {k: a[k] for k in ("caption", "x", "y", "r")} == {
+      k: b[k] for k in ("caption", "x", "y", "r")
+  }
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +114,14 @@ def data_dir(tmp_path_factory):
 
 
 def load(data_dir, kind, split, frames=8, resolution=32):
-  builder = shapes_tfds.shapes_builder(kind, resolution, frames, num_train=NUM_TRAIN,
-                                       num_validation=NUM_VALIDATION, data_dir=data_dir)
+  builder = shapes_tfds.shapes_builder(
+      kind,
+      resolution,
+      frames,
+      num_train=NUM_TRAIN,
+      num_validation=NUM_VALIDATION,
+      data_dir=data_dir,
+  )
   if not builder.is_prepared():
     builder.download_and_prepare(file_format="array_record")
   source = builder.as_data_source(split)
@@ -136,8 +151,9 @@ def test_video_train_split(data_dir):
     for c in (xs, ys):
       assert c.min() - e["r"] >= -1e-6 and c.max() + e["r"] <= 1 + 1e-6
     a = alpha(video, color)
-    np.testing.assert_allclose(a.sum((1, 2)) / 32**2, shapes.shape_area(shape, e["r"]),
-                               atol=area_tolerance(e["r"], 32))
+    np.testing.assert_allclose(
+        a.sum((1, 2)) / 32**2, shapes.shape_area(shape, e["r"]), atol=area_tolerance(e["r"], 32)
+    )
     # Motion: the centroid moves `speed` per frame along the direction, not across it.
     cx, cy = centroid(a)
     dx, dy = shapes.DIRECTIONS[direction]
@@ -170,8 +186,9 @@ def test_image_split(data_dir):
       assert bool(e["held_out"]) == ((color, shape) in shapes.HELD_OUT)
       assert e["image"].shape == (32, 32, 3)
       a = alpha(e["image"], color)
-      np.testing.assert_allclose(a.sum() / 32**2, shapes.shape_area(shape, e["r"]),
-                                 atol=area_tolerance(e["r"], 32))
+      np.testing.assert_allclose(
+          a.sum() / 32**2, shapes.shape_area(shape, e["r"]), atol=area_tolerance(e["r"], 32)
+      )
       seen.add((color, shape))
   assert shapes.HELD_OUT <= seen  # held-out compositions appear as images
 
@@ -198,23 +215,38 @@ def test_config_names(data_dir):
   assert builder.as_data_source("train")[0]["video"].shape == (5, 20, 20, 3)
   assert len(builder.as_data_source("validation")) == 3
   # A constructed config object is accepted too.
-  built = shapes_tfds.VldmShapes(config=shapes_tfds.ShapesConfig.make("video", 20, 5, 4, 3),
-                                 data_dir=data_dir)
+  built = shapes_tfds.VldmShapes(
+      config=shapes_tfds.ShapesConfig.make("video", 20, 5, 4, 3), data_dir=data_dir
+  )
   assert built.is_prepared()
 
 
 def test_config_to_pipeline(data_dir):
   from vldm.data import config as config_lib  # pylint: disable=g-import-not-at-top
   from vldm.data import sources  # pylint: disable=g-import-not-at-top
-  c = config_lib.data_config("shapes", kind="image", resolution=32, batch_size=8,
-                             num_train_examples=NUM_TRAIN, num_validation_examples=NUM_VALIDATION,
-                             data_dir=str(data_dir))
+
+  c = config_lib.data_config(
+      "shapes",
+      kind="image",
+      resolution=32,
+      batch_size=8,
+      num_train_examples=NUM_TRAIN,
+      num_validation_examples=NUM_VALIDATION,
+      data_dir=str(data_dir),
+  )
   batch = next(sources.make_pipeline(c, process_index=0, process_count=1))
   assert batch["image"].shape == (8, 32, 32, 3) and batch["held_out"].shape == (8,)
   # Held-out evaluation: the video validation split, once, in order, no caption dropout.
-  c = config_lib.data_config("shapes", kind="video", resolution=16, batch_size=8,
-                             num_train_examples=NUM_TRAIN, num_validation_examples=NUM_VALIDATION,
-                             source_resolution=32, data_dir=str(data_dir))
+  c = config_lib.data_config(
+      "shapes",
+      kind="video",
+      resolution=16,
+      batch_size=8,
+      num_train_examples=NUM_TRAIN,
+      num_validation_examples=NUM_VALIDATION,
+      source_resolution=32,
+      data_dir=str(data_dir),
+  )
   batches = list(sources.make_pipeline(c, train=False, process_index=0, process_count=1))
   assert len(batches) == NUM_VALIDATION // 8
   assert batches[0]["video"].shape == (8, 8, 16, 16, 3)  # resized from the 32-pixel build
@@ -233,17 +265,24 @@ def test_tempo_one_is_the_original_dataset():
   # Regression values of the original renderer (before tempos existed).
   p = shapes.example_params("video", "train", 0, frames=8)
   assert (p["color"], p["shape"], p["direction"]) == ("blue", "square", "down")
-  assert (p["x"], p["r"], p["speed"]) == (0.787995353676578, 0.1845710440164981,
-                                          0.05402724260675916)
+  assert (p["x"], p["r"], p["speed"]) == (
+      0.787995353676578,
+      0.1845710440164981,
+      0.05402724260675916,
+  )
   assert (p["tempo"], p["fps"]) == (1.0, shapes_tfds.FPS)
   assert shapes.max_frames() == shapes.max_frames(1.0) == 25
-  for kind, split, index in (("video", "train", 3), ("video", "validation", 5),
-                             ("image", "train", 2)):
+  for kind, split, index in (
+      ("video", "train", 3),
+      ("video", "validation", 5),
+      ("image", "train", 2),
+  ):
     default = shapes.make_example(kind, split, index, frames=12, size=8, seed=1)
     explicit = shapes.make_example(kind, split, index, frames=12, size=8, seed=1, tempos=(1.0,))
     np.testing.assert_array_equal(default[kind], explicit[kind])
-    assert ({k: v for k, v in default.items() if k != kind} ==
-            {k: v for k, v in explicit.items() if k != kind})
+    assert {k: v for k, v in default.items() if k != kind} == {
+        k: v for k, v in explicit.items() if k != kind
+    }
 
 
 def test_tempo_scales_speed_and_fps():
@@ -263,13 +302,17 @@ def test_long_clip_at_tempo_2_5_stays_inside_the_frame():
       assert c.min() - e["r"] >= -1e-12 and c.max() + e["r"] <= 1 + 1e-12
     a = alpha(e["video"], e["color"])
     # A clipped object would lose area at the border; every frame keeps all of it.
-    np.testing.assert_allclose(a.sum((1, 2)) / size**2, shapes.shape_area(e["shape"], e["r"]),
-                               atol=area_tolerance(e["r"], size))
+    np.testing.assert_allclose(
+        a.sum((1, 2)) / size**2,
+        shapes.shape_area(e["shape"], e["r"]),
+        atol=area_tolerance(e["r"], size),
+    )
 
 
 def test_mixed_tempos():
-  validation = [shapes.example_params("video", "validation", i, frames=9, tempos=(4, 16))
-                for i in range(4)]
+  validation = [
+      shapes.example_params("video", "validation", i, frames=9, tempos=(4, 16)) for i in range(4)
+  ]
   assert {p["tempo"] for p in validation} == {4.0, 16.0}
   assert all(p["fps"] == 8 * p["tempo"] for p in validation)
   train = [shapes.example_params("video", "train", i, frames=9, tempos=(4, 16)) for i in range(40)]
@@ -303,17 +346,26 @@ def test_bad_tempos_raise():
 
 
 def test_tempo_config_names():
-  for name, tempos in (("video_32_9_tempo4-16", (4.0, 16.0)), ("video_32_32_tempo2.5", (2.5,)),
-                       ("video_8_9_tempo1-4_train4_val4_seed2", (1.0, 4.0))):
+  for name, tempos in (
+      ("video_32_9_tempo4-16", (4.0, 16.0)),
+      ("video_32_32_tempo2.5", (2.5,)),
+      ("video_8_9_tempo1-4_train4_val4_seed2", (1.0, 4.0)),
+  ):
     c = shapes_tfds.ShapesConfig.from_name(name)
     assert c.tempos == tempos
-    assert shapes_tfds.config_name(c.kind, c.resolution, c.frames, c.num_train, c.num_validation,
-                                   c.seed, c.tempos) == name
+    assert (
+        shapes_tfds.config_name(
+            c.kind, c.resolution, c.frames, c.num_train, c.num_validation, c.seed, c.tempos
+        )
+        == name
+    )
   assert shapes_tfds.config_name("video", 32, 9, tempos=(16, 4, 4)) == "video_32_9_tempo4-16"
   assert shapes_tfds.config_name("video", 32, 8, tempos=(1.0,)) == "video_32_8"
-  for non_canonical, canonical in (("video_32_9_tempo16-4", "video_32_9_tempo4-16"),
-                                   ("video_32_9_tempo4.0", "video_32_9_tempo4"),
-                                   ("video_32_8_tempo1", "video_32_8")):
+  for non_canonical, canonical in (
+      ("video_32_9_tempo16-4", "video_32_9_tempo4-16"),
+      ("video_32_9_tempo4.0", "video_32_9_tempo4"),
+      ("video_32_8_tempo1", "video_32_8"),
+  ):
     with pytest.raises(ValueError, match=f"use '{canonical}'"):
       shapes_tfds.ShapesConfig.from_name(non_canonical)
 
@@ -321,9 +373,16 @@ def test_tempo_config_names():
 def test_tempo_dataset_and_config(tmp_path):
   from vldm.data import config as config_lib  # pylint: disable=g-import-not-at-top
   from vldm.data import sources  # pylint: disable=g-import-not-at-top
-  c = config_lib.data_config("shapes", resolution=8, frames=9, tempos=(4.0, 16.0),
-                             num_train_examples=4, num_validation_examples=4,
-                             data_dir=str(tmp_path))
+
+  c = config_lib.data_config(
+      "shapes",
+      resolution=8,
+      frames=9,
+      tempos=(4.0, 16.0),
+      num_train_examples=4,
+      num_validation_examples=4,
+      data_dir=str(tmp_path),
+  )
   builder = sources.make_builder(c)
   assert builder.builder_config.name == "video_8_9_tempo4-16_train4_val4"
   builder.download_and_prepare(file_format="array_record")
@@ -331,10 +390,24 @@ def test_tempo_dataset_and_config(tmp_path):
   assert {float(e["tempo"]) for e in examples} == {4.0, 16.0}
   for e in examples:
     assert e["video"].shape == (9, 8, 8, 3) and e["fps"] == 8 * e["tempo"]
+  # path_frames: whole 32-frame motions are stored; training clips are windows of them.
+  long = config_lib.data_config(
+      "shapes",
+      resolution=8,
+      frames=8,
+      tempos=(2.5,),
+      path_frames=32,
+      num_train_examples=4,
+      num_validation_examples=4,
+  )
+  assert sources.make_builder(long).builder_config.name == "video_8_32_tempo2.5_train4_val4"
   # Tempo-1 configs keep their features: no 'tempo'.
   plain = shapes_tfds.shapes_builder("video", 8, 9, 4, 4, data_dir=str(tmp_path))
   assert "tempo" not in plain.info.features and "fps" in plain.info.features
-  for bad in (dict(tempos=(0.0,)), dict(tempos=(4.0,), kind="image"),
-              dict(name="ucf101", tempos=(2.0,))):
+  for bad in (
+      dict(tempos=(0.0,)),
+      dict(tempos=(4.0,), kind="image"),
+      dict(name="ucf101", tempos=(2.0,)),
+  ):
     with pytest.raises(ValueError, match="data.tempos"):
       config_lib.data_config(**bad)

@@ -98,6 +98,13 @@ def test_masks_and_condition_layout():
   for m, s in zip(masks, counts):
     np.testing.assert_array_equal(m, frames_lib.prediction_mask(8, int(s)))
   assert abs(np.mean(counts == 0) - 0.2) < 0.06
+  # The unconditional branch learns from clips that start videos only.
+  starts = np.arange(512) % 2 == 0
+  masks = np.asarray(
+      frames_lib.sample_masks(jax.random.key(3), "prediction", 512, 8, unconditional_allowed=starts)
+  )
+  counts = masks.sum(axis=1)
+  assert np.all(counts[~starts] > 0) and abs(np.mean(counts[starts] == 0) - 0.2) < 0.08
   masks = np.asarray(
       frames_lib.sample_masks(jax.random.key(2), "interpolation", 512, 9, uncond_prob=0.25)
   )

@@ -1,4 +1,5 @@
 """The shapes recipe: stage configs, the tasks' parts, and the whole recipe at runlocal size."""
+
 import json
 import os
 import pathlib
@@ -74,11 +75,15 @@ def test_stage_configs_are_wired():
 
 
 def test_host_init_follows_flax_defaults():
-  abstract = {"dense": {"kernel": jax.ShapeDtypeStruct((400, 300), jnp.float32),
-                        "bias": jax.ShapeDtypeStruct((300,), jnp.float32)},
-              "norm": {"scale": jax.ShapeDtypeStruct((8,), jnp.float32)},
-              "embed": {"embedding": jax.ShapeDtypeStruct((50, 64), jnp.float32)},
-              "time_mixer": {"mix_factor": jax.ShapeDtypeStruct((1,), jnp.float32)}}
+  abstract = {
+      "dense": {
+          "kernel": jax.ShapeDtypeStruct((400, 300), jnp.float32),
+          "bias": jax.ShapeDtypeStruct((300,), jnp.float32),
+      },
+      "norm": {"scale": jax.ShapeDtypeStruct((8,), jnp.float32)},
+      "embed": {"embedding": jax.ShapeDtypeStruct((50, 64), jnp.float32)},
+      "time_mixer": {"mix_factor": jax.ShapeDtypeStruct((1,), jnp.float32)},
+  }
   params = common.host_init(abstract, seed=3, constants={"mix_factor": 0.5})
   np.testing.assert_allclose(np.std(params["dense"]["kernel"]), 1 / np.sqrt(400), rtol=0.02)
   assert np.abs(params["dense"]["kernel"]).max() <= 2 / 0.8796 / np.sqrt(400) + 1e-6
@@ -91,9 +96,18 @@ def test_host_init_follows_flax_defaults():
 
 def test_captioned_data_tokenizes_counts_steps_and_resumes():
   source = [dict(image=np.full((8, 8, 3), i, np.uint8), caption=f"a red circle") for i in range(8)]
-  make = lambda: common.CaptionedData(pipeline_lib.Pipeline(
-      source, global_batch_size=2, kind="image", caption_dropout=0.5, seed=1, num_workers=1,
-      prefetch=1), common.shapes_tokenizer())
+  make = lambda: common.CaptionedData(
+      pipeline_lib.Pipeline(
+          source,
+          global_batch_size=2,
+          kind="image",
+          caption_dropout=0.5,
+          seed=1,
+          num_workers=1,
+          prefetch=1,
+      ),
+      common.shapes_tokenizer(),
+  )
   data = make()
   batches = [next(data) for _ in range(6)]
   assert set(batches[0]) == {"image", "input_ids", "step", "fps"}  # fps: micro-conditioning
@@ -110,7 +124,9 @@ def test_captioned_data_tokenizes_counts_steps_and_resumes():
   resumed.set_state(fresh.get_state())
   np.testing.assert_array_equal(next(resumed)["image"], batches[3]["image"])
   assert int(next(resumed)["step"][0]) == 4
-  assert len(common.all_prompts()) == 72 and tokenizer.vocab_size == 19  # 15 words + pad, bos, unk, eos
+  assert (
+      len(common.all_prompts()) == 72 and tokenizer.vocab_size == 19
+  )  # 15 words + pad, bos, unk, eos
 
 
 def test_adversarial_and_reconstruction_gradients_are_separated():
@@ -118,8 +134,10 @@ def test_adversarial_and_reconstruction_gradients_are_separated():
   task = autoencoder_recipe.AutoencoderTask(config)
   params = task.init_params(jax.random.key(0))
   rng = np.random.default_rng(0)
-  batch = {"image": jnp.asarray(rng.uniform(-1, 1, (2, 8, 8, 3)), jnp.float32),
-           "step": jnp.full((2,), config.autoencoder.disc_start, jnp.int32)}
+  batch = {
+      "image": jnp.asarray(rng.uniform(-1, 1, (2, 8, 8, 3)), jnp.float32),
+      "step": jnp.full((2,), config.autoencoder.disc_start, jnp.int32),
+  }
   loss_fn = lambda p: task.loss_fn(p, {}, batch, jax.random.key(1))
 
   @jax.jit
@@ -133,8 +151,9 @@ def test_adversarial_and_reconstruction_gradients_are_separated():
   assert norm(critic["vae"]) == 0  # the critic's loss never moves the autoencoder
   assert norm(critic["discriminator"]) > 0 and norm(total["vae"]) > 0
   # The critic's whole gradient is its own loss's: the generator terms do not reach it.
-  for a, b in zip(jax.tree.leaves(total["discriminator"]),
-                  jax.tree.leaves(critic["discriminator"])):
+  for a, b in zip(
+      jax.tree.leaves(total["discriminator"]), jax.tree.leaves(critic["discriminator"])
+  ):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
   assert metrics["disc_started"] == 1 and 0 < metrics["d_weight"] < 1e4
   assert metrics["g_loss"] != 0
@@ -156,7 +175,7 @@ def test_temporal_decoder_starts_frame_by_frame_with_the_kl_encoder():
   latents = jnp.asarray(np.random.default_rng(0).normal(size=(1, 3, 4, 4, 4)), jnp.float32)
   decode = jax.jit(lambda p, z: task.vae.apply({"params": p}, z, method="decode"))
   clip = decode(params, latents)
-  frames = jnp.concatenate([decode(params, latents[:, i:i + 1]) for i in range(3)], axis=1)
+  frames = jnp.concatenate([decode(params, latents[:, i : i + 1]) for i in range(3)], axis=1)
   np.testing.assert_allclose(clip, frames, atol=1e-5)  # the temporal layers start as identity
 
 
@@ -169,17 +188,24 @@ def test_inflation_starts_from_the_image_model_and_freezes_the_spatial_layers():
   trained = {k for k, v in labels.items() if v == tasks_lib.TRAIN}
   # The UNet's temporal layers and the text encoder (it learns the direction words here).
   assert {k for k in trained if k[0] == "unet"} == {
-      k for k in labels if k[0] == "unet" and inflate.is_temporal(k)}
+      k for k in labels if k[0] == "unet" and inflate.is_temporal(k)
+  }
   assert {k for k in trained if k[0] != "unet"} == {k for k in labels if k[0] == "text_encoder"}
-  assert all(v == tasks_lib.TRAIN for v in traverse_util.flatten_dict(
-      image_task.trainable_labels(image_params)).values())
+  assert all(
+      v == tasks_lib.TRAIN
+      for v in traverse_util.flatten_dict(image_task.trainable_labels(image_params)).values()
+  )
   rng = np.random.default_rng(0)
   clip = jnp.asarray(rng.normal(size=(2, 3, 4, 4, 4)), jnp.float32)
   context = jnp.asarray(rng.normal(size=(2, 8, 32)), jnp.float32)
   t = jnp.asarray([10.0, 500.0])
   video = video_task.unet.apply({"params": video_params["unet"]}, clip, t, context)
-  frames = image_task.unet.apply({"params": image_params["unet"]}, clip.reshape(6, 4, 4, 4),
-                                 jnp.repeat(t, 3), jnp.repeat(context, 3, axis=0))
+  frames = image_task.unet.apply(
+      {"params": image_params["unet"]},
+      clip.reshape(6, 4, 4, 4),
+      jnp.repeat(t, 3),
+      jnp.repeat(context, 3, axis=0),
+  )
   np.testing.assert_allclose(video, frames.reshape(video.shape), atol=1e-4)
 
 
@@ -190,8 +216,12 @@ def cache_and_render(stage, tmp_path, num_examples):
   config.data.data_dir = str(tmp_path / "data")
   config.data.num_train_examples = num_examples
   task = ldm.LatentDiffusionTask(config)
-  vae_params = common.host_init(jax.eval_shape(
-      lambda: task.vae.init(jax.random.key(0), jnp.zeros((1, 2, 8, 8, 3)))["params"]), 0)
+  vae_params = common.host_init(
+      jax.eval_shape(
+          lambda: task.vae.init(jax.random.key(0), jnp.zeros((1, 2, 8, 8, 3)))["params"]
+      ),
+      0,
+  )
   cache_dir = str(tmp_path / "latents")
   ldm.build_latent_cache(task, config.data, cache_dir, vae_params, 0, 1)
   config.data.name, config.data.cache_dir = "latent_cache", cache_dir
@@ -204,15 +234,20 @@ def test_latent_cache_holds_the_vae_posterior_and_feeds_the_same_loss(tmp_path):
   task, vae_params, cached, pixels = cache_and_render("video", tmp_path, 6)
   assert set(cached) == {"latent_mean", "latent_std", "input_ids", "step", "fps"}
   np.testing.assert_array_equal(cached["input_ids"], pixels["input_ids"])
-  posterior = task.vae.apply({"params": vae_params}, pixels["video"].reshape(-1, 8, 8, 3),
-                             method="encode")
-  np.testing.assert_allclose(cached["latent_mean"].reshape(posterior.mean.shape), posterior.mean,
-                             atol=1e-5)
+  posterior = task.vae.apply(
+      {"params": vae_params}, pixels["video"].reshape(-1, 8, 8, 3), method="encode"
+  )
+  np.testing.assert_allclose(
+      cached["latent_mean"].reshape(posterior.mean.shape), posterior.mean, atol=1e-5
+  )
   # The loss draws the same posterior sample from the moments as from the pixels.
   frozen = {"vae": vae_params, "scale": np.float32(0.7)}
   key = jax.random.key(3)
-  np.testing.assert_allclose(task.latents(frozen, cached, key)["latent"],
-                             task.latents(frozen, pixels, key)["latent"], atol=1e-5)
+  np.testing.assert_allclose(
+      task.latents(frozen, cached, key)["latent"],
+      task.latents(frozen, pixels, key)["latent"],
+      atol=1e-5,
+  )
 
 
 def test_upsampler_cache_holds_the_low_resolution_posterior(tmp_path):
@@ -222,10 +257,12 @@ def test_upsampler_cache_holds_the_low_resolution_posterior(tmp_path):
   # The base stage's resolution: the clip area-downsampled ×2, then encoded.
   low = clips.reshape(2, 8, 8, 2, 8, 2, 3).mean(axis=(3, 5)).reshape(-1, 8, 8, 3)
   posterior = task.vae.apply({"params": vae_params}, low, method="encode")
-  np.testing.assert_allclose(cached["low_res_mean"].reshape(posterior.mean.shape), posterior.mean,
-                             atol=1e-5)
-  np.testing.assert_allclose(cached["low_res_std"].reshape(posterior.std.shape), posterior.std,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      cached["low_res_mean"].reshape(posterior.mean.shape), posterior.mean, atol=1e-5
+  )
+  np.testing.assert_allclose(
+      cached["low_res_std"].reshape(posterior.std.shape), posterior.std, atol=1e-5
+  )
 
 
 def test_upsampler_starts_as_the_video_model_and_checks_its_channels():
@@ -245,8 +282,10 @@ def test_upsampler_starts_as_the_video_model_and_checks_its_channels():
       np.testing.assert_array_equal(up_flat[key], video_flat[key])
   np.testing.assert_array_equal(up_flat[kernel][..., :4, :], video_flat[kernel])
   assert up_flat[kernel].shape[-2] == 8 and not np.any(up_flat[kernel][..., 4:, :])
-  assert all(v == tasks_lib.TRAIN for v in traverse_util.flatten_dict(
-      up_task.trainable_labels(up_params)["unet"]).values())
+  assert all(
+      v == tasks_lib.TRAIN
+      for v in traverse_util.flatten_dict(up_task.trainable_labels(up_params)["unet"]).values()
+  )
   with pytest.raises(tasks_lib.CheckpointMismatchError, match="widen_input"):
     ldm.widen_input_transform(up_params, video_params)
   config = load("hires")
@@ -263,8 +302,12 @@ def test_upsampler_windows_keep_latents_and_low_res_latents_aligned():
   np.testing.assert_array_equal(windows, upsample(low_windows))  # the same window, at ×2
   offsets = set()
   for example, window in zip(np.asarray(low), np.asarray(low_windows)):
-    found = [(y, x) for y in range(5) for x in range(5)
-             if np.array_equal(example[:, y:y + 2, x:x + 2], window)]
+    found = [
+        (y, x)
+        for y in range(5)
+        for x in range(5)
+        if np.array_equal(example[:, y : y + 2, x : x + 2], window)
+    ]
     assert len(found) == 1
     offsets.add(found[0])
   assert len(offsets) > 1  # each example draws its own window
@@ -297,8 +340,8 @@ def test_recipe_end_to_end_at_runlocal_size(tmp_path):
   picture = video_io.read_frames(os.path.join(samples, "grid.png"))[0]
   height = grid.shape[1]
   assert picture.shape == (2 * height + 8,) + grid.shape[2:]  # first frame, white gap, last
-  assert picture[height:height + 8].min() >= 240  # white, to the palette
-  for part, frame in ((picture[:height], grid[0]), (picture[height + 8:], grid[-1])):
+  assert picture[height : height + 8].min() >= 240  # white, to the palette
+  for part, frame in ((picture[:height], grid[0]), (picture[height + 8 :], grid[-1])):
     assert np.abs(part.astype(float) - frame).mean() < 20  # both palette-quantized
   timings = json.load(open(os.path.join(root, "timings.json")))
   assert set(timings) == set(shapes_config.BASE_STAGES)
@@ -319,8 +362,10 @@ def test_recipe_end_to_end_at_runlocal_size(tmp_path):
   assert pipe.default_size() == (16, 16)  # the hires stage's size, not the base's
   # Its sampler settings are the stage's own (what the demo's report judged), not flag defaults.
   sampler = load("video").ldm.sampler
-  assert (pipe.default_num_steps, pipe.default_guidance_scale) == (sampler.num_steps,
-                                                                   sampler.guidance_scale)
+  assert (pipe.default_num_steps, pipe.default_guidance_scale) == (
+      sampler.num_steps,
+      sampler.guidance_scale,
+  )
   assert pipe.base.sampler.sampler == sampler.name == "ddim"
 
   long_stages(root)
@@ -328,8 +373,9 @@ def test_recipe_end_to_end_at_runlocal_size(tmp_path):
   # A stage the demo trained resumes under plain `python -m vldm.train` (the process default
   # PRNG is threefry there): its key follows the stage's config.prng_impl.
   jax.config.update("jax_default_prng_impl", "threefry2x32")
-  config = config_lib.load_config(f"{SHAPES}:stage=video,root={root},runlocal=True",
-                                  {"total_steps": 4})
+  config = config_lib.load_config(
+      f"{SHAPES}:stage=video,root={root},runlocal=True", {"total_steps": 4}
+  )
   state = trainer.train_and_evaluate(config, os.path.join(root, "video"))
   assert int(state.step) == 4
 
@@ -341,8 +387,7 @@ def tmp_path_of(root):
 def long_stages(root):
   """`--long` on the finished runlocal run: the prediction and interpolation stages, their report,
   sampling long clips from the workdir, and an exact resume of the prediction stage."""
-  summaries = demo.run(root, runlocal=True, num_samples=1, batch_size=72, long=True,
-                       long_frames=14)
+  summaries = demo.run(root, runlocal=True, num_samples=1, batch_size=72, long=True, long_frames=14)
   assert summaries["long"]["overall"]["n"] == 72 and summaries["interpolation"]["n"] == 72
   report = open(os.path.join(root, "report.md")).read()
   assert "## Long videos" in report and "## Interpolation (T → 4T)" in report
@@ -364,14 +409,26 @@ def long_stages(root):
   with pytest.raises(ValueError, match="needs an interpolation stage"):
     video_only.check(8, 4)
   out = str(tmp_path_of(root) / "long_clips")
-  result = recipe_runs.run("sample", "--workdir", os.path.join(root, "video"), "--prompt",
-                           "a red circle moving left", "--num_frames", "20", "--out", out,
-                           inputs={"cache": str(tmp_path_of(root) / "cache")}, check=False)
+  result = recipe_runs.run(
+      "sample",
+      "--workdir",
+      os.path.join(root, "video"),
+      "--prompt",
+      "a red circle moving left",
+      "--num_frames",
+      "20",
+      "--out",
+      out,
+      inputs={"cache": str(tmp_path_of(root) / "cache")},
+      check=False,
+  )
   assert result.returncode and "need a prediction stage" in result.stderr, result.stderr[-2000:]
   # A crash after step 2's checkpoint: step 3 again from it gives the same parameters.
   workdir = os.path.join(root, "prediction_resume")
-  config = config_lib.load_config(f"{SHAPES}:stage=prediction,root={root},runlocal=True",
-                                  {"checkpoint_every": 1, "keep_checkpoints": 5})
+  config = config_lib.load_config(
+      f"{SHAPES}:stage=prediction,root={root},runlocal=True",
+      {"checkpoint_every": 1, "keep_checkpoints": 5},
+  )
   trainer.train_and_evaluate(config, workdir)
   final = common.load_stage_params(workdir)
   shutil.rmtree(os.path.join(workdir, "checkpoints", "3"))

@@ -34,6 +34,7 @@ first temporal layer (conv_in, the time embedding, the first spatial res block) 
 the spatial layers after it have dx only, the temporal ones dx and dW, and the spatial
 cross-attention's K/V projections of the (frozen, precomputed) text context none.
 """
+
 from __future__ import annotations
 
 import collections
@@ -62,6 +63,7 @@ class Flops:
   `by_part` files the same FLOPs under a descriptive name ('spatial_res', 'temporal_attention', …)
   so that a profile can say where the work is.
   """
+
   by_kind: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   by_part: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
@@ -79,8 +81,10 @@ class Flops:
     return Flops(self.by_kind + other.by_kind, self.by_part + other.by_part)
 
   def scaled(self, factor: float) -> "Flops":
-    return Flops(collections.Counter({k: v * factor for k, v in self.by_kind.items()}),
-                 collections.Counter({k: v * factor for k, v in self.by_part.items()}))
+    return Flops(
+        collections.Counter({k: v * factor for k, v in self.by_kind.items()}),
+        collections.Counter({k: v * factor for k, v in self.by_part.items()}),
+    )
 
   def fractions(self, by: str = "kind") -> dict:
     counts = self.by_kind if by == "kind" else self.by_part
@@ -109,25 +113,32 @@ class _Counter:
   for side inputs such as the text context) and `train` (None: `trainable(part)`).
   """
 
-  def __init__(self, exclude_padding: bool = False,
-               temporal_conv_implementation: str = "shifted_matmul",
-               trainable: Optional[Callable[[str], bool]] = None):
+  def __init__(
+      self,
+      exclude_padding: bool = False,
+      temporal_conv_implementation: str = "shifted_matmul",
+      trainable: Optional[Callable[[str], bool]] = None,
+  ):
     if temporal_conv_implementation not in _TEMPORAL_CONV_MULTIPLIES_PADDING:
-      raise ValueError(f"Unknown temporal conv implementation {temporal_conv_implementation!r}; "
-                       f"accepted: {tuple(_TEMPORAL_CONV_MULTIPLIES_PADDING)}.")
+      raise ValueError(
+          f"Unknown temporal conv implementation {temporal_conv_implementation!r}; "
+          f"accepted: {tuple(_TEMPORAL_CONV_MULTIPLIES_PADDING)}."
+      )
     self.flops = Flops()
     self.backward = Flops()
     self.trainable = trainable
     self.flowing = False
     self.exclude_padding = exclude_padding
     self.temporal_padding_multiplied = _TEMPORAL_CONV_MULTIPLIES_PADDING[
-        temporal_conv_implementation]
+        temporal_conv_implementation
+    ]
 
   def trains(self, part: str) -> bool:
     return bool(self.trainable and self.trainable(part))
 
-  def _add(self, kind: str, part: str, flops: float, grad_in: Optional[bool],
-           train: Optional[bool]) -> bool:
+  def _add(
+      self, kind: str, part: str, flops: float, grad_in: Optional[bool], train: Optional[bool]
+  ) -> bool:
     """One product of weights (or constants) and an activation: forward, then dx and dW.
 
     Returns whether its output carries a gradient. An op on the running activation (`grad_in`
@@ -152,9 +163,21 @@ class _Counter:
     if self.trains(part):
       self.flowing = True
 
-  def conv(self, part: str, n: int, h: int, w: int, cin: int, cout: int, kernel: int = 3,
-           stride: int = 1, pad: Optional[int] = None, kind: str = "conv",
-           grad_in: Optional[bool] = None, train: Optional[bool] = None) -> tuple[int, int]:
+  def conv(
+      self,
+      part: str,
+      n: int,
+      h: int,
+      w: int,
+      cin: int,
+      cout: int,
+      kernel: int = 3,
+      stride: int = 1,
+      pad: Optional[int] = None,
+      kind: str = "conv",
+      grad_in: Optional[bool] = None,
+      train: Optional[bool] = None,
+  ) -> tuple[int, int]:
     """A square 2-D conv on n images of h×w (torch padding, default kernel // 2) → (h', w')."""
     pad = kernel // 2 if pad is None else pad
     ho, wo = (h + 2 * pad - kernel) // stride + 1, (w + 2 * pad - kernel) // stride + 1
@@ -165,19 +188,46 @@ class _Counter:
     self._add(kind, part, 2.0 * n * taps * cin * cout, grad_in, train)
     return ho, wo
 
-  def temporal_conv(self, part: str, batch: int, frames: int, pixels: int, cin: int, cout: int,
-                    kernel: int = 3, grad_in: Optional[bool] = None):
+  def temporal_conv(
+      self,
+      part: str,
+      batch: int,
+      frames: int,
+      pixels: int,
+      cin: int,
+      cout: int,
+      kernel: int = 3,
+      grad_in: Optional[bool] = None,
+  ):
     """A (k,1,1) conv over frames with zero padding k//2, on (B, F, pixels, C)."""
-    taps = (_valid_taps(frames, kernel, 1, kernel // 2)
-            if self.exclude_padding and not self.temporal_padding_multiplied else frames * kernel)
+    taps = (
+        _valid_taps(frames, kernel, 1, kernel // 2)
+        if self.exclude_padding and not self.temporal_padding_multiplied
+        else frames * kernel
+    )
     self._add("conv", part, 2.0 * batch * pixels * taps * cin * cout, grad_in, None)
 
-  def dense(self, part: str, tokens: int, din: int, dout: int, grad_in: Optional[bool] = None,
-            train: Optional[bool] = None) -> bool:
+  def dense(
+      self,
+      part: str,
+      tokens: int,
+      din: int,
+      dout: int,
+      grad_in: Optional[bool] = None,
+      train: Optional[bool] = None,
+  ) -> bool:
     return self._add("linear", part, 2.0 * tokens * din * dout, grad_in, train)
 
-  def attention(self, part: str, batch: int, tq: int, tk: int, width: int,
-                q_grad: Optional[bool] = None, kv_grad: Optional[bool] = None):
+  def attention(
+      self,
+      part: str,
+      batch: int,
+      tq: int,
+      tk: int,
+      width: int,
+      q_grad: Optional[bool] = None,
+      kv_grad: Optional[bool] = None,
+  ):
     """QKᵀ and AV for all heads: width = heads × head_dim. `q_grad` / `kv_grad`: whether the
     queries / keys and values carry a gradient (None: the running activation's `flowing`)."""
     flops = 4.0 * batch * tq * tk * width
@@ -191,9 +241,19 @@ class _Counter:
       self.backward.add("attention", part, products * flops / 2)
     self.flowing = bool(q or kv)  # the attention output continues the main path
 
-  def attention_layer(self, part: str, rows: int, tq: int, width: int, kv_rows: int, tk: int,
-                      kv_width: int, out_width: Optional[int] = None, query_width=None,
-                      cross: bool = False):
+  def attention_layer(
+      self,
+      part: str,
+      rows: int,
+      tq: int,
+      width: int,
+      kv_rows: int,
+      tk: int,
+      kv_width: int,
+      out_width: Optional[int] = None,
+      query_width=None,
+      cross: bool = False,
+  ):
     """q/k/v/out projections + attention. `rows` query groups of tq tokens; `kv_rows` groups of
     tk context tokens (kv_rows divides rows: groups share their context, as vldm batches it).
     `cross`: keys and values come from the context (no gradient flows into it)."""
@@ -212,8 +272,17 @@ class _Counter:
 # ---------------------------------------------------------------------------------------- UNet
 
 
-def _resnet(c: _Counter, part: str, n: int, h: int, w: int, cin: int, cout: int,
-            temb_dim: Optional[int], temb_grad: bool = False):
+def _resnet(
+    c: _Counter,
+    part: str,
+    n: int,
+    h: int,
+    w: int,
+    cin: int,
+    cout: int,
+    temb_dim: Optional[int],
+    temb_grad: bool = False,
+):
   """ResnetBlock2D on n images: conv1, (time_emb_proj), conv2, (1×1 shortcut).
   `temb_grad`: whether the time embedding carries a gradient (training counts)."""
   x_grad = c.flowing
@@ -227,8 +296,16 @@ def _resnet(c: _Counter, part: str, n: int, h: int, w: int, cin: int, cout: int,
     c.conv(part, n, h, w, cin, cout, kernel=1, grad_in=x_grad)
 
 
-def _temporal_resnet(c: _Counter, part: str, batch: int, frames: int, pixels: int, channels: int,
-                     temb_dim: Optional[int], temb_grad: bool = False):
+def _temporal_resnet(
+    c: _Counter,
+    part: str,
+    batch: int,
+    frames: int,
+    pixels: int,
+    channels: int,
+    temb_dim: Optional[int],
+    temb_grad: bool = False,
+):
   """TemporalResnetBlock (channels unchanged): two (3,1,1) convs and the time projection."""
   c.norm(part)
   c.temporal_conv(part, batch, frames, pixels, channels, channels)
@@ -238,8 +315,18 @@ def _temporal_resnet(c: _Counter, part: str, batch: int, frames: int, pixels: in
   c.temporal_conv(part, batch, frames, pixels, channels, channels)
 
 
-def _unet_resnet(c: _Counter, unet, batch: int, frames: int, h: int, w: int, cin: int, cout: int,
-                 temb_dim: int, temb_grad: bool = False):
+def _unet_resnet(
+    c: _Counter,
+    unet,
+    batch: int,
+    frames: int,
+    h: int,
+    w: int,
+    cin: int,
+    cout: int,
+    temb_dim: int,
+    temb_grad: bool = False,
+):
   _resnet(c, "spatial_res", batch * frames, h, w, cin, cout, temb_dim, temb_grad)
   if unet.temporal:
     before = c.flowing  # the spatial path, blended with the temporal one by α
@@ -247,15 +334,29 @@ def _unet_resnet(c: _Counter, unet, batch: int, frames: int, h: int, w: int, cin
     c.flowing = c.flowing or before or c.trains("temporal_res")
 
 
-def _unet_transformer(c: _Counter, unet, batch: int, frames: int, h: int, w: int, channels: int,
-                      heads: int, num_layers: int, only_cross: bool, context_length: int,
-                      context_dim: int, per_frame_context: bool):
+def _unet_transformer(
+    c: _Counter,
+    unet,
+    batch: int,
+    frames: int,
+    h: int,
+    w: int,
+    channels: int,
+    heads: int,
+    num_layers: int,
+    only_cross: bool,
+    context_length: int,
+    context_dim: int,
+    per_frame_context: bool,
+):
   n, tokens = batch * frames, h * w
   width = heads * (channels // heads)
   ctx_rows = n if per_frame_context else batch
-  project = (lambda part, cin, cout: c.dense(part, n * tokens, cin, cout)) \
-      if unet.use_linear_projection else \
-      (lambda part, cin, cout: c.conv(part, n, h, w, cin, cout, kernel=1, kind="linear"))
+  project = (
+      (lambda part, cin, cout: c.dense(part, n * tokens, cin, cout))
+      if unet.use_linear_projection
+      else (lambda part, cin, cout: c.conv(part, n, h, w, cin, cout, kernel=1, kind="linear"))
+  )
   c.norm("spatial_attention")
   project("spatial_attention", channels, width)
   positions_grad = False  # whether the frame positions added before each temporal block do
@@ -264,24 +365,34 @@ def _unet_transformer(c: _Counter, unet, batch: int, frames: int, h: int, w: int
     positions_grad = c.dense("temporal_attention", frames, 4 * width, width, grad_in=hidden)
   if unet.text_motion_embedding:  # text contracted per clip, then frame, then the H·W positions
     fdim, sdim = transformer.MOTION_FRAME_DIM, transformer.MOTION_SPACE_DIM
-    per_clip = c.dense("temporal_attention", batch, context_dim, fdim * (sdim + 1) * channels,
-                       grad_in=False)
+    per_clip = c.dense(
+        "temporal_attention", batch, context_dim, fdim * (sdim + 1) * channels, grad_in=False
+    )
     # The frame and position sinusoids are constants: only the per-clip tensor's gradient.
-    c.dense("temporal_attention", batch * frames, fdim * (sdim + 1), channels,
-            grad_in=per_clip, train=False)
-    c.dense("temporal_attention", batch * frames * tokens, sdim, channels, grad_in=per_clip,
-            train=False)
+    c.dense(
+        "temporal_attention",
+        batch * frames,
+        fdim * (sdim + 1),
+        channels,
+        grad_in=per_clip,
+        train=False,
+    )
+    c.dense(
+        "temporal_attention", batch * frames * tokens, sdim, channels, grad_in=per_clip, train=False
+    )
     positions_grad = positions_grad or per_clip
   for _ in range(num_layers):
     c.norm("spatial_attention")
     if only_cross:
-      c.attention_layer("spatial_attention", n, tokens, width, ctx_rows, context_length,
-                        context_dim, cross=True)
+      c.attention_layer(
+          "spatial_attention", n, tokens, width, ctx_rows, context_length, context_dim, cross=True
+      )
     else:
       c.attention_layer("spatial_attention", n, tokens, width, n, tokens, width)
     c.norm("spatial_attention")
-    c.attention_layer("spatial_attention", n, tokens, width, ctx_rows, context_length, context_dim,
-                      cross=True)
+    c.attention_layer(
+        "spatial_attention", n, tokens, width, ctx_rows, context_length, context_dim, cross=True
+    )
     c.norm("spatial_feed_forward")
     c.geglu("spatial_feed_forward", n * tokens, width)
     if unet.temporal:  # per pixel over frames; cross-attends to the first frame's context (B rows)
@@ -293,17 +404,26 @@ def _unet_transformer(c: _Counter, unet, batch: int, frames: int, h: int, w: int
       c.norm("temporal_attention")
       c.attention_layer("temporal_attention", rows, frames, width, rows, frames, width)
       c.norm("temporal_attention")
-      c.attention_layer("temporal_attention", rows, frames, width, batch, context_length,
-                        context_dim, cross=True)
+      c.attention_layer(
+          "temporal_attention", rows, frames, width, batch, context_length, context_dim, cross=True
+      )
       c.norm("temporal_feed_forward")
       c.geglu("temporal_feed_forward", rows * frames, width)
       c.flowing = c.flowing or before or c.trains("temporal_attention")  # α is a temporal weight
   project("spatial_attention", width, channels)
 
 
-def unet_flops(unet, height: int, width: int, *, batch: int = 1, frames: int = 1,
-               context_length: int = 77, per_frame_context: bool = False,
-               exclude_padding: bool = False) -> Flops:
+def unet_flops(
+    unet,
+    height: int,
+    width: int,
+    *,
+    batch: int = 1,
+    frames: int = 1,
+    context_length: int = 77,
+    per_frame_context: bool = False,
+    exclude_padding: bool = False,
+) -> Flops:
   """Forward FLOPs of a `vldm.models.unet.UNet` on latents (batch, [frames,] height, width).
 
   `context_length` is the number of encoder_hidden_states tokens (77 for CLIP text, 1 for SVD's
@@ -327,9 +447,18 @@ TRAINABLE = {
 }
 
 
-def unet_training_flops(unet, height: int, width: int, *, batch: int = 1, frames: int = 1,
-                        context_length: int = 77, per_frame_context: bool = False,
-                        exclude_padding: bool = False, trainable="temporal") -> Flops:
+def unet_training_flops(
+    unet,
+    height: int,
+    width: int,
+    *,
+    batch: int = 1,
+    frames: int = 1,
+    context_length: int = 77,
+    per_frame_context: bool = False,
+    exclude_padding: bool = False,
+    trainable="temporal",
+) -> Flops:
   """Model FLOPs of a training step (forward + backward, no recomputation) of a UNet whose
   `trainable` weights alone get gradients: 'temporal' (Video LDM's video stage: spatial layers
   frozen), 'all', or a predicate on part names. The module docstring gives the formula; the loss
@@ -342,8 +471,16 @@ def unet_training_flops(unet, height: int, width: int, *, batch: int = 1, frames
   return c.flops + c.backward
 
 
-def _count_unet(c: _Counter, unet, height: int, width: int, batch: int, frames: int,
-                context_length: int, per_frame_context: bool) -> None:
+def _count_unet(
+    c: _Counter,
+    unet,
+    height: int,
+    width: int,
+    batch: int,
+    frames: int,
+    context_length: int,
+    per_frame_context: bool,
+) -> None:
   unet.check_config()
   factor = 2 ** (unet.num_levels - 1)
   if height % factor or width % factor:
@@ -361,15 +498,35 @@ def _count_unet(c: _Counter, unet, height: int, width: int, batch: int, frames: 
   temb_grad = c.dense("embedding", batch, temb_dim, temb_dim, grad_in=hidden)
   if unet.num_time_ids:
     train = c.trains("add_embedding")
-    hidden = c.dense("embedding", batch, unet.projection_class_embeddings_input_dim, temb_dim,
-                     grad_in=False, train=train)
-    temb_grad = c.dense("embedding", batch, temb_dim, temb_dim, grad_in=hidden,
-                        train=train) or temb_grad
-  resnet = lambda h, w, cin, cout: _unet_resnet(c, unet, batch, frames, h, w, cin, cout,
-                                                temb_dim, temb_grad)
+    hidden = c.dense(
+        "embedding",
+        batch,
+        unet.projection_class_embeddings_input_dim,
+        temb_dim,
+        grad_in=False,
+        train=train,
+    )
+    temb_grad = (
+        c.dense("embedding", batch, temb_dim, temb_dim, grad_in=hidden, train=train) or temb_grad
+    )
+  resnet = lambda h, w, cin, cout: _unet_resnet(
+      c, unet, batch, frames, h, w, cin, cout, temb_dim, temb_grad
+  )
   transformer = lambda h, w, ch, level, layers, cross: _unet_transformer(
-      c, unet, batch, frames, h, w, ch, heads[level], layers, cross, context_length,
-      unet.context_dim, per_frame_context)
+      c,
+      unet,
+      batch,
+      frames,
+      h,
+      w,
+      ch,
+      heads[level],
+      layers,
+      cross,
+      context_length,
+      unet.context_dim,
+      per_frame_context,
+  )
 
   h, w = height, width
   c.flowing = False  # the noisy latents: data
@@ -433,8 +590,9 @@ def _encoder(c: _Counter, vae, n: int, h: int, w: int, mid_attention: bool) -> t
   return h, w
 
 
-def _decoder_resnet(c, temporal: bool, batch: int, frames: int, h: int, w: int, cin: int,
-                    cout: int):
+def _decoder_resnet(
+    c, temporal: bool, batch: int, frames: int, h: int, w: int, cin: int, cout: int
+):
   _resnet(c, "decoder", batch * frames, h, w, cin, cout, None)
   if temporal:
     _temporal_resnet(c, "decoder_temporal", batch, frames, h * w, cout, None)
@@ -467,8 +625,16 @@ def _decoder(c: _Counter, vae, batch: int, frames: int, h: int, w: int, temporal
     c.temporal_conv("decoder_temporal", batch, frames, h * w, vae.out_channels, vae.out_channels)
 
 
-def autoencoder_flops(vae, height: int, width: int, *, batch: int = 1, frames: int = 1,
-                      part: str = "decode", exclude_padding: bool = False) -> Flops:
+def autoencoder_flops(
+    vae,
+    height: int,
+    width: int,
+    *,
+    batch: int = 1,
+    frames: int = 1,
+    part: str = "decode",
+    exclude_padding: bool = False,
+) -> Flops:
   """Forward FLOPs of an `AutoencoderKL` / `AutoencoderKLTemporalDecoder` at image size
   height × width (pixels). `part`: 'encode', 'decode' or 'both'. `frames` multiplies the encoder's
   images and is the clip length of the temporal decoder (frames are decoded jointly)."""
@@ -522,10 +688,20 @@ def clip_vision_flops(clip, *, batch: int = 1) -> Flops:
   """Forward FLOPs of a CLIPVisionModelWithProjection (SVD's image encoder)."""
   c = _Counter()
   grid = clip.image_size // clip.patch_size
-  c.conv("patch_embedding", batch, clip.image_size, clip.image_size, clip.num_channels,
-         clip.hidden_size, kernel=clip.patch_size, stride=clip.patch_size, pad=0)
-  _clip_layers(c, batch, grid * grid + 1, clip.hidden_size, clip.intermediate_size,
-               clip.num_hidden_layers)
+  c.conv(
+      "patch_embedding",
+      batch,
+      clip.image_size,
+      clip.image_size,
+      clip.num_channels,
+      clip.hidden_size,
+      kernel=clip.patch_size,
+      stride=clip.patch_size,
+      pad=0,
+  )
+  _clip_layers(
+      c, batch, grid * grid + 1, clip.hidden_size, clip.intermediate_size, clip.num_hidden_layers
+  )
   c.dense("projection", batch, clip.hidden_size, clip.projection_dim)
   return c.flops
 
@@ -539,8 +715,9 @@ def _dot_flops(eqn) -> tuple[str, float]:
   contract = math.prod(lhs[d] for d in lc)
   batch = math.prod(lhs[d] for d in lb)
   free_l = math.prod(s for d, s in enumerate(lhs) if d not in lc and d not in lb)
-  free_r = math.prod(s for d, s in enumerate(rhs) if d not in rc and d not in eqn.params[
-      "dimension_numbers"][1][1])
+  free_r = math.prod(
+      s for d, s in enumerate(rhs) if d not in rc and d not in eqn.params["dimension_numbers"][1][1]
+  )
   # Batched products of two activations are attention (QKᵀ, AV); the rest are layers' weights.
   return ("attention" if lb else "linear"), 2.0 * batch * contract * free_l * free_r
 
@@ -559,8 +736,9 @@ def _conv_flops(eqn, exclude_padding: bool) -> float:
     if any(d != 1 for d in eqn.params["lhs_dilation"] + eqn.params["rhs_dilation"]):
       raise ValueError("exclude_padding is implemented for undilated convolutions only.")
     taps = math.prod(
-        _valid_taps(lhs[d], k, s, lo) for d, k, s, (lo, _) in
-        zip(dn.lhs_spec[2:], kernel, strides, padding))
+        _valid_taps(lhs[d], k, s, lo)
+        for d, k, s, (lo, _) in zip(dn.lhs_spec[2:], kernel, strides, padding)
+    )
   else:
     taps = math.prod(spatial_out) * math.prod(kernel)
   return 2.0 * batch * taps * in_features * out_features

@@ -12,9 +12,10 @@ embeddings` on each batch and writes numpy shards plus an index:
 
 Encoders return an array (stored as 'latents' / 'text_embedding') or a dict of arrays (stored
 under their keys). `LatentCache(DIR)` is a random-access source of {fields..., 'caption', 'fps',
-'motion', 'held_out'} (the last two when the source has them) with `null_text`, so later stages
-read it through the same Pipeline as pixels.
+'motion', 'held_out', 'clip_start'} (the last three when the source has them) with
+`null_text`, so later stages read it through the same Pipeline as pixels.
 """
+
 import glob
 import json
 import os
@@ -62,30 +63,69 @@ class _ShardWriter:
     self.shards.append({"name": name, "count": count})
 
 
-def build_latent_cache(source, directory, encode_video, encode_text, *, batch_size=32,
-                       kind="video", frames=8, frame_stride=1, resolution=None, seed=0,
-                       shard_size=4096, process_index=None, process_count=None):
+def build_latent_cache(
+    source,
+    directory,
+    encode_video,
+    encode_text,
+    *,
+    batch_size=32,
+    kind="video",
+    frames=8,
+    frame_stride=1,
+    resolution=None,
+    seed=0,
+    shard_size=4096,
+    process_index=None,
+    process_count=None,
+    clip_start_prob=0.0,
+):
   """Encodes every example of `source` once; returns the number of rows this process wrote.
 
   Each process encodes its rows of every batch (pass process_index/count in a multi-host job);
   pixels reach `encode_video` as the pipeline yields them (float32 in [-1, 1], [B, F, H, W, 3]
-  or [B, H, W, 3]). Clip sampling is seeded by `seed`, so the cached clips are reproducible.
+  or [B, H, W, 3]). Clip sampling is seeded by `seed`, so the cached clips are reproducible;
+  with `clip_start_prob` (see Pipeline) each row also stores whether its clip starts its video.
   """
   stream = pipeline_lib.Pipeline(
-      source, global_batch_size=batch_size, kind=kind, frames=frames, frame_stride=frame_stride,
-      resolution=resolution, caption_dropout=0.0, seed=seed, shuffle=False, num_epochs=1,
-      drop_remainder=False, process_index=process_index, process_count=process_count)
+      source,
+      global_batch_size=batch_size,
+      kind=kind,
+      frames=frames,
+      frame_stride=frame_stride,
+      resolution=resolution,
+      caption_dropout=0.0,
+      seed=seed,
+      shuffle=False,
+      num_epochs=1,
+      drop_remainder=False,
+      process_index=process_index,
+      process_count=process_count,
+      clip_start_prob=clip_start_prob,
+  )
   os.makedirs(directory, exist_ok=True)
   index_path = os.path.join(directory, f"index.p{stream.process_index}.json")
   if os.path.exists(index_path):
     os.remove(index_path)  # a partial rebuild must not look complete
   if stream.process_index == 0:
     with open(os.path.join(directory, _META), "w") as f:
-      json.dump(dict(kind=kind, frames=frames, frame_stride=frame_stride, resolution=resolution,
-                     seed=seed, num_source_examples=len(source),
-                     process_count=stream.process_count), f, indent=1)
-    np.savez(os.path.join(directory, _NULL_TEXT),
-             **{k: v[0] for k, v in _as_fields(encode_text([""]), "text_embedding").items()})
+      json.dump(
+          dict(
+              kind=kind,
+              frames=frames,
+              frame_stride=frame_stride,
+              resolution=resolution,
+              seed=seed,
+              num_source_examples=len(source),
+              process_count=stream.process_count,
+          ),
+          f,
+          indent=1,
+      )
+    np.savez(
+        os.path.join(directory, _NULL_TEXT),
+        **{k: v[0] for k, v in _as_fields(encode_text([""]), "text_embedding").items()},
+    )
   writer = _ShardWriter(directory, stream.process_index, shard_size)
   rows = 0
   for batch in stream:
@@ -94,12 +134,15 @@ def build_latent_cache(source, directory, encode_video, encode_text, *, batch_si
     fields["fps"] = batch["fps"]
     if "motion" in batch:
       fields["motion"] = batch["motion"]
-    if "held_out" in batch:
-      fields["held_out"] = batch["held_out"]
+    for key in ("held_out", "clip_start"):
+      if key in batch:
+        fields[key] = batch[key]
     for key, value in fields.items():
       if len(value) != len(batch["caption"]):
-        raise ValueError(f"Encoder output {key!r} has {len(value)} rows for a batch of "
-                         f"{len(batch['caption'])}; encoders must map rows one to one.")
+        raise ValueError(
+            f"Encoder output {key!r} has {len(value)} rows for a batch of "
+            f"{len(batch['caption'])}; encoders must map rows one to one."
+        )
     writer.add(fields, batch["caption"])
     rows += len(batch["caption"])
   writer.flush()
@@ -115,8 +158,10 @@ class LatentCache:
   def __init__(self, directory):
     meta_path = os.path.join(directory, _META)
     if not os.path.exists(meta_path):
-      raise FileNotFoundError(f"{directory} is not a latent cache (no {_META}); build it with "
-                              "vldm.data.cache.build_latent_cache.")
+      raise FileNotFoundError(
+          f"{directory} is not a latent cache (no {_META}); build it with "
+          "vldm.data.cache.build_latent_cache."
+      )
     with open(meta_path) as f:
       self.meta = json.load(f)
     self.directory = directory
@@ -124,14 +169,18 @@ class LatentCache:
     for p in range(self.meta["process_count"]):
       path = os.path.join(directory, f"index.p{p}.json")
       if not os.path.exists(path):
-        raise FileNotFoundError(f"Latent cache {directory} is incomplete: process {p} of "
-                                f"{self.meta['process_count']} has not finished ({path} missing).")
+        raise FileNotFoundError(
+            f"Latent cache {directory} is incomplete: process {p} of "
+            f"{self.meta['process_count']} has not finished ({path} missing)."
+        )
       with open(path) as f:
         self.shards.extend(json.load(f)["shards"])
     self.starts = np.cumsum([0] + [s["count"] for s in self.shards])
     first = self.shards[0]["name"] if self.shards else None
-    self.fields = sorted(os.path.basename(p)[len(first) + 1:-len(".npy")]
-                         for p in glob.glob(os.path.join(directory, f"{first}.*.npy")))
+    self.fields = sorted(
+        os.path.basename(p)[len(first) + 1 : -len(".npy")]
+        for p in glob.glob(os.path.join(directory, f"{first}.*.npy"))
+    )
     with np.load(os.path.join(directory, _NULL_TEXT)) as null:
       self.null_text = {k: null[k] for k in null.files}
     self._open = {}
@@ -142,8 +191,10 @@ class LatentCache:
   def _shard(self, s):
     if s not in self._open:
       name = self.shards[s]["name"]
-      arrays = {k: np.load(os.path.join(self.directory, f"{name}.{k}.npy"), mmap_mode="r")
-                for k in self.fields}
+      arrays = {
+          k: np.load(os.path.join(self.directory, f"{name}.{k}.npy"), mmap_mode="r")
+          for k in self.fields
+      }
       with open(os.path.join(self.directory, f"{name}.captions.json")) as f:
         arrays["caption"] = json.load(f)
       self._open[s] = arrays

@@ -11,6 +11,9 @@ Keys (all overridable from the command line, `--config.data.resolution=64`):
                   stride is drawn per clip from [frame_stride, max_frame_stride] (fps follows)
   random_crop     crop at a random position instead of the centre
   caption_dropout probability of an empty caption (classifier-free guidance)
+  clip_start_prob > 0: a clip starts its stored video with this probability (else anywhere) and
+                  batches carry 'clip_start' (a prediction stage trains its unconditional
+                  branch, a long video's first chunk, on those clips only)
   batch_size      global batch size; seed, shuffle: the stream's order
   num_workers, prefetch: threads and batches built ahead
   train_split, eval_split: split names (moving_mnist only has 'test')
@@ -18,8 +21,8 @@ Keys (all overridable from the command line, `--config.data.resolution=64`):
                   default resolution), tempos (frame-rate multiples, default (1.0,): tempo k
                   films the motion at k x the frame rate, speeds / k and fps 8k; several: each
                   clip takes one, e.g. (4.0, 16.0) for interpolation training), path_frames (> 0:
-                  each clip is the start of a motion that fits that many frames, as the first
-                  chunk of a long video is)
+                  the stored clips are whole motions of that many frames, and training clips are
+                  windows of them: long videos for a prediction stage)
   video_folder:   folder, captions (CSV/JSONL, relative to folder; default captions.csv, else
                   captions.jsonl), min_frames (default: one clip span), max_frames (frames per
                   stored clip; longer videos give several), source_resolution,
@@ -29,14 +32,21 @@ Keys (all overridable from the command line, `--config.data.resolution=64`):
   latent_cache:   cache_dir (holds one cache per split: cache_dir/<split>)
   standard:       caption_template (default per dataset, e.g. "a video of {label}")
 """
+
 import ml_collections
 from ml_collections import config_dict
 
 from vldm.data import shapes
 from vldm.data import shapes_tfds
 
-NAMES = ("shapes", "video_folder", "latent_cache", "ucf101", "moving_mnist",
-         "bair_robot_pushing_small")
+NAMES = (
+    "shapes",
+    "video_folder",
+    "latent_cache",
+    "ucf101",
+    "moving_mnist",
+    "bair_robot_pushing_small",
+)
 
 
 def data_config(name="shapes", kind="video", resolution=32, frames=8, **overrides):
@@ -51,6 +61,7 @@ def data_config(name="shapes", kind="video", resolution=32, frames=8, **override
   c.max_frame_stride = 0
   c.random_crop = False
   c.caption_dropout = 0.1
+  c.clip_start_prob = 0.0
   c.batch_size = 32
   c.seed = 0
   c.shuffle = True
@@ -90,9 +101,13 @@ def validate(c):
     raise ValueError("data.resolution, frames, frame_stride and batch_size must be >= 1.")
   if not 0 <= c.caption_dropout <= 1:
     raise ValueError(f"data.caption_dropout must be in [0, 1], got {c.caption_dropout}.")
+  if not 0 <= c.get("clip_start_prob", 0.0) <= 1:
+    raise ValueError(f"data.clip_start_prob must be in [0, 1], got {c.clip_start_prob}.")
   if c.max_frame_stride and c.max_frame_stride < c.frame_stride:
-    raise ValueError(f"data.max_frame_stride ({c.max_frame_stride}) < frame_stride "
-                     f"({c.frame_stride}); use 0 for a fixed stride.")
+    raise ValueError(
+        f"data.max_frame_stride ({c.max_frame_stride}) < frame_stride "
+        f"({c.frame_stride}); use 0 for a fixed stride."
+    )
   _validate_tempos(c, base)
   if base == "video_folder" and not c.folder:
     raise ValueError("data.name='video_folder' needs data.folder (and data.captions).")
@@ -106,16 +121,20 @@ def _validate_tempos(c, base):
   try:
     tempos = shapes.check_tempos(tempos)
   except ValueError as e:
-    raise ValueError(f"data.tempos must be a non-empty tuple of numbers > 0, e.g. (1.0,), (2.5,) "
-                     f"or (4.0, 16.0); got {tempos!r}.") from e
+    raise ValueError(
+        f"data.tempos must be a non-empty tuple of numbers > 0, e.g. (1.0,), (2.5,) "
+        f"or (4.0, 16.0); got {tempos!r}."
+    ) from e
   # A latent cache keeps the config of the shapes data it was built from.
-  if tempos != shapes.DEFAULT_TEMPOS and (base not in ("shapes", "latent_cache")
-                                          or c.kind != "video"):
-    raise ValueError(f"data.tempos={tempos} only applies to name='shapes' with kind='video' (got "
-                     f"name={c.name!r}, kind={c.kind!r}); use (1.0,).")
+  if tempos != shapes.DEFAULT_TEMPOS and (
+      base not in ("shapes", "latent_cache") or c.kind != "video"
+  ):
+    raise ValueError(
+        f"data.tempos={tempos} only applies to name='shapes' with kind='video' (got "
+        f"name={c.name!r}, kind={c.kind!r}); use (1.0,)."
+    )
 
 
 def frame_strides(c):
   """The strides a clip may use."""
   return tuple(range(c.frame_stride, max(c.frame_stride, c.max_frame_stride) + 1))
-

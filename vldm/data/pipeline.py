@@ -16,10 +16,12 @@ Batches are dicts: 'video' float32 [B, F, H, W, 3] in [-1, 1] (or 'image' [B, H,
 cached fields), 'fps' float32 [B] (source fps / frame stride, for micro-conditioning), 'index' int32
 [B] (source indices), 'motion' float32 [B] (the clip's motion score, frame short sides per second,
 see vldm.data.motion; from the source, which scored the stored clip: a unit independent of the
-frame stride) and 'held_out' bool [B] when the source has them -- global jax.Arrays when a
+frame stride) and 'held_out' bool [B] when the source has them, 'clip_start' bool [B] with
+clip_start_prob > 0 -- global jax.Arrays when a
 sharding is given, else numpy -- and 'caption', the list of this process's captions (host strings,
 for the caller to tokenize; '' where dropped for classifier-free guidance).
 """
+
 import collections
 import concurrent.futures
 import math
@@ -44,17 +46,23 @@ def clip_span(frames, stride):
   return (frames - 1) * stride + 1
 
 
-def sample_clip(video, frames, strides, rng):
-  """A random clip [frames, ...] of `video` at a random fitting stride; returns (clip, stride)."""
+def sample_clip(video, frames, strides, rng, start_prob=0.0):
+  """A random clip [frames, ...] of `video` at a random fitting stride; returns (clip, stride,
+  start). With probability `start_prob` the clip starts the video (start 0), else anywhere."""
   length = len(video)
   fitting = [s for s in strides if clip_span(frames, s) <= length]
   if not fitting:
-    raise ValueError(f"A video of {length} frames is too short for a clip of {frames} frames at "
-                     f"stride {min(strides)} (needs {clip_span(frames, min(strides))} frames); "
-                     "filter short videos when building the dataset (min_frames).")
+    raise ValueError(
+        f"A video of {length} frames is too short for a clip of {frames} frames at "
+        f"stride {min(strides)} (needs {clip_span(frames, min(strides))} frames); "
+        "filter short videos when building the dataset (min_frames)."
+    )
   stride = fitting[rng.integers(len(fitting))] if len(fitting) > 1 else fitting[0]
-  start = int(rng.integers(length - clip_span(frames, stride) + 1))
-  return video[start:start + clip_span(frames, stride):stride], stride
+  if start_prob and rng.random() < start_prob:
+    start = 0
+  else:
+    start = int(rng.integers(length - clip_span(frames, stride) + 1))
+  return video[start : start + clip_span(frames, stride) : stride], stride, start
 
 
 class Pipeline:
@@ -77,12 +85,35 @@ class Pipeline:
     sharding: a jax.sharding.Sharding for the batch dim (e.g. NamedSharding(mesh, P('data'))); or
       mesh + partition_spec (default: batch split over every mesh axis). None: numpy batches.
     num_workers: threads building batches ahead; prefetch: batches built ahead (>= 1).
+    clip_start_prob: > 0: a video clip starts its source video with this probability (else
+      anywhere), and batches carry 'clip_start' bool [B] (the clip is the video's first frames:
+      what a long video's first chunk is trained on, see recipes.ldm).
   """
 
-  def __init__(self, source, *, global_batch_size, kind="video", frames=8, frame_stride=1,
-               resolution=None, random_crop=False, caption_dropout=0.0, seed=0, shuffle=True,
-               num_epochs=None, drop_remainder=True, process_index=None, process_count=None,
-               sharding=None, mesh=None, partition_spec=None, num_workers=4, prefetch=4):
+  def __init__(
+      self,
+      source,
+      *,
+      global_batch_size,
+      kind="video",
+      frames=8,
+      frame_stride=1,
+      resolution=None,
+      random_crop=False,
+      caption_dropout=0.0,
+      seed=0,
+      shuffle=True,
+      num_epochs=None,
+      drop_remainder=True,
+      process_index=None,
+      process_count=None,
+      sharding=None,
+      mesh=None,
+      partition_spec=None,
+      num_workers=4,
+      prefetch=4,
+      clip_start_prob=0.0,
+  ):
     if kind not in PIXEL_KEYS:
       raise ValueError(f"kind must be one of {PIXEL_KEYS}, got {kind!r}.")
     self.source = source
@@ -95,21 +126,29 @@ class Pipeline:
     if not 0.0 <= caption_dropout <= 1.0:
       raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}.")
     self.random_crop, self.caption_dropout = random_crop, float(caption_dropout)
+    if not 0.0 <= clip_start_prob <= 1.0:
+      raise ValueError(f"clip_start_prob must be in [0, 1], got {clip_start_prob}.")
+    self.clip_start_prob = float(clip_start_prob)
     self.seed, self.shuffle, self.num_epochs = int(seed), bool(shuffle), num_epochs
     self.process_index = jax.process_index() if process_index is None else int(process_index)
     self.process_count = jax.process_count() if process_count is None else int(process_count)
     if not 0 <= self.process_index < self.process_count:
       raise ValueError(f"process_index {self.process_index} not in [0, {self.process_count}).")
     if global_batch_size < 1 or global_batch_size % self.process_count:
-      raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of the "
-                       f"process count {self.process_count}.")
+      raise ValueError(
+          f"global_batch_size {global_batch_size} must be a positive multiple of the "
+          f"process count {self.process_count}."
+      )
     self.global_batch_size = int(global_batch_size)
     self.local_batch_size = self.global_batch_size // self.process_count
     if mesh is not None:
       if sharding is not None:
         raise ValueError("Pass either sharding or mesh (+ partition_spec), not both.")
-      spec = partition_spec if partition_spec is not None else jax.sharding.PartitionSpec(
-          tuple(mesh.axis_names))
+      spec = (
+          partition_spec
+          if partition_spec is not None
+          else jax.sharding.PartitionSpec(tuple(mesh.axis_names))
+      )
       sharding = jax.sharding.NamedSharding(mesh, spec)
     self.sharding = sharding
     if sharding is not None:
@@ -118,16 +157,20 @@ class Pipeline:
       try:
         sharding.shard_shape((self.global_batch_size,))
       except ValueError as e:
-        raise ValueError(f"global_batch_size {self.global_batch_size} does not split over the "
-                         f"sharding {sharding}: {e}") from e
+        raise ValueError(
+            f"global_batch_size {self.global_batch_size} does not split over the "
+            f"sharding {sharding}: {e}"
+        ) from e
     self.drop_remainder = bool(drop_remainder)
     if self.drop_remainder:
       self.steps_per_epoch = self.num_examples // self.global_batch_size
     else:
       self.steps_per_epoch = math.ceil(self.num_examples / self.global_batch_size)
     if self.steps_per_epoch == 0:
-      raise ValueError(f"The source has {self.num_examples} examples, fewer than one global batch "
-                       f"of {self.global_batch_size}.")
+      raise ValueError(
+          f"The source has {self.num_examples} examples, fewer than one global batch "
+          f"of {self.global_batch_size}."
+      )
     self.null_text = getattr(source, "null_text", None) or {}
     self._epoch, self._position = 0, 0
     self._order_cache = (None, None)
@@ -139,19 +182,28 @@ class Pipeline:
 
   def get_state(self):
     """The position in the stream: a small JSON-able dict (save it with the checkpoint)."""
-    return dict(epoch=self._epoch, position=self._position, seed=self.seed,
-                num_examples=self.num_examples, global_batch_size=self.global_batch_size,
-                shuffle=self.shuffle)
+    return dict(
+        epoch=self._epoch,
+        position=self._position,
+        seed=self.seed,
+        num_examples=self.num_examples,
+        global_batch_size=self.global_batch_size,
+        shuffle=self.shuffle,
+    )
 
   def set_state(self, state):
     """Continues from a `get_state()` dict; the stream must be the same one."""
     for key in ("seed", "num_examples", "global_batch_size", "shuffle"):
       if key in state and state[key] != getattr(self, key):
-        raise ValueError(f"Iterator state is for {key}={state[key]!r}, this pipeline has "
-                         f"{getattr(self, key)!r}: it would not continue the same stream.")
+        raise ValueError(
+            f"Iterator state is for {key}={state[key]!r}, this pipeline has "
+            f"{getattr(self, key)!r}: it would not continue the same stream."
+        )
     if not 0 <= int(state["position"]) < self.steps_per_epoch:
-      raise ValueError(f"Iterator state position {state['position']} is outside the epoch's "
-                       f"{self.steps_per_epoch} steps.")
+      raise ValueError(
+          f"Iterator state position {state['position']} is outside the epoch's "
+          f"{self.steps_per_epoch} steps."
+      )
     self._drop_pending()
     self._epoch, self._position = int(state["epoch"]), int(state["position"])
 
@@ -161,18 +213,24 @@ class Pipeline:
     """All source indices in the order epoch `epoch` visits them."""
     cached_epoch, order = self._order_cache
     if cached_epoch != epoch:
-      order = (np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-               if self.shuffle else np.arange(self.num_examples))
+      order = (
+          np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+          if self.shuffle
+          else np.arange(self.num_examples)
+      )
       self._order_cache = (epoch, order)
     return order
 
   def local_indices(self, epoch, position):
     """Source indices of this process's rows of global batch `position` of `epoch`."""
     order = self.epoch_order(epoch)
-    rows = order[position * self.global_batch_size:(position + 1) * self.global_batch_size]
+    rows = order[position * self.global_batch_size : (position + 1) * self.global_batch_size]
     if len(rows) == self.global_batch_size:
-      return rows[self.process_index * self.local_batch_size:
-                  (self.process_index + 1) * self.local_batch_size]
+      return rows[
+          self.process_index
+          * self.local_batch_size : (self.process_index + 1)
+          * self.local_batch_size
+      ]
     return np.array_split(rows, self.process_count)[self.process_index]  # ragged last batch
 
   # --- examples ----------------------------------------------------------------------------------
@@ -202,12 +260,14 @@ class Pipeline:
     return out
 
   def _process_pixels(self, example, rng):
-    fps = float(example.get("fps", DEFAULT_FPS))
+    fps, start = float(example.get("fps", DEFAULT_FPS)), None
     if "video" in example:
       video = example["video"]
       video = np.stack(video) if isinstance(video, (list, tuple)) else np.asarray(video)
       if self.kind == "video":
-        pixels, stride = sample_clip(video, self.frames, self.strides, rng)
+        pixels, stride, start = sample_clip(
+            video, self.frames, self.strides, rng, self.clip_start_prob
+        )
         fps /= stride
       else:  # one random frame of the video
         pixels = video[rng.integers(len(video))][None]
@@ -217,10 +277,14 @@ class Pipeline:
       pixels = np.asarray(example["image"])[None]
     pixels = transforms.to_rgb(pixels)
     if self.resolution is not None:
-      pixels = transforms.resize_and_crop(pixels, self.resolution,
-                                          rng if self.random_crop else None)
+      pixels = transforms.resize_and_crop(
+          pixels, self.resolution, rng if self.random_crop else None
+      )
     pixels = transforms.normalize(pixels)
-    return {self.kind: pixels if self.kind == "video" else pixels[0], "fps": np.float32(fps)}
+    out = {self.kind: pixels if self.kind == "video" else pixels[0], "fps": np.float32(fps)}
+    if self.clip_start_prob and self.kind == "video":
+      out["clip_start"] = np.bool_(start == 0)
+    return out
 
   def example_rng(self, epoch, index):
     return np.random.default_rng([self.seed, epoch, int(index)])
@@ -230,8 +294,7 @@ class Pipeline:
     return self._build(epoch, self.local_indices(epoch, position))
 
   def _build(self, epoch, indices):
-    rows = [self.process_example(self.source[int(i)], self.example_rng(epoch, i))
-            for i in indices]
+    rows = [self.process_example(self.source[int(i)], self.example_rng(epoch, i)) for i in indices]
     batch = {key: np.stack([r[key] for r in rows]) for key in rows[0] if key != "caption"}
     batch["caption"] = [r["caption"] for r in rows]
     batch["index"] = np.asarray(indices, np.int32)
@@ -278,9 +341,10 @@ class Pipeline:
     """Numeric host fields -> global jax.Arrays with the batch sharding (no-op without one)."""
     if self.sharding is None:
       return batch
-    return {key: value if key == "caption" else to_global(value, self.sharding,
-                                                          self.global_batch_size)
-            for key, value in batch.items()}
+    return {
+        key: value if key == "caption" else to_global(value, self.sharding, self.global_batch_size)
+        for key, value in batch.items()
+    }
 
   def close(self):
     self._drop_pending()
@@ -290,5 +354,6 @@ class Pipeline:
 def to_global(local, sharding, global_batch_size):
   """This process's rows [b, ...] -> the global jax.Array [global_batch_size, ...]."""
   local = np.asarray(local)
-  return jax.make_array_from_process_local_data(sharding, local,
-                                                (global_batch_size,) + local.shape[1:])
+  return jax.make_array_from_process_local_data(
+      sharding, local, (global_batch_size,) + local.shape[1:]
+  )

@@ -8,6 +8,7 @@ Coordinates are fractions of the frame side: x to the right, y downwards, (0, 0)
 corner of the frame and (1, 1) the bottom-right one; pixel (row i, column j) has its centre at
 ((j + 0.5) / size, (i + 0.5) / size).
 """
+
 import itertools
 
 import numpy as np
@@ -45,7 +46,8 @@ DEFAULT_SUPERSAMPLE = 4  # 4x4 samples per pixel for anti-aliased edges
 # Every (color, shape) pair, held-out ones first so that any evaluation split of at least
 # len(HELD_OUT) examples that cycles through this list contains all of them.
 COMPOSITIONS = tuple(sorted(HELD_OUT, key=lambda cs: (list(COLORS).index(cs[0]), cs[1]))) + tuple(
-    cs for cs in itertools.product(COLORS, SHAPES) if cs not in HELD_OUT)
+    cs for cs in itertools.product(COLORS, SHAPES) if cs not in HELD_OUT
+)
 
 
 def check_tempo(tempo):
@@ -55,16 +57,20 @@ def check_tempo(tempo):
   except (TypeError, ValueError):
     value = float("nan")
   if not (np.isfinite(value) and value > 0):
-    raise ValueError(f"A shapes tempo must be a finite number > 0 (1: the original speeds at "
-                     f"{FPS:g} fps; k: speeds / k at {FPS:g}k fps), got {tempo!r}.")
+    raise ValueError(
+        f"A shapes tempo must be a finite number > 0 (1: the original speeds at "
+        f"{FPS:g} fps; k: speeds / k at {FPS:g}k fps), got {tempo!r}."
+    )
   return value
 
 
 def check_tempos(tempos):
   """A non-empty sequence of tempos as a tuple of floats (order kept: it is what draws index)."""
   if isinstance(tempos, (str, bytes)) or not hasattr(tempos, "__len__") or not tempos:
-    raise ValueError(f"Shapes tempos must be a non-empty sequence of numbers > 0, e.g. (1.0,) or "
-                     f"(4, 16); got {tempos!r}.")
+    raise ValueError(
+        f"Shapes tempos must be a non-empty sequence of numbers > 0, e.g. (1.0,) or "
+        f"(4, 16); got {tempos!r}."
+    )
   return tuple(check_tempo(t) for t in tempos)
 
 
@@ -144,8 +150,9 @@ def coverage(shape, xs, ys, r, size, supersample=DEFAULT_SUPERSAMPLE):
   return inside.mean(axis=(2, 4))
 
 
-def render_clip(color, shape, direction, x, y, r, speed, frames, size,
-                supersample=DEFAULT_SUPERSAMPLE):
+def render_clip(
+    color, shape, direction, x, y, r, speed, frames, size, supersample=DEFAULT_SUPERSAMPLE
+):
   """Renders one clip, uint8 [frames, size, size, 3].
 
   Args:
@@ -161,8 +168,9 @@ def render_clip(color, shape, direction, x, y, r, speed, frames, size,
   """
   _check_names(color, shape, direction)
   if frames < 1 or size < 1 or supersample < 1:
-    raise ValueError(f"frames, size and supersample must be >= 1, got {frames}, {size}, "
-                     f"{supersample}.")
+    raise ValueError(
+        f"frames, size and supersample must be >= 1, got {frames}, {size}, " f"{supersample}."
+    )
   xs, ys = trajectory(direction, x, y, speed, frames)
   alpha = coverage(shape, xs, ys, r, size, supersample)
   rgb = np.asarray(COLORS[color], np.float64)
@@ -182,8 +190,10 @@ def sample_motion(rng, frames, tempo=1.0):
   tempo = check_tempo(tempo)
   slowest, fastest = speed_range(tempo)
   if frames > max_frames(tempo):
-    raise ValueError(f"Shapes clips at tempo {tempo:g} can have at most {max_frames(tempo)} "
-                     f"frames (the slowest object must fit the frame), got {frames}.")
+    raise ValueError(
+        f"Shapes clips at tempo {tempo:g} can have at most {max_frames(tempo)} "
+        f"frames (the slowest object must fit the frame), got {frames}."
+    )
   travel = max(frames - 1, 0)
   r_max = min(SIZE_RANGE[1], (1.0 - slowest * travel) / 2)
   r = rng.uniform(SIZE_RANGE[0], r_max)
@@ -208,20 +218,26 @@ def sample_start(rng, direction, r, speed, frames):
   return axis(dx), axis(dy)
 
 
-def sample_clip_params(rng, composition, direction, frames, tempo=1.0, path_frames=None):
+def sample_clip_params(rng, composition, direction, frames, tempo=1.0):
   """Draws the free parameters of one clip: dict(color, shape, direction, x, y, r, speed, tempo,
-  fps), speeds at `tempo` (see DEFAULT_TEMPOS). With `path_frames` (≥ frames), size, speed and
-  start are drawn so that the motion fits the frame for that many frames: the clip is the start
-  of a longer one (what a long video's first chunk looks like)."""
+  fps), speeds at `tempo` (see DEFAULT_TEMPOS)."""
   color, shape = composition
   tempo = check_tempo(tempo)
-  span = max(frames, path_frames or 0)
-  r, speed = sample_motion(rng, span, tempo)
+  r, speed = sample_motion(rng, frames, tempo)
   if direction is None:
     speed = 0.0
-  x, y = sample_start(rng, direction, r, speed, span)
-  return dict(color=color, shape=shape, direction=direction, x=x, y=y, r=r, speed=speed,
-              tempo=tempo, fps=FPS * tempo)
+  x, y = sample_start(rng, direction, r, speed, frames)
+  return dict(
+      color=color,
+      shape=shape,
+      direction=direction,
+      x=x,
+      y=y,
+      r=r,
+      speed=speed,
+      tempo=tempo,
+      fps=FPS * tempo,
+  )
 
 
 SPLITS = ("train", "validation")
@@ -237,8 +253,7 @@ def validation_tempo(index, tempos):
   return tempos[(index + passes + passes // len(DIRECTIONS)) % len(tempos)]
 
 
-def example_params(kind, split, index, frames=DEFAULT_FRAMES, seed=0, tempos=DEFAULT_TEMPOS,
-                   path_frames=None):
+def example_params(kind, split, index, frames=DEFAULT_FRAMES, seed=0, tempos=DEFAULT_TEMPOS):
   """Parameters of example `index` of a split: a pure function of (seed, kind, split, index,
   tempos).
 
@@ -257,17 +272,15 @@ def example_params(kind, split, index, frames=DEFAULT_FRAMES, seed=0, tempos=DEF
     raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}.")
   tempos = check_tempos(tempos)
   if kind == "image" and tempos != DEFAULT_TEMPOS:
-    raise ValueError(f"Shapes images are stills: tempos apply to videos only (use (1.0,)), got "
-                     f"{tempos}.")
-  if path_frames is not None and (kind != "video" or not frames <= path_frames
-                                  <= max_frames(min(tempos))):
-    raise ValueError(f"path_frames (the long clip a shapes clip starts) must be in [frames, "
-                     f"max_frames(tempo)] = [{frames}, {max_frames(min(tempos))}] and is for videos "
-                     f"only; got {path_frames} ({kind}).")
+    raise ValueError(
+        f"Shapes images are stills: tempos apply to videos only (use (1.0,)), got " f"{tempos}."
+    )
   if kind == "video" and frames > max_frames(min(tempos)):
-    raise ValueError(f"Shapes clips at tempo {min(tempos):g} can have at most "
-                     f"{max_frames(min(tempos))} frames (the slowest object must fit the frame), "
-                     f"got {frames}.")
+    raise ValueError(
+        f"Shapes clips at tempo {min(tempos):g} can have at most "
+        f"{max_frames(min(tempos))} frames (the slowest object must fit the frame), "
+        f"got {frames}."
+    )
   rng = np.random.default_rng([seed, KINDS.index(kind), SPLITS.index(split), index])
   directions = list(DIRECTIONS)
   if split == "validation":
@@ -275,25 +288,35 @@ def example_params(kind, split, index, frames=DEFAULT_FRAMES, seed=0, tempos=DEF
     direction = directions[(index // len(COMPOSITIONS)) % len(directions)]
     tempo = validation_tempo(index, tempos)
   else:
-    pool = COMPOSITIONS if kind == "image" else COMPOSITIONS[len(HELD_OUT):]
+    pool = COMPOSITIONS if kind == "image" else COMPOSITIONS[len(HELD_OUT) :]
     composition = pool[rng.integers(len(pool))]
     direction = directions[rng.integers(len(directions))]
     tempo = tempos[rng.integers(len(tempos))] if len(tempos) > 1 else tempos[0]
   if kind == "image":
     direction, frames = None, 1
-  params = sample_clip_params(rng, composition, direction, frames, tempo, path_frames)
+  params = sample_clip_params(rng, composition, direction, frames, tempo)
   params["held_out"] = is_held_out(*composition)
-  params["caption"] = (image_caption(*composition) if kind == "image" else
-                       video_caption(*composition, direction))
+  params["caption"] = (
+      image_caption(*composition) if kind == "image" else video_caption(*composition, direction)
+  )
   return params
 
 
-def make_example(kind, split, index, frames=DEFAULT_FRAMES, size=32, seed=0,
-                 supersample=DEFAULT_SUPERSAMPLE, tempos=DEFAULT_TEMPOS, path_frames=None):
+def make_example(
+    kind,
+    split,
+    index,
+    frames=DEFAULT_FRAMES,
+    size=32,
+    seed=0,
+    supersample=DEFAULT_SUPERSAMPLE,
+    tempos=DEFAULT_TEMPOS,
+):
   """Parameters of `example_params` plus the pixels: 'image' [S,S,3] or 'video' [F,S,S,3] uint8."""
-  params = example_params(kind, split, index, frames, seed, tempos, path_frames)
+  params = example_params(kind, split, index, frames, seed, tempos)
   keys = ("color", "shape", "direction", "x", "y", "r", "speed")
-  pixels = render_clip(*(params[k] for k in keys), frames if kind == "video" else 1, size,
-                       supersample)
+  pixels = render_clip(
+      *(params[k] for k in keys), frames if kind == "video" else 1, size, supersample
+  )
   params[kind] = pixels if kind == "video" else pixels[0]
   return params

@@ -2,8 +2,7 @@
 
 Configs are named `image_{resolution}` or `video_{resolution}_{frames}`, optionally followed by
 `_tempo{k}` (several tempos joined by '-', ascending: each clip takes one, see
-`shapes.example_params`), `_path{P}` (each clip the first frames of a motion that fits P frames:
-long videos' first chunks), then `_train{N}`, `_val{M}` and `_seed{S}` when the tempos, example
+`shapes.example_params`), then `_train{N}`, `_val{M}` and `_seed{S}` when the tempos, example
 counts or seed differ from the defaults: `video_32_8`, `image_64`, `video_48_12_train64_val18`,
 `video_32_9_tempo4-16`, `video_32_32_tempo2.5`. Any such name works, predefined or not
 (`tfds.builder('vldm_shapes/video_40_10', data_dir=...)`), and `shapes_builder(...)` builds the
@@ -12,6 +11,7 @@ name from arguments. Example i of a split is a pure function of (seed, kind, spl
 Tempo configs (version 1.0.0 still: tempo-1 configs, every config that existed before, keep their
 features and data bit for bit) hold fps = FPS * tempo per example and an extra `tempo` feature.
 """
+
 import dataclasses
 import functools
 import re
@@ -25,18 +25,20 @@ DEFAULT_NUM_TRAIN = 10_000
 DEFAULT_NUM_VALIDATION = 576  # 32 examples of each of the 18 compositions (x 4 directions cycled)
 FPS = shapes.FPS  # nominal frame rate of a tempo-1 clip: what fps micro-conditioning sees
 _NUMBER = r"\d+(?:\.\d+)?"
-_NAME = re.compile(rf"^(?:(image)_(\d+)|(video)_(\d+)_(\d+))(?:_tempo({_NUMBER}(?:-{_NUMBER})*))?"
-                   r"(?:_path(\d+))?")
+_NAME = re.compile(rf"^(?:(image)_(\d+)|(video)_(\d+)_(\d+))(?:_tempo({_NUMBER}(?:-{_NUMBER})*))?")
 _SUFFIX = re.compile(r"_(train|val|seed)(\d+)")
-_NAME_FORM = ("image_<resolution> or video_<resolution>_<frames>[_tempo<k>[-<k2>...]][_path<P>], "
-              "optionally "
-              "followed by _train<N>, _val<M>, _seed<S> (e.g. 'video_32_8', 'image_64_train100', "
-              "'video_32_9_tempo4-16', 'video_32_32_tempo2.5')")
+_NAME_FORM = (
+    "image_<resolution> or video_<resolution>_<frames>[_tempo<k>[-<k2>...]], "
+    "optionally "
+    "followed by _train<N>, _val<M>, _seed<S> (e.g. 'video_32_8', 'image_64_train100', "
+    "'video_32_9_tempo4-16', 'video_32_32_tempo2.5')"
+)
 
 
 @dataclasses.dataclass
 class ShapesConfig(tfds.core.BuilderConfig):
   """kind 'image' (stills) or 'video'; resolution in pixels; frames per clip (video only)."""
+
   kind: str = "video"
   resolution: int = 32
   frames: int = shapes.DEFAULT_FRAMES
@@ -44,29 +46,39 @@ class ShapesConfig(tfds.core.BuilderConfig):
   num_validation: int = DEFAULT_NUM_VALIDATION
   seed: int = 0
   tempos: tuple = shapes.DEFAULT_TEMPOS
-  path_frames: int = 0  # > 0: clips start motions that fit this many frames
 
   @classmethod
-  def make(cls, kind="video", resolution=32, frames=shapes.DEFAULT_FRAMES,
-           num_train=DEFAULT_NUM_TRAIN, num_validation=DEFAULT_NUM_VALIDATION, seed=0,
-           tempos=shapes.DEFAULT_TEMPOS, path_frames=0):
-    return cls.from_name(config_name(kind, resolution, frames, num_train, num_validation, seed,
-                                     tempos, path_frames))
+  def make(
+      cls,
+      kind="video",
+      resolution=32,
+      frames=shapes.DEFAULT_FRAMES,
+      num_train=DEFAULT_NUM_TRAIN,
+      num_validation=DEFAULT_NUM_VALIDATION,
+      seed=0,
+      tempos=shapes.DEFAULT_TEMPOS,
+  ):
+    return cls.from_name(
+        config_name(kind, resolution, frames, num_train, num_validation, seed, tempos)
+    )
 
   @classmethod
   @functools.cache  # one object per name: TFDS compares configs by identity
   def from_name(cls, name):
     match = _NAME.match(name)
-    rest = _SUFFIX.findall(name[match.end():]) if match else None
-    if not match or "".join(f"_{k}{v}" for k, v in rest) != name[match.end():]:
+    rest = _SUFFIX.findall(name[match.end() :]) if match else None
+    if not match or "".join(f"_{k}{v}" for k, v in rest) != name[match.end() :]:
       raise ValueError(f"Bad shapes config name {name!r}; expected {_NAME_FORM}.")
     extra = {k: int(v) for k, v in rest}
     if match.group(1):
       kind, resolution, frames = "image", int(match.group(2)), 1
     else:
       kind, resolution, frames = "video", int(match.group(4)), int(match.group(5))
-    tempos = (tuple(float(t) for t in match.group(6).split("-")) if match.group(6) else
-              shapes.DEFAULT_TEMPOS)
+    tempos = (
+        tuple(float(t) for t in match.group(6).split("-"))
+        if match.group(6)
+        else shapes.DEFAULT_TEMPOS
+    )
     if resolution < 1:
       raise ValueError(f"Resolution must be >= 1, got {resolution} in {name!r}.")
     try:
@@ -74,25 +86,28 @@ class ShapesConfig(tfds.core.BuilderConfig):
     except ValueError as e:
       raise ValueError(f"Bad tempo in shapes config name {name!r}: {e}") from e
     longest = shapes.max_frames(min(tempos))
-    path_frames = int(match.group(7) or 0)
-    if path_frames and not frames <= path_frames <= longest:
-      raise ValueError(f"_path<P> must be in [frames, {longest}] at tempo {min(tempos):g}, got "
-                       f"{path_frames} in {name!r}.")
     if kind == "video" and not 1 <= frames <= longest:
-      raise ValueError(f"Frames must be in [1, {longest}] at tempo {min(tempos):g} (the longest "
-                       f"clip that fits the frame: shapes.max_frames(tempo)), got {frames} in "
-                       f"{name!r}.")
-    tempo_description = ("" if tempos == shapes.DEFAULT_TEMPOS else
-                         f", tempo {'/'.join(map(_tempo_text, tempos))}")
+      raise ValueError(
+          f"Frames must be in [1, {longest}] at tempo {min(tempos):g} (the longest "
+          f"clip that fits the frame: shapes.max_frames(tempo)), got {frames} in "
+          f"{name!r}."
+      )
+    tempo_description = (
+        "" if tempos == shapes.DEFAULT_TEMPOS else f", tempo {'/'.join(map(_tempo_text, tempos))}"
+    )
     config = cls(
-        name=name, kind=kind, resolution=resolution, frames=frames,
+        name=name,
+        kind=kind,
+        resolution=resolution,
+        frames=frames,
         num_train=extra.get("train", DEFAULT_NUM_TRAIN),
-        num_validation=extra.get("val", DEFAULT_NUM_VALIDATION), seed=extra.get("seed", 0),
-        tempos=tempos, path_frames=path_frames,
-        description=f"{kind} shapes at {resolution}x{resolution}" +
-        (f", {frames} frames" if kind == "video" else "") +
-        tempo_description + (f", first frames of {path_frames}-frame motions" if path_frames
-                             else ""))
+        num_validation=extra.get("val", DEFAULT_NUM_VALIDATION),
+        seed=extra.get("seed", 0),
+        tempos=tempos,
+        description=f"{kind} shapes at {resolution}x{resolution}"
+        + (f", {frames} frames" if kind == "video" else "")
+        + tempo_description,
+    )
     canonical = config_name(kind, resolution, frames, **_counts(config))
     if canonical != name:
       raise ValueError(f"Non-canonical shapes config name {name!r}; use {canonical!r}.")
@@ -100,8 +115,12 @@ class ShapesConfig(tfds.core.BuilderConfig):
 
 
 def _counts(config):
-  return dict(num_train=config.num_train, num_validation=config.num_validation, seed=config.seed,
-              tempos=config.tempos, path_frames=config.path_frames)
+  return dict(
+      num_train=config.num_train,
+      num_validation=config.num_validation,
+      seed=config.seed,
+      tempos=config.tempos,
+  )
 
 
 def _tempo_text(tempo):
@@ -113,14 +132,21 @@ def canonical_tempos(tempos, kind="video"):
   """Tempos as a name spells them: positive floats, ascending, each once (images: only 1)."""
   tempos = tuple(sorted(set(shapes.check_tempos(tempos))))
   if kind == "image" and tempos != shapes.DEFAULT_TEMPOS:
-    raise ValueError(f"Shapes images are stills: tempos apply to video configs only, got "
-                     f"{tempos}.")
+    raise ValueError(
+        f"Shapes images are stills: tempos apply to video configs only, got " f"{tempos}."
+    )
   return tempos
 
 
-def config_name(kind, resolution, frames=shapes.DEFAULT_FRAMES, num_train=DEFAULT_NUM_TRAIN,
-                num_validation=DEFAULT_NUM_VALIDATION, seed=0, tempos=shapes.DEFAULT_TEMPOS,
-                path_frames=0):
+def config_name(
+    kind,
+    resolution,
+    frames=shapes.DEFAULT_FRAMES,
+    num_train=DEFAULT_NUM_TRAIN,
+    num_validation=DEFAULT_NUM_VALIDATION,
+    seed=0,
+    tempos=shapes.DEFAULT_TEMPOS,
+):
   """The canonical config name for these parameters (tempos sorted, duplicates dropped)."""
   if kind not in shapes.KINDS:
     raise ValueError(f"Unknown kind {kind!r}; expected one of {shapes.KINDS}.")
@@ -128,8 +154,6 @@ def config_name(kind, resolution, frames=shapes.DEFAULT_FRAMES, num_train=DEFAUL
   name = f"image_{resolution}" if kind == "image" else f"video_{resolution}_{frames}"
   if tempos != shapes.DEFAULT_TEMPOS:
     name += "_tempo" + "-".join(_tempo_text(t) for t in tempos)
-  if path_frames and kind == "video":
-    name += f"_path{path_frames}"
   if num_train != DEFAULT_NUM_TRAIN:
     name += f"_train{num_train}"
   if num_validation != DEFAULT_NUM_VALIDATION:
@@ -144,8 +168,10 @@ class VldmShapes(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
-  BUILDER_CONFIGS = [ShapesConfig.from_name(n) for n in
-                     ("image_32", "image_64", "video_32_8", "video_64_8", "video_32_16")]
+  BUILDER_CONFIGS = [
+      ShapesConfig.from_name(n)
+      for n in ("image_32", "image_64", "video_32_8", "video_64_8", "video_32_16")
+  ]
   DEFAULT_CONFIG_NAME = "video_32_8"
 
   def __init__(self, *, config=None, **kwargs):
@@ -176,16 +202,19 @@ class VldmShapes(tfds.core.GeneratorBasedBuilder):
       # Raw uint8 frames, zlib-compressed: the black background compresses to almost nothing and
       # decoding is a memcpy, unlike per-frame PNG.
       features["video"] = tfds.features.Tensor(
-          shape=(c.frames, size, size, 3), dtype=np.uint8, encoding="zlib")
+          shape=(c.frames, size, size, 3), dtype=np.uint8, encoding="zlib"
+      )
       features["direction"] = tfds.features.ClassLabel(names=list(shapes.DIRECTIONS))
       features["speed"] = tfds.features.Scalar(np.float32, doc="fraction of the side per frame")
       features["fps"] = tfds.features.Scalar(np.float32)
       if c.tempos != shapes.DEFAULT_TEMPOS:  # tempo-1 configs keep their original features
         features["tempo"] = tfds.features.Scalar(
-            np.float32, doc="frame-rate multiple k: speeds SPEED_RANGE / k, fps 8k")
+            np.float32, doc="frame-rate multiple k: speeds SPEED_RANGE / k, fps 8k"
+        )
     else:
       features["image"] = tfds.features.Tensor(
-          shape=(size, size, 3), dtype=np.uint8, encoding="zlib")
+          shape=(size, size, 3), dtype=np.uint8, encoding="zlib"
+      )
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict(features),
         description=__doc__,
@@ -195,16 +224,21 @@ class VldmShapes(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
     c = self.builder_config
-    return {"train": self._generate_examples("train", c.num_train),
-            "validation": self._generate_examples("validation", c.num_validation)}
+    return {
+        "train": self._generate_examples("train", c.num_train),
+        "validation": self._generate_examples("validation", c.num_validation),
+    }
 
   def _generate_examples(self, split, count):
     c = self.builder_config
     for index in range(count):
-      yield index, to_features(shapes.make_example(
-          c.kind, split, index, c.frames, c.resolution, c.seed, tempos=c.tempos,
-          path_frames=c.path_frames or None), c.kind,
-                               with_tempo=c.tempos != shapes.DEFAULT_TEMPOS)
+      yield index, to_features(
+          shapes.make_example(
+              c.kind, split, index, c.frames, c.resolution, c.seed, tempos=c.tempos
+          ),
+          c.kind,
+          with_tempo=c.tempos != shapes.DEFAULT_TEMPOS,
+      )
 
 
 def to_features(example, kind, with_tempo=False):
@@ -213,17 +247,26 @@ def to_features(example, kind, with_tempo=False):
   out = {k: example[k] for k in ("caption", "color", "shape", "held_out", kind)}
   out.update({k: np.float32(example[k]) for k in ("x", "y", "r")})
   if kind == "video":
-    out.update(direction=example["direction"], speed=np.float32(example["speed"]),
-               fps=np.float32(example.get("fps", FPS)))
+    out.update(
+        direction=example["direction"],
+        speed=np.float32(example["speed"]),
+        fps=np.float32(example.get("fps", FPS)),
+    )
     if with_tempo:
       out["tempo"] = np.float32(example["tempo"])
   return out
 
 
-def shapes_builder(kind="video", resolution=32, frames=shapes.DEFAULT_FRAMES,
-                   num_train=DEFAULT_NUM_TRAIN, num_validation=DEFAULT_NUM_VALIDATION, seed=0,
-                   data_dir=None, tempos=shapes.DEFAULT_TEMPOS, path_frames=0):
+def shapes_builder(
+    kind="video",
+    resolution=32,
+    frames=shapes.DEFAULT_FRAMES,
+    num_train=DEFAULT_NUM_TRAIN,
+    num_validation=DEFAULT_NUM_VALIDATION,
+    seed=0,
+    data_dir=None,
+    tempos=shapes.DEFAULT_TEMPOS,
+):
   """The `VldmShapes` builder for these parameters (not yet prepared)."""
-  name = config_name(kind, resolution, frames, num_train, num_validation, seed, tempos,
-                     path_frames)
+  name = config_name(kind, resolution, frames, num_train, num_validation, seed, tempos)
   return VldmShapes(config=name, data_dir=data_dir)

@@ -1,4 +1,5 @@
 """From a data config (`vldm.data.config.data_config`) to a source and a Pipeline."""
+
 import logging
 import os
 
@@ -37,13 +38,24 @@ def make_builder(c):
   base = c.name.split("/")[0]
   if base == "shapes":
     from vldm.data import shapes_tfds  # pylint: disable=g-import-not-at-top
-    span = pipeline_lib.clip_span(c.frames, max(config_lib.frame_strides(c)))
+    # Stored clips: one clip span, or whole path_frames-long motions that clips are windows of.
+    span = max(
+        pipeline_lib.clip_span(c.frames, max(config_lib.frame_strides(c))),
+        c.get("path_frames") or 0 if c.kind == "video" else 0,
+    )
     return shapes_tfds.shapes_builder(
-        c.kind, _source_resolution(c), span, num_train=c.num_train_examples,
-        num_validation=c.num_validation_examples, seed=0, data_dir=c.data_dir,
-        tempos=tuple(c.get("tempos", (1.0,))), path_frames=c.get("path_frames") or 0)
+        c.kind,
+        _source_resolution(c),
+        span,
+        num_train=c.num_train_examples,
+        num_validation=c.num_validation_examples,
+        seed=0,
+        data_dir=c.data_dir,
+        tempos=tuple(c.get("tempos", (1.0,))),
+    )
   if base == "video_folder":
     from vldm.data import video_folder  # pylint: disable=g-import-not-at-top
+
     min_frames = c.min_frames or pipeline_lib.clip_span(c.frames, min(config_lib.frame_strides(c)))
     return video_folder.video_folder_builder(
         c.folder,
@@ -65,17 +77,30 @@ def make_source(c, split):
   if base in ("shapes", "video_folder"):
     builder = prepare(make_builder(c))
     if split not in builder.info.splits:
-      raise ValueError(f"{builder.info.full_name} has splits {list(builder.info.splits)}, "
-                       f"not {split!r}.")
+      raise ValueError(
+          f"{builder.info.full_name} has splits {list(builder.info.splits)}, " f"not {split!r}."
+      )
     return builder.as_data_source(split)
   if base == "latent_cache":
     return cache_lib.LatentCache(os.path.join(c.cache_dir, split))
   from vldm.data import standard  # pylint: disable=g-import-not-at-top
+
   return standard.standard_source(c.name, split, c.data_dir, c.caption_template)
 
 
-def make_pipeline(c, split=None, *, train=True, sharding=None, mesh=None, partition_spec=None,
-                  process_index=None, process_count=None, source=None, **overrides):
+def make_pipeline(
+    c,
+    split=None,
+    *,
+    train=True,
+    sharding=None,
+    mesh=None,
+    partition_spec=None,
+    process_index=None,
+    process_count=None,
+    source=None,
+    **overrides,
+):
   """The Pipeline for `split` (default: c.train_split, or c.eval_split when train=False).
 
   Training streams shuffle forever with caption dropout; evaluation (train=False) reads one
@@ -84,13 +109,26 @@ def make_pipeline(c, split=None, *, train=True, sharding=None, mesh=None, partit
   split = split or (c.train_split if train else c.eval_split)
   source = make_source(c, split) if source is None else source
   kwargs = dict(
-      global_batch_size=c.batch_size, kind=c.kind, frames=c.frames,
-      frame_stride=config_lib.frame_strides(c), resolution=c.resolution,
-      random_crop=c.random_crop and train, caption_dropout=c.caption_dropout if train else 0.0,
-      seed=c.seed, shuffle=c.shuffle and train, num_epochs=None if train else 1,
+      global_batch_size=c.batch_size,
+      kind=c.kind,
+      frames=c.frames,
+      frame_stride=config_lib.frame_strides(c),
+      resolution=c.resolution,
+      random_crop=c.random_crop and train,
+      caption_dropout=c.caption_dropout if train else 0.0,
+      seed=c.seed,
+      shuffle=c.shuffle and train,
+      num_epochs=None if train else 1,
       drop_remainder=train or sharding is not None or mesh is not None,
-      process_index=process_index, process_count=process_count, sharding=sharding, mesh=mesh,
-      partition_spec=partition_spec, num_workers=c.num_workers, prefetch=c.prefetch)
+      process_index=process_index,
+      process_count=process_count,
+      sharding=sharding,
+      mesh=mesh,
+      partition_spec=partition_spec,
+      num_workers=c.num_workers,
+      prefetch=c.prefetch,
+      clip_start_prob=c.get("clip_start_prob", 0.0),
+  )
   kwargs.update(overrides)
   return pipeline_lib.Pipeline(source, **kwargs)
 
@@ -100,6 +138,16 @@ def build_cache(c, split, directory, encode_video, encode_text, **kwargs):
   'latent_cache' config with cache_dir=directory reads. Returns the rows this process wrote."""
   source = make_source(c, split)
   return cache_lib.build_latent_cache(
-      source, os.path.join(directory, split), encode_video, encode_text,
-      batch_size=kwargs.pop("batch_size", c.batch_size), kind=c.kind, frames=c.frames,
-      frame_stride=c.frame_stride, resolution=c.resolution, seed=c.seed, **kwargs)
+      source,
+      os.path.join(directory, split),
+      encode_video,
+      encode_text,
+      batch_size=kwargs.pop("batch_size", c.batch_size),
+      kind=c.kind,
+      frames=c.frames,
+      frame_stride=c.frame_stride,
+      resolution=c.resolution,
+      seed=c.seed,
+      clip_start_prob=c.get("clip_start_prob", 0.0),
+      **kwargs,
+  )

@@ -78,10 +78,13 @@ def sample_masks(
     context_probs: Sequence[float] = (0.2, 0.4, 0.4),
     stride: int = 4,
     uncond_prob: float = 0.1,
+    unconditional_allowed=None,
 ):
   """[B, F] training masks, one per example. prediction: the first S frames given, S drawn from
-  `context_choices` with `context_probs` (S = 0: the unconditional branch); interpolation: the
-  key frames every `stride`, dropped (all zeros) with `uncond_prob`."""
+  `context_choices` with `context_probs` (S = 0: the unconditional branch; where
+  `unconditional_allowed` [B] is False, S = 0's probability goes to the other choices, so that
+  the branch that makes a long video's first chunk learns from clips that start videos only);
+  interpolation: the key frames every `stride`, dropped (all zeros) with `uncond_prob`."""
   check_mode(mode)
   if mode == "prediction":
     if len(context_choices) != len(context_probs) or not context_choices:
@@ -90,8 +93,13 @@ def sample_masks(
           f"{tuple(context_probs)} must be non-empty and of the same length."
       )
     masks = np.stack([prediction_mask(num_frames, s) for s in context_choices])
-    probs = jnp.asarray(context_probs, jnp.float32)
-    choice = jax.random.choice(rng, len(context_choices), (batch,), p=probs / probs.sum())
+    probs = jnp.broadcast_to(jnp.asarray(context_probs, jnp.float32), (batch, len(masks)))
+    if unconditional_allowed is not None:
+      unconditional = jnp.asarray([s == 0 for s in context_choices])
+      allowed = jnp.asarray(unconditional_allowed, bool).reshape(batch, 1)
+      restricted = jnp.where(unconditional[None] & ~allowed, 0.0, probs)
+      probs = jnp.where(restricted.sum(-1, keepdims=True) > 0, restricted, probs)  # S = 0 only
+    choice = jax.random.categorical(rng, jnp.log(probs / probs.sum(-1, keepdims=True)))
     return jnp.asarray(masks)[choice]
   keep = jax.random.uniform(rng, (batch,)) >= uncond_prob
   return jnp.asarray(interpolation_mask(num_frames, stride))[None] * keep[:, None]

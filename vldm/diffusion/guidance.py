@@ -6,6 +6,7 @@ network once, splits the output and combines the branches; what it returns is a 
 fn(x, t) for `parameterization.Denoiser`. Guidance acts on the raw network output, as diffusers'
 pipelines do (for an affine parameterization that equals guiding the x0 estimate).
 """
+
 from __future__ import annotations
 
 import numbers
@@ -60,8 +61,9 @@ def classifier_free_guidance(network_fn: NetworkFn, cond, uncond, guidance_scale
   return guided
 
 
-def dual_guidance(network_fn: NetworkFn, cond, image_cond, uncond, guidance_scale,
-                  image_guidance_scale) -> NetworkFn:
+def dual_guidance(
+    network_fn: NetworkFn, cond, image_cond, uncond, guidance_scale, image_guidance_scale
+) -> NetworkFn:
   """Text and image guidance, separately scaled (InstructPix2Pix, Brooks et al. eq. 3):
 
     out = u + s_T (c − i) + s_I (i − u)
@@ -80,8 +82,9 @@ def dual_guidance(network_fn: NetworkFn, cond, image_cond, uncond, guidance_scal
   return guided
 
 
-def frame_guidance_scale(min_guidance_scale: float, max_guidance_scale: float, num_frames: int,
-                         batch_size: int = 1):
+def frame_guidance_scale(
+    min_guidance_scale: float, max_guidance_scale: float, num_frames: int, batch_size: int = 1
+):
   """SVD's per-frame scale: linspace(min, max, F) for every example, [B, F] float32."""
   if num_frames < 1 or batch_size < 1:
     raise ValueError(f"num_frames and batch_size must be ≥ 1; got {num_frames}, {batch_size}.")
@@ -89,8 +92,9 @@ def frame_guidance_scale(min_guidance_scale: float, max_guidance_scale: float, n
   return jnp.asarray(np.tile(scale[None], (batch_size, 1)))
 
 
-def context_guidance(network_fn: NetworkFn, cond, text_uncond, context_uncond, guidance_scale,
-                     context_scale) -> NetworkFn:
+def context_guidance(
+    network_fn: NetworkFn, cond, text_uncond, context_uncond, guidance_scale, context_scale
+) -> NetworkFn:
   """Text guidance and Video LDM's context guidance, separately scaled:
 
     out = c + (s_T − 1)(c − u_T) + (s_C − 1)(c − u_C)

@@ -38,8 +38,9 @@ def _batched_keys(seeds, batch_size):
   return jax.vmap(jax.random.key)(jnp.asarray(list(seeds) + list(seeds[:1]) * pad, jnp.uint32))
 
 
-def sample_long(root: str, num_samples: int, seed: int, batch_size: int, num_frames: int = 32,
-                **kwargs):
+def sample_long(
+    root: str, num_samples: int, seed: int, batch_size: int, num_frames: int = 32, **kwargs
+):
   """(prompts, seeds, clips [N, num_frames, H, W, 3], seconds): long clips of every prompt;
   kwargs (context_scale, num_steps, …) go to the long-video pipeline."""
   start = time.perf_counter()
@@ -71,8 +72,9 @@ def rendered_clips(num_clips: int, frames: int, size: int, tempo: float, seed: i
   return np.stack([e["video"] for e in examples]), [e["caption"] for e in examples]
 
 
-def evaluate_interpolation(root: str, num_clips: int, seed: int, batch_size: int,
-                           tempo: float = 4.0, **kwargs):
+def evaluate_interpolation(
+    root: str, num_clips: int, seed: int, batch_size: int, tempo: float = 4.0, **kwargs
+):
   """(records, summary, (truth, generated) clips, seconds) of the interpolation stage on held-out
   rendered clips (see the module docstring); kwargs (num_steps, guidance_scale) go to its
   sampler. Beside the pixel blend, two references through the same VAE: the key frames' latents
@@ -91,26 +93,28 @@ def evaluate_interpolation(root: str, num_clips: int, seed: int, batch_size: int
   weights = (np.arange(frames) % stride) / stride
   generated, latent_blend, codec = [], [], []
   for i in range(0, num_clips, batch_size):
-    chunk = truth[i:i + batch_size]
+    chunk = truth[i : i + batch_size]
     n = len(chunk)
     pad = np.concatenate([chunk, chunk[:1].repeat(batch_size - n, axis=0)])
     latents = np.asarray(encode(interp.params["vae"], pad.astype(np.float32) / 255))
     keys = latents[:, ::stride]
-    prompts = captions[i:i + batch_size] + captions[:1] * (batch_size - n)
-    filled = pipe.interpolate(prompts, keys, _batched_keys(list(range(seed + i, seed + i + n)),
-                                                           batch_size), **kwargs)
+    prompts = captions[i : i + batch_size] + captions[:1] * (batch_size - n)
+    filled = pipe.interpolate(
+        prompts, keys, _batched_keys(list(range(seed + i, seed + i + n)), batch_size), **kwargs
+    )
     generated.append(interp.decode(filled)[:n])
-    left = np.repeat(keys[:, :-1], stride, axis=1)[:, :frames - 1]
-    right = np.repeat(keys[:, 1:], stride, axis=1)[:, :frames - 1]
-    w = weights[None, :frames - 1, None, None, None]
+    left = np.repeat(keys[:, :-1], stride, axis=1)[:, : frames - 1]
+    right = np.repeat(keys[:, 1:], stride, axis=1)[:, : frames - 1]
+    w = weights[None, : frames - 1, None, None, None]
     blend = np.concatenate([(1 - w) * left + w * right, keys[:, -1:]], axis=1)
     latent_blend.append(interp.decode(blend)[:n])
     codec.append(interp.decode(latents)[:n])
   generated = np.concatenate(generated)
   records = long_video.judge_interpolation(generated, truth, captions, factor=stride)
   between = np.arange(frames) % stride != 0
-  for record, true_clip, blend, coded in zip(records, truth, np.concatenate(latent_blend),
-                                             np.concatenate(codec)):
+  for record, true_clip, blend, coded in zip(
+      records, truth, np.concatenate(latent_blend), np.concatenate(codec)
+  ):
     true_between = true_clip[between]
     record["psnr_latent_blend"] = long_video.psnr(blend[between], true_between)
     record["psnr_codec"] = long_video.psnr(coded[between], true_between)

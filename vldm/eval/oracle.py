@@ -1,8 +1,8 @@
 """The shapes oracle: what a generated clip shows, judged from its pixels (DESIGN.md contract).
 
   j = judge(clip)          # clip [F, H, W, 3] uint8, or float in [0, 1]
-  j.color, j.shape, j.direction        # palette name, shape name, 'left'/'right'/'up'/'down'/'static'
-  score(j, "a red circle moving left")  # {'color': True, 'shape': True, 'direction': False, 'all': …}
+  j.color, j.shape, j.direction  # palette name, shape name, left/right/up/down/static
+  score(j, "a red circle moving left")  # {color: True, shape: True, direction: False, all: …}
 
 The rules, exactly as DESIGN.md states them:
   foreground  pixels brighter than half the clip's peak brightness; brightness is the largest of
@@ -27,6 +27,7 @@ sub-pixel). Motion is compensated, so an object that keeps its shape, size and c
 moves scores ≈ 1 (rendered shapes clips: ≥ 0.95); flicker, morphing, blur that comes and goes, or
 an object that appears or vanishes (that pair scores 0) lowers it.
 """
+
 from __future__ import annotations
 
 import collections
@@ -45,13 +46,15 @@ _PALETTE_NAMES = tuple(shapes.COLORS)
 _PALETTE = np.asarray([shapes.COLORS[c] for c in _PALETTE_NAMES], np.float64)
 # The triangle's centroid lies r/3 below its nominal centre (apex y−r, base y+r).
 _CENTROID_OFFSET = {"circle": 0.0, "square": 0.0, "triangle": 1.0 / 3.0}
-_PROMPT = re.compile(r"^\s*an?\s+(?P<color>\w+)\s+(?P<shape>\w+)(?:\s+moving\s+(?P<direction>\w+))?"
-                     r"\s*$")
+_PROMPT = re.compile(
+    r"^\s*an?\s+(?P<color>\w+)\s+(?P<shape>\w+)(?:\s+moving\s+(?P<direction>\w+))?\s*$"
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Judgement:
   """What the oracle sees in one clip (see the module docstring)."""
+
   color: Optional[str]
   shape: Optional[str]
   direction: Optional[str]
@@ -66,8 +69,9 @@ def to_float(clip) -> np.ndarray:
   if clip.ndim == 3:
     clip = clip[None]
   if clip.ndim != 4 or clip.shape[-1] != 3:
-    raise ValueError(f"The oracle takes a clip [F, H, W, 3] or an image [H, W, 3]; got shape "
-                     f"{clip.shape}.")
+    raise ValueError(
+        f"The oracle takes a clip [F, H, W, 3] or an image [H, W, 3]; got shape " f"{clip.shape}."
+    )
   if clip.shape[1] != clip.shape[2]:
     raise ValueError(f"Shapes frames are square; got {clip.shape[1]}x{clip.shape[2]}.")
   if clip.dtype == np.uint8:
@@ -112,7 +116,7 @@ def soft_centroid(weights) -> tuple[float, float]:
 
 
 def ideal_mask(shape: str, area: float, cx: float, cy: float, size: int) -> np.ndarray:
-  """The filled `shape` of `area` (squared sides) whose centroid is (cx, cy), pixel coverage > 1/2."""
+  """The filled `shape` of `area` (squared sides) centred at (cx, cy), pixel coverage > 1/2."""
   r = float(np.sqrt(area / shapes.shape_area(shape, 1.0)))
   cy = cy - _CENTROID_OFFSET[shape] * r
   return shapes.coverage(shape, [cx], [cy], r, size)[0] > 0.5
@@ -189,21 +193,29 @@ def judge(clip) -> Judgement:
     (x0, y0), (x1, y1) = centroid(mask[0]), centroid(mask[-1])
     displacement = (x1 - x0, y1 - y0)
     direction = direction_of(*displacement)
-  return Judgement(color, shape, direction, frame_shapes, displacement,
-                   temporal_consistency(clip, mask))
+  return Judgement(
+      color, shape, direction, frame_shapes, displacement, temporal_consistency(clip, mask)
+  )
 
 
 def parse_prompt(prompt: str) -> tuple[str, str, Optional[str]]:
-  """"a {color} {shape} moving {direction}" (or "a {color} {shape}") → (color, shape, direction)."""
+  """Prompt "a {color} {shape} moving {direction}" (or "a {color} {shape}") → its three parts."""
   match = _PROMPT.match(prompt.lower())
   if not match:
-    raise ValueError(f"Not a shapes prompt: {prompt!r}; expected 'a {{color}} {{shape}} moving "
-                     f"{{direction}}' or 'a {{color}} {{shape}}'.")
+    raise ValueError(
+        f"Not a shapes prompt: {prompt!r}; expected 'a {{color}} {{shape}} moving "
+        f"{{direction}}' or 'a {{color}} {{shape}}'."
+    )
   color, shape, direction = match.group("color", "shape", "direction")
-  if color not in shapes.COLORS or shape not in shapes.SHAPES or (
-      direction is not None and direction not in shapes.DIRECTIONS):
-    raise ValueError(f"Unknown words in {prompt!r}: colors {list(shapes.COLORS)}, shapes "
-                     f"{list(shapes.SHAPES)}, directions {list(shapes.DIRECTIONS)}.")
+  if (
+      color not in shapes.COLORS
+      or shape not in shapes.SHAPES
+      or (direction is not None and direction not in shapes.DIRECTIONS)
+  ):
+    raise ValueError(
+        f"Unknown words in {prompt!r}: colors {list(shapes.COLORS)}, shapes "
+        f"{list(shapes.SHAPES)}, directions {list(shapes.DIRECTIONS)}."
+    )
   return color, shape, direction
 
 
@@ -213,8 +225,11 @@ def score(judgement: Judgement, prompt: str) -> dict:
   An image prompt (no direction) expects a still object ('static').
   """
   color, shape, direction = parse_prompt(prompt)
-  result = dict(color=judgement.color == color, shape=judgement.shape == shape,
-                direction=judgement.direction == (direction or STATIC))
+  result = dict(
+      color=judgement.color == color,
+      shape=judgement.shape == shape,
+      direction=judgement.direction == (direction or STATIC),
+  )
   result["all"] = all(result.values())
   return result
 
@@ -228,8 +243,16 @@ def judge_all(clips: Sequence, prompts: Sequence[str]) -> list[dict]:
   for clip, prompt in zip(clips, prompts):
     color, shape, direction = parse_prompt(prompt)
     j = judge(clip)
-    records.append(dict(prompt=prompt, color=color, shape=shape, direction=direction,
-                        held_out=shapes.is_held_out(color, shape),
-                        seen=dict(color=j.color, shape=j.shape, direction=j.direction),
-                        consistency=j.consistency, correct=score(j, prompt)))
+    records.append(
+        dict(
+            prompt=prompt,
+            color=color,
+            shape=shape,
+            direction=direction,
+            held_out=shapes.is_held_out(color, shape),
+            seen=dict(color=j.color, shape=j.shape, direction=j.direction),
+            consistency=j.consistency,
+            correct=score(j, prompt),
+        )
+    )
   return records

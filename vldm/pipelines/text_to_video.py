@@ -30,6 +30,7 @@ frame-conditioned model (`vldm.diffusion.frame_conditioning`): each call takes `
 context guidance (the branch without given frames, `guidance.context_guidance`).
 `vldm.pipelines.LongVideoPipeline` chains such models into long videos.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -73,6 +74,7 @@ class TextToVideoPipeline:
   `default_num_steps`, `default_guidance_scale`: a call's when it passes none (e.g. the settings
   a trained stage was sampled with).
   """
+
   unet: unet_lib.UNet
   vae: nn.Module
   text_encoder: clip_lib.CLIPTextModel
@@ -95,15 +97,28 @@ class TextToVideoPipeline:
 
   # ---- construction ----------------------------------------------------------------------
   @classmethod
-  def from_components(cls, *, unet: common.Component, vae: common.Component,
-                      text_encoder: common.Component, tokenizer: tokenizer_lib.Tokenizer,
-                      sampler=None, **kwargs) -> "TextToVideoPipeline":
+  def from_components(
+      cls,
+      *,
+      unet: common.Component,
+      vae: common.Component,
+      text_encoder: common.Component,
+      tokenizer: tokenizer_lib.Tokenizer,
+      sampler=None,
+      **kwargs,
+  ) -> "TextToVideoPipeline":
     """From (module, params) pairs, e.g. a trained stage's. `sampler`: SamplerSettings or a
     diffusers scheduler config dict; default `SamplerSettings()` (Euler, linear β, ε-prediction)."""
     extra = {} if sampler is None else {"sampler": common.as_sampler_settings(sampler)}
-    return cls(unet=unet[0], vae=vae[0], text_encoder=text_encoder[0], tokenizer=tokenizer,
-               params=dict(unet=unet[1], vae=vae[1], text_encoder=text_encoder[1]),
-               **extra, **kwargs)
+    return cls(
+        unet=unet[0],
+        vae=vae[0],
+        text_encoder=text_encoder[0],
+        tokenizer=tokenizer,
+        params=dict(unet=unet[1], vae=vae[1], text_encoder=text_encoder[1]),
+        **extra,
+        **kwargs,
+    )
 
   @classmethod
   def from_pretrained(cls, folder: str, **kwargs) -> "TextToVideoPipeline":
@@ -118,7 +133,10 @@ class TextToVideoPipeline:
         unet=load("unet", [unet_lib.UNet], NEEDS["unet"]),
         vae=load("vae", common.VAES, NEEDS["vae"]),
         text_encoder=load("text_encoder", [clip_lib.CLIPTextModel], NEEDS["text_encoder"]),
-        tokenizer=tokenizer, sampler=common.load_sampler_settings(folder), **kwargs)
+        tokenizer=tokenizer,
+        sampler=common.load_sampler_settings(folder),
+        **kwargs,
+    )
 
   def with_sampler(self, sampler: str, **options) -> "TextToVideoPipeline":
     """The same models with another sampler (options as in diffusers; see vldm.diffusion)."""
@@ -129,74 +147,102 @@ class TextToVideoPipeline:
     if not isinstance(unet, unet_lib.UNet):
       raise common.PipelineError(f"unet must be a vldm UNet; got {type(unet).__name__}.")
     if not isinstance(vae, common.VAES):
-      raise common.PipelineError(f"vae must be one of {[c.__name__ for c in common.VAES]}; got "
-                                 f"{type(vae).__name__}.")
+      raise common.PipelineError(
+          f"vae must be one of {[c.__name__ for c in common.VAES]}; got " f"{type(vae).__name__}."
+      )
     if not isinstance(encoder, clip_lib.CLIPTextModel):
-      raise common.PipelineError(f"text_encoder must be a CLIPTextModel; got "
-                                 f"{type(encoder).__name__}.")
+      raise common.PipelineError(
+          f"text_encoder must be a CLIPTextModel; got " f"{type(encoder).__name__}."
+      )
     if not isinstance(tokenizer, tokenizer_lib.Tokenizer):
-      raise common.PipelineError(f"tokenizer must be a vldm Tokenizer; got "
-                                 f"{type(tokenizer).__name__}.")
+      raise common.PipelineError(
+          f"tokenizer must be a vldm Tokenizer; got " f"{type(tokenizer).__name__}."
+      )
     c = vae.latent_channels
     problems = []
     if self.frame_conditioning:
       if self.frame_conditioning not in frames_lib.MODES:
-        problems.append(f"frame_conditioning must be one of {frames_lib.MODES} (or None); got "
-                        f"{self.frame_conditioning!r}")
+        problems.append(
+            f"frame_conditioning must be one of {frames_lib.MODES} (or None); got "
+            f"{self.frame_conditioning!r}"
+        )
       if self.low_res_factor:
         problems.append("a frame-conditioned model cannot also be a latent upsampler")
       if unet.in_channels != frames_lib.conditioned_in_channels(c):
-        problems.append(f"a {self.frame_conditioning} model takes the VAE's {c} latent channels + "
-                        f"the condition's {frames_lib.condition_channels(c)} = "
-                        f"{frames_lib.conditioned_in_channels(c)} input channels; this UNet takes "
-                        f"{unet.in_channels}")
+        problems.append(
+            f"a {self.frame_conditioning} model takes the VAE's {c} latent channels + "
+            f"the condition's {frames_lib.condition_channels(c)} = "
+            f"{frames_lib.conditioned_in_channels(c)} input channels; this UNet takes "
+            f"{unet.in_channels}"
+        )
       if not 0 <= self.condition_noise_level < self.sampler.schedule.num_train_timesteps:
-        problems.append(f"condition_noise_level must be a training timestep in [0, "
-                        f"{self.sampler.schedule.num_train_timesteps}); got "
-                        f"{self.condition_noise_level}")
+        problems.append(
+            f"condition_noise_level must be a training timestep in [0, "
+            f"{self.sampler.schedule.num_train_timesteps}); got "
+            f"{self.condition_noise_level}"
+        )
     elif self.low_res_factor:
       if unet.in_channels != 2 * c:
-        problems.append(f"a latent upsampler (low_res_factor={self.low_res_factor}) takes 2 × the "
-                        f"VAE's {c} latent channels; this UNet takes {unet.in_channels}")
+        problems.append(
+            f"a latent upsampler (low_res_factor={self.low_res_factor}) takes 2 × the "
+            f"VAE's {c} latent channels; this UNet takes {unet.in_channels}"
+        )
       if not isinstance(self.low_res_factor, (int, np.integer)) or self.low_res_factor < 2:
-        problems.append(f"low_res_factor must be an integer ≥ 2 (or 0: no upsampler); got "
-                        f"{self.low_res_factor!r}")
+        problems.append(
+            f"low_res_factor must be an integer ≥ 2 (or 0: no upsampler); got "
+            f"{self.low_res_factor!r}"
+        )
       if not 0 <= self.low_res_noise_level < self.sampler.schedule.num_train_timesteps:
-        problems.append(f"low_res_noise_level must be a training timestep in [0, "
-                        f"{self.sampler.schedule.num_train_timesteps}); got "
-                        f"{self.low_res_noise_level}")
+        problems.append(
+            f"low_res_noise_level must be a training timestep in [0, "
+            f"{self.sampler.schedule.num_train_timesteps}); got "
+            f"{self.low_res_noise_level}"
+        )
     elif unet.in_channels == frames_lib.conditioned_in_channels(c):
-      problems.append(f"the UNet takes {unet.in_channels} input channels = the VAE's {c} + a "
-                      "frame condition's: it is a prediction or interpolation model (set "
-                      "frame_conditioning)")
+      problems.append(
+          f"the UNet takes {unet.in_channels} input channels = the VAE's {c} + a "
+          "frame condition's: it is a prediction or interpolation model (set "
+          "frame_conditioning)"
+      )
     elif unet.in_channels == 2 * c:
-      problems.append(f"the UNet takes {unet.in_channels} input channels = 2 × the VAE's {c} "
-                      "latent channels: it is an image-to-video UNet (use ImageToVideoPipeline) or "
-                      "a latent upsampler (set low_res_factor)")
+      problems.append(
+          f"the UNet takes {unet.in_channels} input channels = 2 × the VAE's {c} "
+          "latent channels: it is an image-to-video UNet (use ImageToVideoPipeline) or "
+          "a latent upsampler (set low_res_factor)"
+      )
     elif unet.in_channels != c:
       problems.append(f"the UNet takes {unet.in_channels} input channels, the VAE has {c}")
     if unet.out_channels != c:
       problems.append(f"the UNet predicts {unet.out_channels} channels, the VAE has {c}")
     if unet.context_dim != encoder.hidden_size:
-      problems.append(f"the UNet's cross_attention_dim is {unet.context_dim}, the text encoder's "
-                      f"hidden_size {encoder.hidden_size}")
+      problems.append(
+          f"the UNet's cross_attention_dim is {unet.context_dim}, the text encoder's "
+          f"hidden_size {encoder.hidden_size}"
+      )
     if tokenizer.max_length > encoder.max_position_embeddings:
-      problems.append(f"the tokenizer pads to {tokenizer.max_length} tokens, the text encoder has "
-                      f"{encoder.max_position_embeddings} positions")
+      problems.append(
+          f"the tokenizer pads to {tokenizer.max_length} tokens, the text encoder has "
+          f"{encoder.max_position_embeddings} positions"
+      )
     if tokenizer.vocab_size > encoder.vocab_size:
-      problems.append(f"the tokenizer has {tokenizer.vocab_size} tokens, the text encoder's "
-                      f"vocabulary {encoder.vocab_size}")
+      problems.append(
+          f"the tokenizer has {tokenizer.vocab_size} tokens, the text encoder's "
+          f"vocabulary {encoder.vocab_size}"
+      )
     if not unet.temporal and unet.num_time_ids:
       problems.append("an image UNet with added time ids is not supported")
     if self.time_ids is not None and len(self.time_ids) != unet.num_time_ids:
-      problems.append(f"time_ids has {len(self.time_ids)} entries, the UNet takes "
-                      f"{unet.num_time_ids}")
+      problems.append(
+          f"time_ids has {len(self.time_ids)} entries, the UNet takes " f"{unet.num_time_ids}"
+      )
     if problems:
-      raise common.PipelineError("These components do not fit together: " + "; ".join(problems)
-                                 + ".")
+      raise common.PipelineError(
+          "These components do not fit together: " + "; ".join(problems) + "."
+      )
     if set(self.params) != {"unet", "vae", "text_encoder"}:
-      raise common.PipelineError("params must be {'unet', 'vae', 'text_encoder'}; got "
-                                 f"{sorted(self.params)}.")
+      raise common.PipelineError(
+          "params must be {'unet', 'vae', 'text_encoder'}; got " f"{sorted(self.params)}."
+      )
 
   # ---- sampling --------------------------------------------------------------------------
   @property
@@ -229,15 +275,31 @@ class TextToVideoPipeline:
       raise ValueError(f"time_ids has {len(time_ids)} entries; this UNet takes {n}.")
     return np.tile(np.asarray([time_ids], np.float32), (batch, 1))
 
-  def __call__(self, prompts, *, num_frames: Optional[int] = None, height: Optional[int] = None,
-               width: Optional[int] = None, num_steps: Optional[int] = None,
-               guidance_scale: Optional[float] = None, negative_prompt: str = "", fps: int = 7,
-               motion_bucket_id: int = 127, time_ids: Optional[Sequence[float]] = None,
-               decode_chunk_size: Optional[int] = None, rng=None, noise=None,
-               video=None, strength: float = 0.6, low_res_latents=None,
-               given_latents=None, given_mask=None, regime: float = 0.0,
-               context_scale: Optional[float] = None,
-               output: str = "frames") -> np.ndarray:
+  def __call__(
+      self,
+      prompts,
+      *,
+      num_frames: Optional[int] = None,
+      height: Optional[int] = None,
+      width: Optional[int] = None,
+      num_steps: Optional[int] = None,
+      guidance_scale: Optional[float] = None,
+      negative_prompt: str = "",
+      fps: int = 7,
+      motion_bucket_id: int = 127,
+      time_ids: Optional[Sequence[float]] = None,
+      decode_chunk_size: Optional[int] = None,
+      rng=None,
+      noise=None,
+      video=None,
+      strength: float = 0.6,
+      low_res_latents=None,
+      given_latents=None,
+      given_mask=None,
+      regime: float = 0.0,
+      context_scale: Optional[float] = None,
+      output: str = "frames",
+  ) -> np.ndarray:
     """Frames [B,F,H,W,3] in [0,1], one clip per prompt (or the latents, output='latents').
 
     num_frames: default the video UNet config's (8 for an image UNet). height, width: default
@@ -266,13 +328,15 @@ class TextToVideoPipeline:
       video = self._check_video(video, len(prompts), num_frames, height, width)
       num_frames, height, width = video.shape[1:4]
     if self.low_res_factor or low_res_latents is not None:
-      low_res_latents = self._check_low_res(low_res_latents, len(prompts), num_frames, height,
-                                            width)
+      low_res_latents = self._check_low_res(
+          low_res_latents, len(prompts), num_frames, height, width
+      )
       num_frames = low_res_latents.shape[1]
       height, width = (self._low_res_pixels() * n for n in low_res_latents.shape[2:4])
     if self.frame_conditioning or given_latents is not None:
-      given_latents, given_mask = self._check_given(given_latents, given_mask, len(prompts),
-                                                    num_frames, height, width)
+      given_latents, given_mask = self._check_given(
+          given_latents, given_mask, len(prompts), num_frames, height, width
+      )
       num_frames = given_latents.shape[1]
       height, width = (self._low_res_pixels(1) * n for n in given_latents.shape[2:4])
     if height is None or width is None:
@@ -285,17 +349,21 @@ class TextToVideoPipeline:
     if not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
       raise ValueError(f"num_frames must be a positive integer; got {num_frames!r}.")
     vae_factor, _ = common.size_multiple(self.vae, self.unet)
-    latent_shape = (num_frames, height // vae_factor, width // vae_factor,
-                    self.vae.latent_channels)
+    latent_shape = (num_frames, height // vae_factor, width // vae_factor, self.vae.latent_channels)
     plan = self.sampler.plan(num_steps)  # validates num_steps and the options on the host
     if video is not None:
       plan = samplers.partial_plan(plan, strength)  # validates the sampler and strength
     keys = None if rng is None else common.example_keys(rng, batch)
     if keys is None and (noise is None or plan.stochastic):
-      raise ValueError("Pass rng (an int seed or PRNG key), or noise (and rng for the stochastic "
-                       f"sampler {self.sampler.sampler!r}).")
-    noise = (common.draw_normal(keys, latent_shape, 0) if noise is None
-             else common.check_array("noise", noise, (batch,) + latent_shape))
+      raise ValueError(
+          "Pass rng (an int seed or PRNG key), or noise (and rng for the stochastic "
+          f"sampler {self.sampler.sampler!r})."
+      )
+    noise = (
+        common.draw_normal(keys, latent_shape, 0)
+        if noise is None
+        else common.check_array("noise", noise, (batch,) + latent_shape)
+    )
     sampler_key = jax.random.key(0) if keys is None else common.sampler_key(keys)
     ids = self.tokenizer(prompts)
     uncond_ids = self.tokenizer([negative_prompt] * batch)
@@ -307,24 +375,47 @@ class TextToVideoPipeline:
     strength = None if video is None else float(strength)
     sample = self._compiled.get(
         ("sample", num_steps, use_guidance, strength, use_context),
-        functools.partial(self._sample, num_steps=num_steps, use_guidance=use_guidance,
-                          strength=strength, use_context=use_context))
+        functools.partial(
+            self._sample,
+            num_steps=num_steps,
+            use_guidance=use_guidance,
+            strength=strength,
+            use_context=use_context,
+        ),
+    )
     low_res = context_free = None
     if low_res_latents is not None:
       if keys is None:
         raise ValueError("A latent upsampler needs rng: its conditioning augmentation draws noise.")
       alpha_bar = self.sampler.schedule.alphas_cumprod[self.low_res_noise_level]
-      low_res = common.low_res_condition(low_res_latents, common.draw_normal(
-          keys, low_res_latents.shape[1:], 1), alpha_bar, self.low_res_factor)
+      low_res = common.low_res_condition(
+          low_res_latents,
+          common.draw_normal(keys, low_res_latents.shape[1:], 1),
+          alpha_bar,
+          self.low_res_factor,
+      )
     if given_latents is not None:
       if keys is None:
-        raise ValueError("A frame-conditioned model needs rng: the given frames' augmentation "
-                         "draws noise.")
+        raise ValueError(
+            "A frame-conditioned model needs rng: the given frames' augmentation draws noise."
+        )
       low_res, context_free = self._frame_condition(given_latents, given_mask, regime, keys)
     ids, uncond_ids, ids_time, noise, video, low_res, context_free = devices.split_batch(
-        ids, uncond_ids, ids_time, noise, video, low_res, context_free)
-    latents = sample(self.params, ids, uncond_ids, ids_time, noise, jnp.float32(guidance_scale),
-                     sampler_key, video, low_res, context_free, jnp.float32(context_scale))
+        ids, uncond_ids, ids_time, noise, video, low_res, context_free
+    )
+    latents = sample(
+        self.params,
+        ids,
+        uncond_ids,
+        ids_time,
+        noise,
+        jnp.float32(guidance_scale),
+        sampler_key,
+        video,
+        low_res,
+        context_free,
+        jnp.float32(context_scale),
+    )
     if output == "latents":
       return np.asarray(latents)
     return self.decode(latents, decode_chunk_size)
@@ -345,8 +436,12 @@ class TextToVideoPipeline:
       if unet.temporal:
         return unet.apply({"params": unet_params}, x, t, cond["context"], cond.get("time_ids"))
       b, f = x.shape[:2]
-      out = unet.apply({"params": unet_params}, x.reshape((b * f,) + x.shape[2:]),
-                       jnp.repeat(t, f), jnp.repeat(cond["context"], f, axis=0))
+      out = unet.apply(
+          {"params": unet_params},
+          x.reshape((b * f,) + x.shape[2:]),
+          jnp.repeat(t, f),
+          jnp.repeat(cond["context"], f, axis=0),
+      )
       return out.reshape((b, f) + out.shape[1:])
 
     return network
@@ -354,10 +449,15 @@ class TextToVideoPipeline:
   def _check_video(self, video, batch, num_frames, height, width) -> np.ndarray:
     video = np.asarray(video)
     if video.ndim != 5 or video.shape[0] != batch or video.shape[-1] != 3:
-      raise ValueError(f"video must be clips [B={batch}, F, H, W, 3] in [0, 1], one per prompt; got "
-                       f"shape {video.shape}.")
-    for name, given, actual in (("num_frames", num_frames, video.shape[1]),
-                                ("height", height, video.shape[2]), ("width", width, video.shape[3])):
+      raise ValueError(
+          f"video must be clips [B={batch}, F, H, W, 3] in [0, 1], one per prompt; got "
+          f"shape {video.shape}."
+      )
+    for name, given, actual in (
+        ("num_frames", num_frames, video.shape[1]),
+        ("height", height, video.shape[2]),
+        ("width", width, video.shape[3]),
+    ):
       if given is not None and given != actual:
         raise ValueError(f"{name}={given} disagrees with the video's {actual}; leave it unset.")
     return video.astype(np.float32)
@@ -377,64 +477,106 @@ class TextToVideoPipeline:
     level = jnp.full((batch,), self.condition_noise_level / schedule.num_train_timesteps)
     regime = jnp.broadcast_to(jnp.asarray(regime, jnp.float32), (batch,))
     condition = frames_lib.build_condition(given, given_mask, level, regime)
-    free = frames_lib.build_condition(jnp.zeros_like(given), jnp.zeros_like(given_mask), level,
-                                      regime)
+    free = frames_lib.build_condition(
+        jnp.zeros_like(given), jnp.zeros_like(given_mask), level, regime
+    )
     return condition, free
 
   def _check_given(self, latents, mask, batch, num_frames, height, width):
     if not self.frame_conditioning:
-      raise ValueError("given_latents is for a frame-conditioned model (prediction or "
-                       "interpolation); this pipeline's UNet is a plain text-to-video one.")
+      raise ValueError(
+          "given_latents is for a frame-conditioned model (prediction or "
+          "interpolation); this pipeline's UNet is a plain text-to-video one."
+      )
     expected = f"[B={batch}, F, h, w, {self.vae.latent_channels}]"
     if latents is None or mask is None:
-      raise ValueError(f"This pipeline is a {self.frame_conditioning} model: pass given_latents "
-                       f"{expected} (e.g. another pipeline's output='latents') and given_mask "
-                       "[F] or [B, F] (1 = given).")
+      raise ValueError(
+          f"This pipeline is a {self.frame_conditioning} model: pass given_latents "
+          f"{expected} (e.g. another pipeline's output='latents') and given_mask "
+          "[F] or [B, F] (1 = given)."
+      )
     latents = jnp.asarray(latents, jnp.float32)
-    if (latents.ndim != 5 or latents.shape[0] != batch
-        or latents.shape[-1] != self.vae.latent_channels):
-      raise ValueError(f"given_latents must be {expected}, one clip per prompt; got shape "
-                       f"{latents.shape}.")
+    if (
+        latents.ndim != 5
+        or latents.shape[0] != batch
+        or latents.shape[-1] != self.vae.latent_channels
+    ):
+      raise ValueError(
+          f"given_latents must be {expected}, one clip per prompt; got shape " f"{latents.shape}."
+      )
     mask = jnp.asarray(mask, jnp.float32)
     if mask.ndim == 1:
       mask = jnp.broadcast_to(mask[None], (batch, mask.shape[0]))
     if mask.shape != latents.shape[:2]:
-      raise ValueError(f"given_mask must be [F={latents.shape[1]}] or [B={batch}, "
-                       f"F={latents.shape[1]}]; got shape {mask.shape}.")
+      raise ValueError(
+          f"given_mask must be [F={latents.shape[1]}] or [B={batch}, "
+          f"F={latents.shape[1]}]; got shape {mask.shape}."
+      )
     unit = self._low_res_pixels(1)
-    for name, given, actual in (("num_frames", num_frames, latents.shape[1]),
-                                ("height", height, latents.shape[2] * unit),
-                                ("width", width, latents.shape[3] * unit)):
+    for name, given, actual in (
+        ("num_frames", num_frames, latents.shape[1]),
+        ("height", height, latents.shape[2] * unit),
+        ("width", width, latents.shape[3] * unit),
+    ):
       if given is not None and given != actual:
-        raise ValueError(f"{name}={given} disagrees with the given_latents' {actual}; leave it "
-                         "unset.")
+        raise ValueError(
+            f"{name}={given} disagrees with the given_latents' {actual}; leave it " "unset."
+        )
     return latents, mask
 
   def _check_low_res(self, latents, batch, num_frames, height, width):
     if not self.low_res_factor:
-      raise ValueError("low_res_latents is for a latent upsampler (low_res_factor set); this "
-                       "pipeline's UNet is a plain text-to-video one.")
+      raise ValueError(
+          "low_res_latents is for a latent upsampler (low_res_factor set); this "
+          "pipeline's UNet is a plain text-to-video one."
+      )
     expected = f"[B={batch}, F, h, w, {self.vae.latent_channels}]"
     if latents is None:
-      raise ValueError(f"This pipeline is a latent upsampler (×{self.low_res_factor}): pass "
-                       f"low_res_latents {expected}, e.g. a base pipeline's output='latents'.")
+      raise ValueError(
+          f"This pipeline is a latent upsampler (×{self.low_res_factor}): pass "
+          f"low_res_latents {expected}, e.g. a base pipeline's output='latents'."
+      )
     latents = jnp.asarray(latents, jnp.float32)
-    if (latents.ndim != 5 or latents.shape[0] != batch
-        or latents.shape[-1] != self.vae.latent_channels):
-      raise ValueError(f"low_res_latents must be {expected}, one clip per prompt; got shape "
-                       f"{latents.shape}.")
+    if (
+        latents.ndim != 5
+        or latents.shape[0] != batch
+        or latents.shape[-1] != self.vae.latent_channels
+    ):
+      raise ValueError(
+          f"low_res_latents must be {expected}, one clip per prompt; got shape " f"{latents.shape}."
+      )
     unit = self._low_res_pixels()
-    for name, given, actual in (("num_frames", num_frames, latents.shape[1]),
-                                ("height", height, latents.shape[2] * unit),
-                                ("width", width, latents.shape[3] * unit)):
+    for name, given, actual in (
+        ("num_frames", num_frames, latents.shape[1]),
+        ("height", height, latents.shape[2] * unit),
+        ("width", width, latents.shape[3] * unit),
+    ):
       if given is not None and given != actual:
-        raise ValueError(f"{name}={given} disagrees with the low_res_latents' {actual} "
-                         f"(×{self.low_res_factor}); leave it unset.")
+        raise ValueError(
+            f"{name}={given} disagrees with the low_res_latents' {actual} "
+            f"(×{self.low_res_factor}); leave it unset."
+        )
     return latents
 
-  def _sample(self, params, ids, uncond_ids, time_ids, noise, guidance_scale, sampler_key, video,
-              low_res, context_free, context_scale, *, num_steps, use_guidance, strength,
-              use_context):
+  def _sample(
+      self,
+      params,
+      ids,
+      uncond_ids,
+      time_ids,
+      noise,
+      guidance_scale,
+      sampler_key,
+      video,
+      low_res,
+      context_free,
+      context_scale,
+      *,
+      num_steps,
+      use_guidance,
+      strength,
+      use_context,
+  ):
     """Text encoder (+ the video's encoding) + the sampling loop (one jitted function); →
     latents."""
     encode = lambda tokens: self.text_encoder.apply({"params": params["text_encoder"]}, tokens)[0]
@@ -446,13 +588,19 @@ class TextToVideoPipeline:
     if use_context:  # the context-free branch keeps the prompt, drops the given frames
       uncond = dict(context=encode(uncond_ids), **extra) if use_guidance else None
       guided = guidance_lib.context_guidance(
-          network, cond, uncond, dict(cond, low_res=context_free),
-          guidance_scale if use_guidance else 1, context_scale)
+          network,
+          cond,
+          uncond,
+          dict(cond, low_res=context_free),
+          guidance_scale if use_guidance else 1,
+          context_scale,
+      )
     elif use_guidance:
       uncond = dict(context=encode(uncond_ids), **extra)
       guided = guidance_lib.classifier_free_guidance(network, cond, uncond, guidance_scale)
     else:
       guided = lambda x, t: network(x, t, cond)
     init = None if video is None else common.encode_frames(self.vae, params["vae"], video)
-    return common.sample_latents(self.sampler, guided, noise, num_steps, sampler_key,
-                                 init_latents=init, strength=strength)
+    return common.sample_latents(
+        self.sampler, guided, noise, num_steps, sampler_key, init_latents=init, strength=strength
+    )

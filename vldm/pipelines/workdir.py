@@ -7,6 +7,7 @@ A trained stage is a run folder with Orbax checkpoints, `RUN/checkpoints/<step>/
 last. Turning a stage into modules and params is the recipes' job (`vldm.recipes.stages`): they
 return the components, `pipeline_from_components` builds the pipeline.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,14 +25,21 @@ CASCADE_OPTIONS = ("upsampler_num_steps", "upsampler_guidance_scale")
 DEFAULTS = ("num_steps", "guidance_scale", "context_scale")
 # Image-to-video (SVD) stages: components with an image_encoder.
 IMAGE_COMPONENTS = ("unet", "vae", "image_encoder")
-IMAGE_DEFAULTS = ("num_steps", "min_guidance_scale", "max_guidance_scale", "fps",
-                  "motion_bucket_id", "noise_aug_strength")
+IMAGE_DEFAULTS = (
+    "num_steps",
+    "min_guidance_scale",
+    "max_guidance_scale",
+    "fps",
+    "motion_bucket_id",
+    "noise_aug_strength",
+)
 IMAGE_OPTIONS = ("sampler", "clip_mean", "clip_std", "micro_conditioning_ranges")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainedStage:
   """One run's newest checkpoint: RUN/checkpoints/<step>/."""
+
   run_dir: str
   step: int
   path: str
@@ -47,8 +55,11 @@ def _newest_checkpoint(run_dir: str) -> Optional[TrainedStage]:
   if not os.path.isdir(directory):
     return None
   # Only finished steps: Orbax writes into temporary names and renames to the bare step number.
-  steps = [int(n) for n in os.listdir(directory)
-           if n.isdigit() and os.path.isdir(os.path.join(directory, n))]
+  steps = [
+      int(n)
+      for n in os.listdir(directory)
+      if n.isdigit() and os.path.isdir(os.path.join(directory, n))
+  ]
   if not steps:
     return None
   path = os.path.join(directory, str(max(steps)))
@@ -56,16 +67,21 @@ def _newest_checkpoint(run_dir: str) -> Optional[TrainedStage]:
 
 
 def searched_locations(workdir: str) -> list[str]:
-  return [os.path.join(workdir, CHECKPOINTS, "<step>"),
-          os.path.join(workdir, "<stage>", CHECKPOINTS, "<step>")]
+  return [
+      os.path.join(workdir, CHECKPOINTS, "<step>"),
+      os.path.join(workdir, "<stage>", CHECKPOINTS, "<step>"),
+  ]
 
 
 def find_trained_stages(workdir: str) -> list[TrainedStage]:
   """The trained stages under `workdir`, newest first (by when their newest step was written)."""
   if not os.path.isdir(workdir):
     return []
-  runs = [workdir] + sorted(os.path.join(workdir, n) for n in os.listdir(workdir)
-                            if os.path.isdir(os.path.join(workdir, n)))
+  runs = [workdir] + sorted(
+      os.path.join(workdir, n)
+      for n in os.listdir(workdir)
+      if os.path.isdir(os.path.join(workdir, n))
+  )
   stages = [s for s in map(_newest_checkpoint, runs) if s is not None]
   return sorted(stages, key=lambda s: (s.mtime, s.step), reverse=True)
 
@@ -82,8 +98,12 @@ def image_to_video_from_components(components: Mapping) -> ImageToVideoPipeline:
     raise common.PipelineError(
         f"An image-to-video stage must provide {', '.join(IMAGE_COMPONENTS)} and may provide "
         f"{', '.join(IMAGE_OPTIONS + IMAGE_DEFAULTS)}; "
-        + "; ".join(([f"missing: {', '.join(missing)}"] if missing else [])
-                    + ([f"unknown: {', '.join(unknown)}"] if unknown else [])) + ".")
+        + "; ".join(
+            ([f"missing: {', '.join(missing)}"] if missing else [])
+            + ([f"unknown: {', '.join(unknown)}"] if unknown else [])
+        )
+        + "."
+    )
   for name in IMAGE_DEFAULTS:
     if name in components:
       components[f"default_{name}"] = components.pop(name)
@@ -107,8 +127,10 @@ def pipeline_from_components(components: Mapping):
       components[f"default_{name}"] = components.pop(name)
   missing = [name for name in COMPONENTS if name not in components]
   if missing:
-    raise common.PipelineError(f"A trained stage must provide {', '.join(COMPONENTS)} (and "
-                               f"optionally sampler, time_ids); missing: {', '.join(missing)}.")
+    raise common.PipelineError(
+        f"A trained stage must provide {', '.join(COMPONENTS)} (and "
+        f"optionally sampler, time_ids); missing: {', '.join(missing)}."
+    )
   pipe = TextToVideoPipeline.from_components(**components)
   if base is None:
     return pipe
@@ -123,7 +145,8 @@ def newest_stage(workdir: str) -> TrainedStage:
     raise common.PipelineError(
         f"{workdir} {state}: looked for Orbax checkpoints at "
         f"{' and '.join(searched_locations(workdir))} (written by `python -m vldm.train "
-        f"--workdir …`). Train a stage first, or sample a diffusers folder with --pretrained.")
+        f"--workdir …`). Train a stage first, or sample a diffusers folder with --pretrained."
+    )
   return stages[0]
 
 

@@ -1,4 +1,5 @@
 """What the shapes recipe's tasks share: host initialisation, captioned data, frozen sub-models."""
+
 from __future__ import annotations
 
 from typing import Callable, Mapping, Optional
@@ -64,16 +65,24 @@ def task_init(task, init: Callable, rng, constants: Optional[Mapping[str, float]
 
 # ------------------------------------------------------------------------------------- text
 def shapes_tokenizer(max_length: int = 8) -> tokenizer_lib.WordTokenizer:
-  """The file-free word tokenizer over every word of the shapes captions (15 words + pad, bos, unk, eos)."""
-  texts = [shapes.video_caption(c, s, d) for c in shapes.COLORS for s in shapes.SHAPES
-           for d in shapes.DIRECTIONS]
+  """The file-free word tokenizer of the shapes captions (15 words + pad, bos, unk, eos)."""
+  texts = [
+      shapes.video_caption(c, s, d)
+      for c in shapes.COLORS
+      for s in shapes.SHAPES
+      for d in shapes.DIRECTIONS
+  ]
   return tokenizer_lib.WordTokenizer(texts, max_length=max_length)
 
 
 def all_prompts() -> list[str]:
   """Every video prompt: 6 colors × 3 shapes × 4 directions = 72."""
-  return [shapes.video_caption(c, s, d) for c in shapes.COLORS for s in shapes.SHAPES
-          for d in shapes.DIRECTIONS]
+  return [
+      shapes.video_caption(c, s, d)
+      for c in shapes.COLORS
+      for s in shapes.SHAPES
+      for d in shapes.DIRECTIONS
+  ]
 
 
 def sample_all_prompts(pipe, num_samples: int, seed: int, batch_size: int, **kwargs):
@@ -83,11 +92,11 @@ def sample_all_prompts(pipe, num_samples: int, seed: int, batch_size: int, **kwa
   seeds = [seed + k for k in range(len(prompts))]
   clips = []
   for i in range(0, len(prompts), batch_size):
-    chunk, chunk_seeds = prompts[i:i + batch_size], seeds[i:i + batch_size]
+    chunk, chunk_seeds = prompts[i : i + batch_size], seeds[i : i + batch_size]
     pad = batch_size - len(chunk)
     keys = jax.vmap(jax.random.key)(jnp.asarray(chunk_seeds + chunk_seeds[:1] * pad, jnp.uint32))
     frames = pipe(chunk + chunk[:1] * pad, rng=keys, **kwargs)
-    clips.append(np.asarray(frames[:len(chunk)]))
+    clips.append(np.asarray(frames[: len(chunk)]))
   return prompts, seeds, np.concatenate(clips)
 
 
@@ -137,8 +146,13 @@ class CaptionedData:
 
 def make_data(data_config, sharding, process_index, process_count, tokenizer=None):
   """The training stream of `data_config` (vldm.data.config) as a CaptionedData."""
-  pipeline = sources.make_pipeline(data_config, train=True, sharding=sharding,
-                                   process_index=process_index, process_count=process_count)
+  pipeline = sources.make_pipeline(
+      data_config,
+      train=True,
+      sharding=sharding,
+      process_index=process_index,
+      process_count=process_count,
+  )
   return CaptionedData(pipeline, tokenizer)
 
 

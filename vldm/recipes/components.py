@@ -163,9 +163,7 @@ def make_unet(config) -> unet_lib.UNet:
     if (upsampler and path) or image_conditioned(config):
       unet = unet.clone(in_channels=2 * unet.in_channels)
     elif path and frame_mode(config):  # + the given frames' condition (prediction, interpolation)
-      unet = unet.clone(
-          in_channels=frame_conditioning.conditioned_in_channels(unet.in_channels)
-      )
+      unet = unet.clone(in_channels=frame_conditioning.conditioned_in_channels(unet.in_channels))
     if config.ldm.kind == "video":
       unet = inflate.video_config_from_image(unet, **config.ldm.temporal.to_dict())
   return unet.clone(**_compute_options(config))

@@ -598,6 +598,7 @@ class LatentDiffusionTask(tasks_lib.Task):
         context_probs=s["context_probs"],
         stride=s["stride"],
         uncond_prob=s["uncond_prob"],
+        unconditional_allowed=batch.get("clip_start"),
     )
     levels = jax.random.randint(level_rng, (b,), 0, s["max_noise_level"] + 1)
     given = frame_conditioning.augment(
