@@ -111,7 +111,7 @@ def test_stages_batch_and_bad_arguments(inputs):
   # One batch size: the data's follows the run's.
   assert load("video", inputs["sd1"], inputs["videos"], batch_size=16).data.batch_size == 16
   with pytest.raises(
-      ValueError, match=r"Unknown stage 'vidoe'; .* \('image', 'video', " r"'upsampler'\)"
+      ValueError, match=r"Unknown stage 'vidoe'; .* \('image', 'video', 'upsampler', 'prediction', 'interpolation'\)"
   ):
     load("vidoe", inputs["sd1"], inputs["videos"])
   with pytest.raises(ValueError, match="needs data=DIR: a folder of videos with captions.csv"):
