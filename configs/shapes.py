@@ -338,21 +338,11 @@ def ldm_config(stage, local):
 
 
 def frame_conditioning_config(stage):
-  """`ldm.frame_conditioning` (vldm.recipes.ldm.FRAME_CONDITIONING_DEFAULTS): Video LDM's
+  """`ldm.frame_conditioning` (vldm.diffusion.frame_conditioning.DEFAULTS): Video LDM's
   prediction and interpolation stages; mode None elsewhere."""
-  return ml_collections.ConfigDict(
-      dict(
-          mode=stage if stage in LONG_STAGES else config_dict.placeholder(str),
-          context_choices=(0, 1, 2),
-          context_probs=(0.2, 0.4, 0.4),
-          stride=4,
-          uncond_prob=0.1,
-          max_noise_level=250,
-          sample_noise_level=50,
-          regime_fps=REGIME_FPS,
-          context_frames=2,
-          context_scale=1.0,
-          # The video stage's clips move 2.5× faster than these: the prediction model starts its own
-          first_chunk="prediction",
-      )
-  )
+  c = ml_collections.ConfigDict(frame_conditioning.DEFAULTS)
+  c.mode = stage if stage in LONG_STAGES else config_dict.placeholder(str)
+  c.regime_fps = REGIME_FPS
+  # The video stage's clips move 2.5× faster than these: the prediction model starts its own
+  c.first_chunk = "prediction"
+  return c

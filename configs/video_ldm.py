@@ -38,6 +38,7 @@ from ml_collections import config_dict
 
 from configs import common
 from vldm.data import config as data_config_lib
+from vldm.diffusion import frame_conditioning
 
 STAGES = ("image", "video", "upsampler", "prediction", "interpolation")
 LONG_STAGES = ("prediction", "interpolation")
@@ -195,22 +196,10 @@ def ldm_config(stage, pretrained, frames, local):
       )
   )
   c.sample_prompts = ("a video",)
-  # Video LDM's long-video stages (vldm.recipes.ldm.FRAME_CONDITIONING_DEFAULTS for the keys).
-  c.frame_conditioning = ml_collections.ConfigDict(
-      dict(
-          mode=stage if stage in LONG_STAGES else config_dict.placeholder(str),
-          context_choices=(0, 1, 2),
-          context_probs=(0.2, 0.4, 0.4),
-          stride=4,
-          uncond_prob=0.1,
-          max_noise_level=250,
-          sample_noise_level=50,
-          # One regime (T → 4T) by default; train 4T → 16T too by mixing frame strides
-          # (data.max_frame_stride) and setting the fps that splits them here.
-          regime_fps=config_dict.placeholder(float),
-          context_frames=2,
-          context_scale=1.0,
-          first_chunk="video",
-      )
-  )
+  # Video LDM's long-video stages (vldm.diffusion.frame_conditioning.DEFAULTS for the keys).
+  c.frame_conditioning = ml_collections.ConfigDict(frame_conditioning.DEFAULTS)
+  c.frame_conditioning.mode = stage if stage in LONG_STAGES else config_dict.placeholder(str)
+  # One regime (T → 4T) by default; train 4T → 16T too by mixing frame strides
+  # (data.max_frame_stride) and setting the fps that splits them here.
+  c.frame_conditioning.regime_fps = config_dict.placeholder(float)
   return c

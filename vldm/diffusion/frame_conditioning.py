@@ -24,6 +24,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# A config's `ldm.frame_conditioning` (prediction and interpolation stages, vldm.recipes.ldm); these
+# defaults apply where it leaves a key out, and `mode` None is a plain text-to-video stage.
+DEFAULTS = dict(
+    mode=None,
+    context_choices=(0, 1, 2),  # prediction: how many first frames are given (0: unconditional)
+    context_probs=(0.2, 0.4, 0.4),
+    stride=4,  # interpolation: key frames every `stride` frames (T → stride·T)
+    uncond_prob=0.1,  # interpolation: key frames dropped, for guidance
+    max_noise_level=250,  # given latents noise-augmented to a timestep drawn in [0, this]
+    sample_noise_level=50,  # … and to this one when sampling
+    regime_fps=None,  # interpolation: clips at ≥ this fps are the 4T → 16T regime (label 1)
+    context_frames=2,  # rollout: generated frames re-used as the next chunk's context
+    context_scale=1.0,  # sampling: context guidance (1: off)
+    first_chunk="video",  # the long video's first chunk: the video stage, or 'prediction' (S = 0)
+)
+
 MODES = ("prediction", "interpolation")
 EXTRA_CHANNELS = 3  # mask, augmentation level, regime
 

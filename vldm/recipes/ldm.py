@@ -64,27 +64,10 @@ MICRO_DEFAULTS = dict(
 )
 
 
-# `ldm.frame_conditioning` (prediction and interpolation stages); these defaults apply where a
-# config leaves a key out, and `mode` None is a plain text-to-video stage.
-FRAME_CONDITIONING_DEFAULTS = dict(
-    mode=None,
-    context_choices=(0, 1, 2),  # prediction: how many first frames are given (0: unconditional)
-    context_probs=(0.2, 0.4, 0.4),
-    stride=4,  # interpolation: key frames every `stride` frames (T → stride·T)
-    uncond_prob=0.1,  # interpolation: key frames dropped, for guidance
-    max_noise_level=250,  # given latents noise-augmented to a timestep drawn in [0, this]
-    sample_noise_level=50,  # … and to this one when sampling
-    regime_fps=None,  # interpolation: clips at ≥ this fps are the 4T → 16T regime (label 1)
-    context_frames=2,  # rollout: generated frames re-used as the next chunk's context
-    context_scale=1.0,  # sampling: context guidance (1: off)
-    first_chunk="video",  # the long video's first chunk: the video stage, or 'prediction' (S = 0)
-)
-
-
 def frame_settings(config) -> Optional[dict]:
-  """`ldm.frame_conditioning` over FRAME_CONDITIONING_DEFAULTS; None for a plain stage."""
+  """`ldm.frame_conditioning` over frame_conditioning.DEFAULTS; None for a plain stage."""
   own = config.ldm.get("frame_conditioning")
-  settings = {**FRAME_CONDITIONING_DEFAULTS, **(own.to_dict() if own is not None else {})}
+  settings = {**frame_conditioning.DEFAULTS, **(own.to_dict() if own is not None else {})}
   return settings if settings["mode"] else None
 
 
