@@ -482,6 +482,32 @@ class TextToVideoPipeline:
     )
     return condition, free
 
+  def _clip_latents(self, name, latents, expected, batch):
+    """`latents` as float32 [B, F, h, w, C]; a ValueError naming `name` otherwise."""
+    latents = jnp.asarray(latents, jnp.float32)
+    if (
+        latents.ndim != 5
+        or latents.shape[0] != batch
+        or latents.shape[-1] != self.vae.latent_channels
+    ):
+      raise ValueError(
+          f"{name} must be {expected}, one clip per prompt; got shape {latents.shape}."
+      )
+    return latents
+
+  @staticmethod
+  def _check_sizes(name, latents, unit, num_frames, height, width, note=""):
+    """num_frames / height / width, where given, must be what `latents` make (pixels = unit ×)."""
+    for key, given, actual in (
+        ("num_frames", num_frames, latents.shape[1]),
+        ("height", height, latents.shape[2] * unit),
+        ("width", width, latents.shape[3] * unit),
+    ):
+      if given is not None and given != actual:
+        raise ValueError(
+            f"{key}={given} disagrees with the {name}' {actual}{note}; leave it unset."
+        )
+
   def _check_given(self, latents, mask, batch, num_frames, height, width):
     if not self.frame_conditioning:
       raise ValueError(
@@ -495,15 +521,7 @@ class TextToVideoPipeline:
           f"{expected} (e.g. another pipeline's output='latents') and given_mask "
           "[F] or [B, F] (1 = given)."
       )
-    latents = jnp.asarray(latents, jnp.float32)
-    if (
-        latents.ndim != 5
-        or latents.shape[0] != batch
-        or latents.shape[-1] != self.vae.latent_channels
-    ):
-      raise ValueError(
-          f"given_latents must be {expected}, one clip per prompt; got shape " f"{latents.shape}."
-      )
+    latents = self._clip_latents("given_latents", latents, expected, batch)
     mask = jnp.asarray(mask, jnp.float32)
     if mask.ndim == 1:
       mask = jnp.broadcast_to(mask[None], (batch, mask.shape[0]))
@@ -512,16 +530,7 @@ class TextToVideoPipeline:
           f"given_mask must be [F={latents.shape[1]}] or [B={batch}, "
           f"F={latents.shape[1]}]; got shape {mask.shape}."
       )
-    unit = self._low_res_pixels(1)
-    for name, given, actual in (
-        ("num_frames", num_frames, latents.shape[1]),
-        ("height", height, latents.shape[2] * unit),
-        ("width", width, latents.shape[3] * unit),
-    ):
-      if given is not None and given != actual:
-        raise ValueError(
-            f"{name}={given} disagrees with the given_latents' {actual}; leave it " "unset."
-        )
+    self._check_sizes("given_latents", latents, self._low_res_pixels(1), num_frames, height, width)
     return latents, mask
 
   def _check_low_res(self, latents, batch, num_frames, height, width):
@@ -536,26 +545,16 @@ class TextToVideoPipeline:
           f"This pipeline is a latent upsampler (×{self.low_res_factor}): pass "
           f"low_res_latents {expected}, e.g. a base pipeline's output='latents'."
       )
-    latents = jnp.asarray(latents, jnp.float32)
-    if (
-        latents.ndim != 5
-        or latents.shape[0] != batch
-        or latents.shape[-1] != self.vae.latent_channels
-    ):
-      raise ValueError(
-          f"low_res_latents must be {expected}, one clip per prompt; got shape " f"{latents.shape}."
-      )
-    unit = self._low_res_pixels()
-    for name, given, actual in (
-        ("num_frames", num_frames, latents.shape[1]),
-        ("height", height, latents.shape[2] * unit),
-        ("width", width, latents.shape[3] * unit),
-    ):
-      if given is not None and given != actual:
-        raise ValueError(
-            f"{name}={given} disagrees with the low_res_latents' {actual} "
-            f"(×{self.low_res_factor}); leave it unset."
-        )
+    latents = self._clip_latents("low_res_latents", latents, expected, batch)
+    self._check_sizes(
+        "low_res_latents",
+        latents,
+        self._low_res_pixels(),
+        num_frames,
+        height,
+        width,
+        f" (×{self.low_res_factor})",
+    )
     return latents
 
   def _sample(
