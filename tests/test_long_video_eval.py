@@ -86,7 +86,9 @@ def test_interpolation_psnr():
   perfect, recolored = records[0], records[1]
   assert perfect["psnr_generated"] == long_video.PSNR_CAP
   assert perfect["psnr_blend"] < 30 and perfect["gain"] > 60
-  assert perfect["correct"] == dict(color=True, shape=True, color_and_shape=True)
+  assert perfect["correct"] == dict(
+      color=True, shape=True, direction=True, all=True, color_and_shape=True
+  )
   assert not recolored["correct"]["color"] and recolored["correct"]["shape"]
   summary = long_video.summarize_interpolation(records)
   assert summary["n"] == 2 and summary["color_and_shape"] == 0.5

@@ -27,7 +27,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from vldm.data import shapes
 from vldm.eval import metrics
 from vldm.eval import oracle
 
@@ -213,14 +212,14 @@ def judge_interpolation(
   made from truth's key frames (positions 0, factor, 2·factor...). PSNR over the in-between
   frames only (the keys were given): psnr_generated (generated vs truth), psnr_blend
   (`linear_blend` of truth's keys vs truth) and gain = psnr_generated - psnr_blend (dB; > 0 beats
-  the blend); seen and correct: the oracle's color and shape of the generated clip against the
-  prompt's."""
+  the blend), on top of `oracle.judge_all`'s record of the generated clip, whose `correct` gains
+  color_and_shape."""
   if not len(generated) == len(truth) == len(prompts):
     raise ValueError(
-        f"{len(generated)} generated clips, {len(truth)} true clips and " f"{len(prompts)} prompts."
+        f"{len(generated)} generated clips, {len(truth)} true clips and {len(prompts)} prompts."
     )
-  records = []
-  for clip, true_clip, prompt in zip(generated, truth, prompts):
+  records = oracle.judge_all(generated, prompts)
+  for record, clip, true_clip in zip(records, generated, truth):
     clip, true_clip = oracle.to_float(clip), oracle.to_float(true_clip)
     if clip.shape != true_clip.shape:
       raise ValueError(f"Generated clip {clip.shape} and true clip {true_clip.shape} differ.")
@@ -228,25 +227,14 @@ def judge_interpolation(
     between = np.arange(len(true_clip)) % factor != 0
     psnr_generated = psnr(clip[between], true_clip[between])
     psnr_blend = psnr(blend[between], true_clip[between])
-    color, shape, direction = oracle.parse_prompt(prompt)
-    j = oracle.judge(clip)
-    correct = dict(color=j.color == color, shape=j.shape == shape)
+    correct = record["correct"]
     correct["color_and_shape"] = correct["color"] and correct["shape"]
-    records.append(
-        dict(
-            prompt=prompt,
-            color=color,
-            shape=shape,
-            direction=direction,
-            held_out=shapes.is_held_out(color, shape),
-            frames=len(clip),
-            factor=factor,
-            psnr_generated=psnr_generated,
-            psnr_blend=psnr_blend,
-            gain=psnr_generated - psnr_blend,
-            seen=dict(color=j.color, shape=j.shape),
-            correct=correct,
-        )
+    record.update(
+        frames=len(clip),
+        factor=factor,
+        psnr_generated=psnr_generated,
+        psnr_blend=psnr_blend,
+        gain=psnr_generated - psnr_blend,
     )
   return records
 
