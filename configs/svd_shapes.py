@@ -1,4 +1,4 @@
-"""SVD-style image-to-video on the procedural shapes clips, sized for a CPU: no text.
+"""SVD-style image-to-video on the procedural shapes clips, sized for a CPU (no text prompt).
 
 The i2v stage of configs/svd.py (`ImageToVideoTask`: the clip's first frame conditions a video UNet
 through a frozen CLIP image embedding and its VAE latents concatenated on channels; v-EDM loss,
@@ -9,19 +9,30 @@ log-normal σ, EDM weighting; Euler on Karras σ) trained from scratch on config
               latents scaled by 1/std measured on rendered frames (`scale_from='shapes'`)
   UNet        the shapes video stage's UNet module config (two levels, 32/64 channels), inflated by
               `ldm.temporal` with SVD's added time ids; its input conv takes 2 × 4 latent channels
-  image tower configs/svd.py's small random frozen CLIP image encoder (no folder)
+  image tower a small CLIP image encoder (IMAGE_ENCODER), frozen: trained by stage=clip (`clip=`),
+              else random
   schedule    SD's scaled-linear β 0.00085–0.012 over 1000 steps (module config, no folder)
 
-  python -m vldm.train --config configs/shapes.py:stage=autoencoder,root=ROOT --workdir ROOT/autoencoder
+  python -m vldm.train --config configs/shapes.py:stage=autoencoder,root=ROOT \
+      --workdir ROOT/autoencoder
   python -m vldm.train --config configs/shapes.py:stage=autoencoder_video,root=ROOT \
       --workdir ROOT/autoencoder_video
-  python -m vldm.train --config configs/svd_shapes.py:root=ROOT --workdir ROOT/i2v
+  python -m vldm.train --config configs/svd_shapes.py:stage=clip,root=ROOT --workdir ROOT/clip
+  python -m vldm.train --config configs/svd_shapes.py:root=ROOT,clip=ROOT/clip --workdir ROOT/i2v
   python -m vldm.eval.i2v_shapes --workdir ROOT/i2v --num_clips 72 --out ROOT/report
 
-Args: root (required: the folder holding ROOT/autoencoder_video; data in ROOT/data unless data_dir),
-steps (default 1000), data_dir, image (a trained shapes image stage, configs/shapes.py:stage=image:
-the UNet starts from it, widened and inflated; default: from scratch), runlocal (tiny step count
-and sampler, for a smoke test).
+The image tower: SVD conditions on a trained CLIP's embedding of the frame (what is in it) beside
+its latents (where). No published CLIP has seen these frames, so `stage=clip` trains one on the
+shapes stills and their captions, contrastively as CLIP is trained (`vldm.recipes.
+contrastive_clip`), and the i2v stage reads its image tower frozen (`clip=`). Without `clip` the
+tower is random and frozen: its embedding carries colour at most, and the model must find the
+shape in the latents alone (docs/svd_shapes.md measures both).
+
+Args: stage ('i2v', default, or 'clip'), root (required: the folder holding ROOT/autoencoder_video;
+data in ROOT/data unless data_dir), steps (default 1000 for i2v, 600 for clip), data_dir, image (a
+trained shapes image stage, configs/shapes.py:stage=image: the UNet starts from it, widened and
+inflated; default: from scratch), clip (a trained stage=clip workdir: the frozen image tower),
+runlocal (tiny step count and sampler, for a smoke test).
 """
 
 import os
@@ -35,20 +46,37 @@ from configs import svd
 
 FRAMES = 8
 RESOLUTION = 32
-DEFAULT_STEPS = 1000
+STAGES = ("i2v", "clip")
+DEFAULT_STEPS = dict(i2v=1000, clip=600)
+# The image tower, random (no `clip`) or trained by stage=clip: 8 × 8 patches of 4 px.
+IMAGE_ENCODER = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=RESOLUTION,
+    patch_size=4,
+)
+PROJECTION_DIM = 64  # the UNet's cross-attention width (configs/shapes.py's video stage)
 BATCH, LR, WARMUP = 8, 1e-3, 50  # the shapes video stage's batch, peak rate and warmup
 
 
 def get_config(arg=None):
   arg = common.parse_arg(
-      arg, root="", steps=DEFAULT_STEPS, data_dir="", image="", runlocal=False
+      arg, stage="i2v", root="", steps=0, data_dir="", image="", clip="", runlocal=False
   )
+  if arg.stage not in STAGES:
+    raise ValueError(f"Unknown stage {arg.stage!r}; configs/svd_shapes.py has {STAGES}.")
   if not arg.root:
-    raise ValueError("configs/svd_shapes.py needs root=DIR, the folder holding "
-                     "DIR/autoencoder_video (configs/shapes.py:stage=autoencoder_video).")
+    raise ValueError(
+        "configs/svd_shapes.py needs root=DIR, the folder holding "
+        "DIR/autoencoder_video (configs/shapes.py:stage=autoencoder_video)."
+    )
   root = os.path.abspath(arg.root)
   local = arg.runlocal
-  steps = 3 if local else arg.steps
+  steps = 3 if local else (arg.steps or DEFAULT_STEPS[arg.stage])
+  if arg.stage == "clip":
+    return clip_config(root, steps, arg.data_dir, local)
 
   config = common.base_config()
   config.task = svd.IMAGE_TASK
@@ -95,8 +123,14 @@ def get_config(arg=None):
   # takes it, and scaled as it scales it.
   c.vae = shapes.ldm_config("video", False).vae
   c.vae.workdir = os.path.join(root, "autoencoder_video")
-  c.schedule = ml_collections.ConfigDict(dict(
-      num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"))
+  c.schedule = ml_collections.ConfigDict(
+      dict(
+          num_train_timesteps=1000,
+          beta_start=0.00085,
+          beta_end=0.012,
+          beta_schedule="scaled_linear",
+      )
+  )
   c.prediction_type = "v_edm"
   c.noise_sampling, c.weighting = "lognormal", "edm"
   c.p_mean, c.p_std = svd.NOISE["i2v"]
@@ -106,7 +140,48 @@ def get_config(arg=None):
   c.train = "all"
   c.latent_cache_dir = config_dict.placeholder(str)
   config.ldm = c
+  c.image_encoder.model = ml_collections.ConfigDict(IMAGE_ENCODER)
+  c.image_encoder.workdir = os.path.abspath(arg.clip) if arg.clip else config_dict.placeholder(str)
   if arg.image:  # start from a trained shapes image stage: its spatial layers know the shapes
     config.init_from.workdir = os.path.abspath(arg.image)
     config.init_from.transform = "inflate_to_image_to_video"
+  return config
+
+
+def clip_config(root: str, steps: int, data_dir: str, local: bool):
+  """stage=clip: the image tower and a text tower trained contrastively on the shapes stills and
+  their captions (configs/shapes.py's image-stage data, no caption dropout)."""
+  config = common.base_config()
+  config.task = "vldm.recipes.contrastive_clip:ContrastiveClipTask"
+  config.stage = "clip"
+  config.prng_impl = "rbg"
+  config.dtype = "float32"
+  config.total_steps = steps
+  config.batch_size = 4 if local else 64
+  config.log_every = 1 if local else 50
+  config.checkpoint_every = 0
+  config.keep_checkpoints = 1
+  config.tensorboard = False
+  config.sample_every = 0
+  config.optim.lr = 1e-3
+  config.optim.warmup_steps = 1 if local else 50
+  config.optim.decay = "cosine"
+  config.optim.end_lr_factor = 0.1
+  config.ema_decay = 0.0
+  image = shapes.get_config(f"stage=image,root={root},runlocal={local}")
+  config.data = image.data
+  config.data.caption_dropout = 0.0
+  config.data.resolution = RESOLUTION
+  config.data.data_dir = data_dir or os.path.join(root, "data")
+  config.data.batch_size = config.get_ref("batch_size")
+  c = ml_collections.ConfigDict()
+  c.projection_dim = PROJECTION_DIM
+  c.image_encoder = ml_collections.ConfigDict(
+      dict(folder=config_dict.placeholder(str), model=ml_collections.ConfigDict(IMAGE_ENCODER))
+  )
+  c.text_encoder = image.ldm.text_encoder
+  c.text_encoder.train = True
+  c.tokenizer = image.ldm.tokenizer
+  c.pretrained = config_dict.placeholder(str)
+  config.ldm = c
   return config

@@ -234,10 +234,21 @@ def make_image_encoder(config, projection_dim: int) -> clip_lib.CLIPVisionModelW
 
 
 def image_encoder_params(config, encoder, seed: int):
-  """Its folder's weights, else its own init from `seed` (the same on every restart)."""
+  """Its folder's weights, else a trained contrastive CLIP stage's image tower
+  (`ldm.image_encoder.workdir`, `vldm.recipes.contrastive_clip`), else its own init from `seed`
+  (the same on every restart)."""
   path = folder(config, "image_encoder")
   if path:
     return _load_weights(path, "image_encoder")
+  workdir = config.ldm.image_encoder.get("workdir")
+  if workdir:
+    params = common.load_stage_params(workdir)
+    if "image_encoder" not in params:
+      raise ComponentError(
+          f"ldm.image_encoder.workdir {workdir} holds no image tower (parameters "
+          f"{sorted(params)}); it must be a contrastive CLIP stage."
+      )
+    return params["image_encoder"]
   import jax  # pylint: disable=g-import-not-at-top
 
   pixels = jnp.zeros((1, encoder.image_size, encoder.image_size, 3), jnp.float32)
