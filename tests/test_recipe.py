@@ -368,8 +368,6 @@ def test_recipe_end_to_end_at_runlocal_size(tmp_path):
   )
   assert pipe.base.sampler.sampler == sampler.name == "ddim"
 
-  long_stages(root)
-
   # A stage the demo trained resumes under plain `python -m vldm.train` (the process default
   # PRNG is threefry there): its key follows the stage's config.prng_impl.
   jax.config.update("jax_default_prng_impl", "threefry2x32")
@@ -384,9 +382,15 @@ def tmp_path_of(root):
   return pathlib.Path(root).parent
 
 
+@pytest.mark.slow  # ≈ 3 min: the demo's stages, then the long-video ones
+def test_long_video_stages_at_runlocal_size(tmp_path):
+  long_stages(str(tmp_path / "run"))
+
+
 def long_stages(root):
-  """`--long` on the finished runlocal run: the prediction and interpolation stages, their report,
-  sampling long clips from the workdir, and an exact resume of the prediction stage."""
+  """`--long` at runlocal size (the demo's own stages first): the prediction and interpolation
+  stages, their report, sampling long clips from the workdir, and an exact resume of the
+  prediction stage."""
   summaries = demo.run(root, runlocal=True, num_samples=1, batch_size=72, long=True, long_frames=14)
   assert summaries["long"]["overall"]["n"] == 72 and summaries["interpolation"]["n"] == 72
   report = open(os.path.join(root, "report.md")).read()

@@ -1,0 +1,232 @@
+"""The model scores of curation: caption–frame CLIP similarity, LAION aesthetics, CRAFT text area.
+
+Each scorer takes the key frames of a video's clips (first, middle, last: uint8 [N, 3, H, W, 3])
+and returns one float per clip. The networks are jitted once per scorer and run on batches of a
+fixed size (the last one padded), so a video's scores do not depend on the other videos of the
+run: a resumed run scores exactly as an uninterrupted one.
+
+  clip_score   mean cosine similarity of the caption embeddings with the frame embeddings (over
+               the 3 frames and over the clip's captions); None for clips without captions.
+  aesthetic    the LAION MLP on the CLIP image embeddings, mean over the 3 frames.
+  text_area    CRAFT's fraction of the frame covered by text boxes, the max over the 3 frames
+               (a caption or logo in any of them is enough to drop the clip).
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vldm.convert import clip as _clip_formats  # pylint: disable=unused-import  # registers CLIP
+from vldm.convert import core
+from vldm.convert import registry
+from vldm.convert import torch_state
+from vldm.models import aesthetic
+from vldm.models import clip
+from vldm.models import craft
+from vldm.models import tokenizer as tokenizer_lib
+
+
+def _batches(images, batch_size):
+  """Yields (batch padded to batch_size, number of real rows)."""
+  for i in range(0, len(images), batch_size):
+    chunk = images[i : i + batch_size]
+    pad = batch_size - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+    yield chunk, batch_size - pad
+
+
+def _split_state(state, prefixes):
+  return {k: v for k, v in state.items() if k.startswith(prefixes)}
+
+
+def load_clip_folder(path):
+  """A transformers CLIPModel folder (config.json, model.safetensors, tokenizer files) →
+  (text module, text params, vision module, vision params, tokenizer).
+
+  Reuses the converters registered for CLIPTextModelWithProjection and
+  CLIPVisionModelWithProjection on the two halves of CLIPModel's state dict.
+  """
+  if not os.path.isdir(path):
+    raise ValueError(
+        f"config.clip={path!r} is not a folder. It must be a transformers CLIPModel folder "
+        "(config.json, model.safetensors, and the tokenizer's vocab.json + merges.txt or "
+        "tokenizer.json), as CLIPModel.save_pretrained + CLIPTokenizer.save_pretrained write."
+    )
+  config = registry.read_config(path)
+  if registry.class_name_of(config) != "CLIPModel" or "text_config" not in config:
+    raise ValueError(
+        f"{path}/config.json describes a {registry.class_name_of(config)!r}; config.clip needs a "
+        "CLIPModel folder (text and vision towers with projections)."
+    )
+  weights = os.path.join(path, registry.TRANSFORMERS_WEIGHTS)
+  if not os.path.isfile(weights):
+    raise ValueError(f"config.clip={path!r} has no {registry.TRANSFORMERS_WEIGHTS}.")
+  state = {k: v.astype(np.float32) for k, v in core.read_safetensors(weights).items()}
+  projection_dim = config.get("projection_dim", 512)
+  halves = []
+  for class_name, sub, prefixes in (
+      ("CLIPTextModelWithProjection", "text_config", ("text_model.", "text_projection.")),
+      ("CLIPVisionModelWithProjection", "vision_config", ("vision_model.", "visual_projection.")),
+  ):
+    fmt = registry.format_for(class_name)
+    module = fmt.from_config(
+        {**config[sub], "architectures": [class_name], "projection_dim": projection_dim}
+    )
+    sub_state = fmt.rename_keys(_split_state(state, prefixes))
+    halves += [module, core.torch_to_flax(sub_state, fmt.param_shapes(module), ignore=fmt.ignore)]
+  return (*halves, tokenizer_lib.CLIPBPETokenizer(path))
+
+
+def _center_square(frames):
+  """uint8 [N, H, W, 3] → the centred square crops (CLIP's own preprocessing crops too)."""
+  h, w = frames.shape[1:3]
+  side = min(h, w)
+  top, left = (h - side) // 2, (w - side) // 2
+  return frames[:, top : top + side, left : left + side]
+
+
+class ClipScorer:
+  """CLIP image embeddings of key frames, and their similarity with captions."""
+
+  def __init__(self, path, batch_size=32):
+    text, self._text_params, vision, self._vision_params, self.tokenizer = load_clip_folder(path)
+    self.batch_size = batch_size
+    size = vision.image_size
+
+    def embed_images(params, frames):
+      pixels = clip.preprocess_for_clip(frames.astype(jnp.float32) / 127.5 - 1.0, size)
+      return vision.apply({"params": params}, pixels)
+
+    def embed_texts(params, ids):
+      return text.apply({"params": params}, ids)[1]
+
+    self._embed_images = jax.jit(embed_images)
+    self._embed_texts = jax.jit(embed_texts)
+
+  def image_embeds(self, frames):
+    """uint8 [N, H, W, 3] → unnormalised image embeddings float32 [N, P]."""
+    frames = _center_square(np.asarray(frames))
+    out = [
+        np.asarray(self._embed_images(self._vision_params, batch))[:n]
+        for batch, n in _batches(frames, self.batch_size)
+    ]
+    return np.concatenate(out)
+
+  def text_embeds(self, captions):
+    ids = self.tokenizer(list(captions))
+    out = [
+        np.asarray(self._embed_texts(self._text_params, batch))[:n]
+        for batch, n in _batches(ids, self.batch_size)
+    ]
+    return np.concatenate(out)
+
+  def caption_embeds(self, captions):
+    """L2-normalised text embeddings [C, P] of the captions."""
+    return np.asarray(aesthetic.l2_normalize(self.text_embeds(captions)))
+
+  @staticmethod
+  def similarity(image_embeds, caption_embeds):
+    """Mean cosine similarity of image embeddings [K, P] with normalised caption embeddings."""
+    images = np.asarray(aesthetic.l2_normalize(image_embeds))
+    return float((images @ caption_embeds.T).mean())
+
+
+class AestheticScorer:
+  """LAION's aesthetic MLP on CLIP image embeddings."""
+
+  def __init__(self, path, embed_dim):
+    if not os.path.isfile(path):
+      raise ValueError(
+          f"config.aesthetic_weights={path!r} is not a file; it must be the LAION predictor's "
+          "PyTorch state dict (sac+logos+ava1-l14-linearMSE.pth)."
+      )
+    params = torch_state.load_aesthetic_params(path, embed_dim)
+    module = aesthetic.AestheticMLP(embed_dim)
+    self._apply = jax.jit(lambda embeds: module.apply({"params": params}, embeds))
+
+  def __call__(self, image_embeds):
+    return np.asarray(self._apply(jnp.asarray(image_embeds, jnp.float32)))
+
+
+class CraftScorer:
+  """Fraction of each frame covered by CRAFT text boxes."""
+
+  def __init__(self, path, long_side=512, batch_size=8):
+    if not os.path.isfile(path):
+      raise ValueError(
+          f"config.craft_weights={path!r} is not a file; it must be CRAFT's PyTorch state dict "
+          "(craft_mlt_25k.pth)."
+      )
+    self._variables = torch_state.load_craft_params(path)
+    self.long_side = long_side
+    self.batch_size = batch_size
+    self._apply = {}
+
+  def _fn(self, size):
+    if size not in self._apply:
+      module = craft.CRAFT()
+      self._apply[size] = jax.jit(
+          lambda variables, frames: module.apply(variables, craft.preprocess(frames, size))[0]
+      )
+    return self._apply[size]
+
+  def __call__(self, frames):
+    """uint8 [N, H, W, 3] → text area fractions float32 [N]."""
+    frames = np.asarray(frames)
+    size = craft.input_size(frames.shape[1], frames.shape[2], self.long_side)
+    fn = self._fn(size)
+    out = [
+        craft.text_area(np.asarray(fn(self._variables, batch))[:n])
+        for batch, n in _batches(frames, self.batch_size)
+    ]
+    return np.concatenate(out)
+
+
+class Scorers:
+  """The model scorers the config's weights allow; `names` lists those that run."""
+
+  def __init__(self, config):
+    self.clip = self.aesthetic = self.craft = None
+    if config.aesthetic_weights and not config.clip:
+      raise ValueError(
+          "config.aesthetic_weights needs config.clip too: the aesthetic MLP scores CLIP image "
+          "embeddings (a CLIP ViT-L/14 CLIPModel folder for the published weights)."
+      )
+    if config.clip:
+      self.clip = ClipScorer(config.clip, config.batch_size)
+    if config.aesthetic_weights:
+      vision_dim = self.clip.image_embeds(np.zeros((1, 8, 8, 3), np.uint8)).shape[-1]
+      self.aesthetic = AestheticScorer(config.aesthetic_weights, vision_dim)
+    if config.craft_weights:
+      self.craft = CraftScorer(config.craft_weights, config.craft_long_side, config.batch_size)
+    self.names = [
+        n
+        for n, s in (
+            ("clip_score", self.clip),
+            ("aesthetic", self.aesthetic),
+            ("text_area", self.craft),
+        )
+        if s is not None
+    ]
+
+  def score(self, key_frames, captions):
+    """key_frames uint8 [N, 3, H, W, 3] (first, middle, last of N clips), captions of the video
+    (list, maybe empty) → {score name: [N] floats or None}."""
+    out = {}
+    if not self.names or len(key_frames) == 0:
+      return out
+    n = len(key_frames)
+    flat = key_frames.reshape((-1,) + key_frames.shape[2:])
+    if self.clip is not None:
+      embeds = self.clip.image_embeds(flat).reshape((n, 3, -1))
+      if captions:
+        texts = self.clip.caption_embeds(captions)
+        out["clip_score"] = [self.clip.similarity(e, texts) for e in embeds]
+      if self.aesthetic is not None:
+        out["aesthetic"] = [float(x) for x in self.aesthetic(embeds).mean(axis=1)]
+    if self.craft is not None:
+      out["text_area"] = [float(x) for x in self.craft(flat).reshape(n, 3).max(axis=1)]
+    return out
