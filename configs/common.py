@@ -113,9 +113,15 @@ def base_config() -> ml_collections.ConfigDict:
 def link_data(config: ml_collections.ConfigDict, data: str, root: str) -> None:
   """The data section's batch size as the config's (one key: --config.batch_size), the prepared
   dataset in ROOT/data, and no folder when none was given (a preset compiles without data;
-  training it says data.folder is missing)."""
+  training it says data.folder is missing). `data` may be a curated clip list (a .jsonl or .csv
+  file, e.g. `python -m vldm.curate`'s OUT/clips.jsonl) instead of a folder."""
   if not data:
     config.data.folder = None
+  elif os.path.isfile(data):
+    from vldm.data import video_folder  # pylint: disable=g-import-not-at-top
+
+    config.data.folder = video_folder.clip_list_folder(data)
+    config.data.captions = os.path.abspath(data)
   config.data.batch_size = config.get_ref("batch_size")
   config.data.data_dir = os.path.join(root, "data") if root else config_dict.placeholder(str)
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import cv2
+import ml_collections
 import numpy as np
 import pytest
 
@@ -296,3 +297,45 @@ def test_clip_score_matches_transformers(folder, tmp_path):
   scored = [r for r in result["rows"] if "clip_score" in r]
   assert {r["file"] for r in scored} == {"cuts.mp4", "fade.mp4"}  # the captioned videos
   assert sum("clip_score" in r["dropped_by"] for r in result["rows"]) == 3  # 50 % of 5, half up
+
+
+def test_curated_clip_list_is_training_data(full_run, tmp_path):
+  """The recipes' video-folder dataset reads clips.jsonl: kept clips only, each from its frame
+  range; `data=OUT/clips.jsonl` finds the folder the curation read."""
+  # pylint: disable=g-import-not-at-top
+  from configs import common as configs_common
+  from vldm.data import config as data_config_lib
+  from vldm.data import video_folder
+
+  out, result = full_run
+  clip_list = os.path.join(out, "clips.jsonl")
+  data = data_config_lib.data_config("video_folder", folder=out)  # what data=DIR would set
+  config = ml_collections.ConfigDict(dict(data=data))
+  config.batch_size = 2
+  configs_common.link_data(config, clip_list, str(tmp_path))
+  assert config.data.captions == clip_list
+  with open(os.path.join(out, video_folder.CURATION_MANIFEST), encoding="utf-8") as f:
+    folder = json.load(f)["input"]
+  assert config.data.folder == video_folder.clip_list_folder(clip_list) == folder
+  builder = video_folder.video_folder_builder(
+      config.data.folder,
+      clip_list,
+      resolution=16,
+      min_frames=4,
+      max_frames=4,
+      clips_per_video=0,
+      data_dir=str(tmp_path / "tfds"),
+  )
+  builder.download_and_prepare(file_format="array_record")
+  source = builder.as_data_source("train")
+  examples = [source[i] for i in range(len(source))]
+  kept = [r for r in result["rows"] if r["kept"]]
+  dropped = [r for r in result["rows"] if not r["kept"]]
+  assert kept and dropped
+  ranges = {(r["file"], r["start_frame"], r["end_frame"]) for r in kept}
+  for e in examples:
+    file, start = e["file"].decode(), int(e["start_frame"])
+    assert any(f == file and s <= start and start + 4 <= end for f, s, end in ranges), (file, start)
+  # Every kept clip gives its segments; a dropped clip's frames appear only inside kept ranges.
+  assert {(e["file"].decode()) for e in examples} == {r["file"] for r in kept}
+  assert len(examples) == sum((r["end_frame"] - r["start_frame"]) // 4 for r in kept)

@@ -200,7 +200,7 @@ def test_examples_carry_a_motion_score(tmp_path):
   builder = video_folder.video_folder_builder(
       folder, resolution=32, min_frames=4, data_dir=str(tmp_path / "tfds")
   )
-  assert str(builder.info.version) == "1.2.0"
+  assert str(builder.info.version) == "1.3.0"
   builder.download_and_prepare(file_format="array_record")
   source = builder.as_data_source("train")
   examples = {e["file"].decode(): e for e in (source[i] for i in range(len(source)))}

@@ -111,7 +111,8 @@ def test_stages_batch_and_bad_arguments(inputs):
   # One batch size: the data's follows the run's.
   assert load("video", inputs["sd1"], inputs["videos"], batch_size=16).data.batch_size == 16
   with pytest.raises(
-      ValueError, match=r"Unknown stage 'vidoe'; .* \('image', 'video', 'upsampler', 'prediction', 'interpolation'\)"
+      ValueError,
+      match=r"Unknown stage 'vidoe'; .* \('image', 'video', 'upsampler', 'prediction', 'interpolation'\)",
   ):
     load("vidoe", inputs["sd1"], inputs["videos"])
   with pytest.raises(ValueError, match="needs data=DIR: a folder of videos with captions.csv"):
@@ -354,3 +355,31 @@ def test_compute_settings_reach_the_unet(inputs):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   # Half of each batch goes through as stills: the image-only indicator of the first half.
   np.testing.assert_array_equal(task._image_only_indicator(2), [[1] * 4, [0] * 4])  # pylint: disable=protected-access
+
+
+@pytest.mark.slow  # ≈ 1 min: curation of the video folder, then 3 video-stage steps on its clips
+def test_video_stage_trains_on_a_curated_clip_list(inputs, tmp_path):
+  out = str(tmp_path / "curated")
+  recipe_runs.run(
+      "curate", "--input", inputs["videos"], "--out", out, "--config.min_frames=4", inputs=inputs
+  )
+  clip_list = os.path.join(out, "clips.jsonl")
+  with open(clip_list, encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f]
+  assert any(r["kept"] for r in rows) and not all(r["kept"] for r in rows)
+  root = str(tmp_path / "runs")
+  spec = f"{CONFIG}:stage=video,pretrained={inputs['sd2']},data={clip_list},root={root},runlocal"
+  recipe_runs.run(
+      "train",
+      "--config",
+      spec,
+      "--workdir",
+      os.path.join(root, "video"),
+      "--config.batch_size=2",  # the kept clips of the tiny folder: fewer than the default 8
+      "--config.progress_bar=False",
+      "--config.tensorboard=False",
+      inputs=inputs,
+  )
+  with open(os.path.join(root, "video", "metrics.jsonl"), encoding="utf-8") as f:
+    steps = [json.loads(line).get("step") for line in f]
+  assert max(s for s in steps if s is not None) == 3

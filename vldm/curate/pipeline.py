@@ -404,6 +404,9 @@ def run(config, input_dir, out_dir, host=None, host_count=None):
     return None
   rows, records, summary = merge(out_dir, host_count, filters_from_config(config))
   write_clips(os.path.join(out_dir, CLIPS_FILE), rows)
+  # Where the rows' files are: a recipe given data=OUT/clips.jsonl reads them from there.
+  with open(os.path.join(out_dir, video_folder.CURATION_MANIFEST), "w", encoding="utf-8") as f:
+    json.dump({"input": os.path.abspath(input_dir)}, f)
   report.write_report(
       out_dir, rows, records, summary, SCORES, lambda file: np.load(thumbs_path(out_dir, file))
   )

@@ -6,6 +6,11 @@ file, CSV with a header or JSON lines, one row per clip with the keys
   caption  its caption (alias: text)
   fps      optional; overrides the frame rate read from the file
   split    optional; the split the clip goes to (default 'train')
+  start_frame, end_frame   optional; the clip is that frame range of the file (end exclusive)
+  kept     optional; rows with kept false are skipped
+A curated clip list (`python -m vldm.curate`'s OUT/clips.jsonl: several rows per file, a
+`captions` list where a clip has several, of which the first is used) is such a file; its rows
+without a caption get the empty one (a warning says how many).
 Without `captions`' default name, 'captions.csv', in the folder, 'captions.jsonl' is used.
 Output: examples {'video': uint8 [T, R, R, 3] (shorter side resized to R, centre crop), 'caption',
 'fps', 'file', 'start_frame', 'motion'}.
@@ -50,6 +55,7 @@ log = logging.getLogger(__name__)
 DEFAULT_FPS = 10.0  # when a file carries no frame rate
 DEFAULT_CAPTIONS = "captions.csv"
 FALLBACK_CAPTIONS = "captions.jsonl"  # used when the default captions file is absent
+CURATION_MANIFEST = "curation.json"  # {'input': folder}: beside a curated clip list
 DEFAULT_CLIPS_PER_VIDEO = 8
 SKIP_REASONS = ("missing", "unreadable", "too_short")
 _FILE_KEYS = ("file", "video", "path")
@@ -59,6 +65,7 @@ _CAPTION_KEYS = ("caption", "text")
 @dataclasses.dataclass
 class VideoFolderConfig(tfds.core.BuilderConfig):
   """folder: the videos; captions: CSV/JSONL file (relative to folder unless absolute)."""
+
   folder: str = ""
   captions: str = DEFAULT_CAPTIONS
   resolution: int = 64
@@ -69,24 +76,77 @@ class VideoFolderConfig(tfds.core.BuilderConfig):
 
 
 def read_captions(path):
-  """Rows of a CSV (with header) or JSON-lines captions file as dicts {file, caption, fps, split}."""
+  """Rows of a CSV (with header) or JSON-lines captions file as dicts {file, caption, fps, split,
+  start_frame, end_frame}; rows with kept false are left out."""
   with open(path, newline="", encoding="utf-8") as f:
     if str(path).endswith((".jsonl", ".json")):
       raw = [json.loads(line) for line in f if line.strip()]
     else:
       raw = list(csv.DictReader(f))
-  rows = []
+  rows, uncaptioned = [], 0
   for n, row in enumerate(raw):
+    if _is_false(row.get("kept")):  # a curated clip list's dropped clip
+      continue
     file = next((row[k] for k in _FILE_KEYS if row.get(k)), None)
     caption = next((row[k] for k in _CAPTION_KEYS if row.get(k) is not None), None)
+    if caption is None and isinstance(row.get("captions"), list) and row["captions"]:
+      caption = row["captions"][0]  # a clip list's several captions: the first
+    if caption is None and "end_frame" in row:
+      caption = ""  # a clip list's uncaptioned clip: usable where captions are not (image-to-video)
+      uncaptioned += 1
     if file is None or caption is None:
-      raise ValueError(f"{path}, row {n + 1}: every row needs a file ({'/'.join(_FILE_KEYS)}) and "
-                       f"a caption ({'/'.join(_CAPTION_KEYS)}); got keys {sorted(row)}.")
+      raise ValueError(
+          f"{path}, row {n + 1}: every row needs a file ({'/'.join(_FILE_KEYS)}) and "
+          f"a caption ({'/'.join(_CAPTION_KEYS)}, or a non-empty 'captions' list); "
+          f"got keys {sorted(row)}."
+      )
     fps = row.get("fps")
-    rows.append(dict(file=str(file), caption=str(caption),
-                     fps=float(fps) if fps not in (None, "") else None,
-                     split=str(row.get("split") or "train")))
+    window = [_optional_int(row.get(k), k, path, n) for k in ("start_frame", "end_frame")]
+    if window[1] is not None and window[1] <= (window[0] or 0):
+      raise ValueError(
+          f"{path}, row {n + 1}: end_frame {window[1]} must be > start_frame "
+          f"{window[0] or 0} (end exclusive)."
+      )
+    rows.append(
+        dict(
+            file=str(file),
+            caption=str(caption),
+            fps=float(fps) if fps not in (None, "") else None,
+            split=str(row.get("split") or "train"),
+            start_frame=window[0] or 0,
+            end_frame=window[1],
+        )
+    )
+  if uncaptioned:
+    log.warning("%s: %d clip(s) have no caption; they get the empty caption.", path, uncaptioned)
   return rows
+
+
+def _is_false(value):
+  return value is False or (isinstance(value, str) and value.strip().lower() in ("false", "0"))
+
+
+def _optional_int(value, key, path, n):
+  if value in (None, ""):
+    return None
+  try:
+    number = int(value)
+  except (TypeError, ValueError):
+    number = None
+  if number is None or number < 0 or number != float(value):
+    raise ValueError(f"{path}, row {n + 1}: {key} must be a frame index >= 0; got {value!r}.")
+  return number
+
+
+def clip_list_folder(clip_list):
+  """The folder whose files a clip list's rows name: the 'input' of the `python -m vldm.curate`
+  manifest beside it (CURATION_MANIFEST), else the list's own folder."""
+  here = os.path.dirname(os.path.abspath(clip_list))
+  manifest = os.path.join(here, CURATION_MANIFEST)
+  if not os.path.isfile(manifest):
+    return here
+  with open(manifest, encoding="utf-8") as f:
+    return json.load(f)["input"]
 
 
 def captions_path(folder, captions=DEFAULT_CAPTIONS):
@@ -172,17 +232,30 @@ def chosen_segments(count, clips_per_video):
 
 
 def iter_segments(
-    path, stride, min_frames, max_frames, clips_per_video=0, num_frames=None, resolution=None
+    path,
+    stride,
+    min_frames,
+    max_frames,
+    clips_per_video=0,
+    num_frames=None,
+    resolution=None,
+    start_frame=0,
+    end_frame=None,
 ):
   """Yields (start_frame, frames uint8 [T, H, W, 3]) for the segments of the video at `path`.
 
   Decodes once, streaming, holding only the frames of the segment being filled, each resized
   (shorter side) and centre-cropped to `resolution` as it is read when given. `num_frames` (an
   estimate is fine) spreads capped segments over the video; unknown with a cap, a first pass counts
-  the frames. Decoder errors propagate.
+  the frames. Only the frames [start_frame, end_frame) are used (a clip list's clip; end None: to
+  the end); segments start at start_frame. Decoder errors propagate.
   """
-  if clips_per_video and num_frames is None:
+  if clips_per_video and num_frames is None and end_frame is None:
     num_frames = sum(1 for _ in iio.imiter(path))
+  if end_frame is not None:
+    num_frames = end_frame if num_frames is None else min(num_frames, end_frame)
+  if num_frames is not None:
+    num_frames = max(0, num_frames - start_frame)
   chosen = None
   if max_frames and num_frames is not None:
     chosen = chosen_segments(
@@ -197,9 +270,12 @@ def iter_segments(
   frame_iter = iio.imiter(path)
   try:
     for i, frame in enumerate(frame_iter):
-      if i % stride:
+      if end_frame is not None and i >= end_frame:
+        break
+      j = i - start_frame  # the frame's place in the clip
+      if j < 0 or j % stride:
         continue
-      index = (i // stride // max_frames) if max_frames else 0
+      index = (j // stride // max_frames) if max_frames else 0
       if index != segment:  # a new segment starts; the previous one was full or skipped
         segment, start, frames = index, i, []
       if wanted is not None and index not in wanted:
@@ -224,12 +300,14 @@ def iter_segments(
 class VldmVideoFolder(tfds.core.GeneratorBasedBuilder):
   """Captioned videos from a local folder; pass a VideoFolderConfig (see video_folder_builder)."""
 
-  VERSION = tfds.core.Version("1.2.0")
+  VERSION = tfds.core.Version("1.3.0")
   RELEASE_NOTES = {
       "1.0.0": "Initial release.",
       "1.1.0": "Several clips (segments) per video at a target frame rate (target_fps, "
       "clips_per_video); 'start_frame' feature.",
       "1.2.0": "'motion' feature: each clip's motion score (frame short sides per second).",
+      "1.3.0": "Clip lists: rows with start_frame / end_frame take that frame range of the file; "
+      "rows with kept false are skipped (`python -m vldm.curate`'s clips.jsonl).",
   }
 
   def __init__(self, *, config=None, **kwargs):
@@ -308,7 +386,15 @@ class VldmVideoFolder(tfds.core.GeneratorBasedBuilder):
       fps = row["fps"] or meta_fps or DEFAULT_FPS
       stride = frame_stride(fps, c.target_fps)
       for start, frames in iter_segments(
-          path, stride, c.min_frames, c.max_frames, c.clips_per_video, num_frames, c.resolution
+          path,
+          stride,
+          c.min_frames,
+          c.max_frames,
+          c.clips_per_video,
+          num_frames,
+          c.resolution,
+          row.get("start_frame", 0),
+          row.get("end_frame"),
       ):
         emitted += 1
         segment_fps = fps / stride
