@@ -198,16 +198,7 @@ def score_video(folder, file, entry, config, scorers):
 
 
 def _cut_options(config):
-  c = config.cuts
-  return cuts_lib.CutOptions(
-      content_threshold=c.content_threshold,
-      adaptive_threshold=c.adaptive_threshold,
-      adaptive_min_content=c.adaptive_min_content,
-      fade_threshold=c.fade_threshold,
-      min_scene_len=c.min_scene_len,
-      frame_skip=c.frame_skip,
-      merge_frames=c.merge_frames,
-  )
+  return cuts_lib.CutOptions(**config.cuts.to_dict())  # configs/curate.py's keys are its fields
 
 
 # ------------------------------------------------------------------------------- score files
