@@ -149,3 +149,14 @@ def test_text_area_links_characters_into_one_box():
   # One component of 260 px, 30 × 10: niter = int(2·sqrt(260·10/300)) = 5, a 6 × 6 square (anchor
   # 3) grows it 2 px up/left and 3 px down/right: one box over rows 8..22, columns 8..42.
   assert craft.text_area(scores) == pytest.approx(15 * 35 / (64 * 96), abs=1e-7)
+
+
+def test_curation_scorer_runs_craft_on_frames(case):
+  """vldm.curate's CRAFT scorer: uint8 frames of any size → one text-area fraction each."""
+  from vldm.curate import scorers  # pylint: disable=g-import-not-at-top
+
+  *_, path = case
+  frames = np.random.default_rng(0).integers(0, 256, (3, 40, 72, 3), dtype=np.uint8)
+  areas = scorers.CraftScorer(str(path), long_side=64, batch_size=2)(frames)
+  assert areas.shape == (3,) and areas.dtype in (np.float32, np.float64)
+  assert np.all((areas >= 0) & (areas <= 1))

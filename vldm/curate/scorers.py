@@ -3,7 +3,9 @@
 Each scorer takes the key frames of a video's clips (first, middle, last: uint8 [N, 3, H, W, 3])
 and returns one float per clip. The networks are jitted once per scorer and run on batches of a
 fixed size (the last one padded), so a video's scores do not depend on the other videos of the
-run: a resumed run scores exactly as an uninterrupted one.
+run: a resumed run scores exactly as an uninterrupted one. Each batch is split over this host's
+devices (`vldm.devices.split_batch`, the weights replicated), so a TPU VM's or a GPU host's chips
+score together; hosts score their own videos.
 
   clip_score   mean cosine similarity of the caption embeddings with the frame embeddings (over
                the 3 frames and over the clip's captions); None for clips without captions.
@@ -18,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vldm import devices
 from vldm.convert import clip as _clip_formats  # pylint: disable=unused-import  # registers CLIP
 from vldm.convert import core
 from vldm.convert import registry
@@ -92,7 +95,8 @@ class ClipScorer:
   """CLIP image embeddings of key frames, and their similarity with captions."""
 
   def __init__(self, path, batch_size=32):
-    text, self._text_params, vision, self._vision_params, self.tokenizer = load_clip_folder(path)
+    text, text_params, vision, vision_params, self.tokenizer = load_clip_folder(path)
+    self._text_params, self._vision_params = devices.replicate((text_params, vision_params))
     self.batch_size = batch_size
     size = vision.image_size
 
@@ -110,7 +114,7 @@ class ClipScorer:
     """uint8 [N, H, W, 3] → unnormalised image embeddings float32 [N, P]."""
     frames = _center_square(np.asarray(frames))
     out = [
-        np.asarray(self._embed_images(self._vision_params, batch))[:n]
+        np.asarray(self._embed_images(self._vision_params, *devices.split_batch(batch)))[:n]
         for batch, n in _batches(frames, self.batch_size)
     ]
     return np.concatenate(out)
@@ -118,7 +122,7 @@ class ClipScorer:
   def text_embeds(self, captions):
     ids = self.tokenizer(list(captions))
     out = [
-        np.asarray(self._embed_texts(self._text_params, batch))[:n]
+        np.asarray(self._embed_texts(self._text_params, *devices.split_batch(batch)))[:n]
         for batch, n in _batches(ids, self.batch_size)
     ]
     return np.concatenate(out)
@@ -160,7 +164,7 @@ class CraftScorer:
           f"config.craft_weights={path!r} is not a file; it must be CRAFT's PyTorch state dict "
           "(craft_mlt_25k.pth)."
       )
-    self._variables = torch_state.load_craft_params(path)
+    self._variables = devices.replicate(torch_state.load_craft_params(path))
     self.long_side = long_side
     self.batch_size = batch_size
     self._apply = {}
@@ -179,7 +183,7 @@ class CraftScorer:
     size = craft.input_size(frames.shape[1], frames.shape[2], self.long_side)
     fn = self._fn(size)
     out = [
-        craft.text_area(np.asarray(fn(self._variables, batch))[:n])
+        craft.text_area(np.asarray(fn(self._variables, *devices.split_batch(batch)))[:n])
         for batch, n in _batches(frames, self.batch_size)
     ]
     return np.concatenate(out)
