@@ -12,13 +12,15 @@ from vldm import video_io
 
 HIST_BINS = 40
 HIST_HEIGHT = 120
+LABEL_HEIGHT = 26  # the numbers under a histogram: range ends, and the threshold below them
 BAR_WIDTH = 6
 REPORT_FILE = "report.html"
 SHEET_CLIPS = 8  # clips per contact sheet (lowest-scoring dropped, highest-scoring kept)
 
 
 def histogram_image(values, threshold=None, lo=None, hi=None):
-  """A bar chart (uint8 [H, W, 3]) of `values` over HIST_BINS bins; the threshold as a red line."""
+  """A bar chart (uint8 [H, W, 3]) of `values` over HIST_BINS bins; the threshold as a red line;
+  the range and threshold written under it."""
   values = np.asarray(values, np.float64)
   lo = float(values.min()) if lo is None else lo
   hi = float(values.max()) if hi is None else hi
@@ -35,7 +37,29 @@ def histogram_image(values, threshold=None, lo=None, hi=None):
     x = min(int(round((threshold - lo) / (hi - lo) * width)), width - 1)
     image[:, max(x - 1, 0) : x + 1] = (220, 30, 30)
   image[-1] = 0  # axis
-  return image
+  return _with_labels(image, lo, hi, threshold, int(counts.max()))
+
+
+def _with_labels(plot, lo, hi, threshold, max_count):
+  """The plot with a strip of numbers under it (range ends, threshold) and the tallest bar's count
+  in its corner, drawn with PIL's built-in font."""
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+
+  height, width = plot.shape[:2]
+  canvas = Image.new("RGB", (width, height + LABEL_HEIGHT), (255, 255, 255))
+  canvas.paste(Image.fromarray(plot), (0, 0))
+  draw = ImageDraw.Draw(canvas)
+  draw.text((2, 1), f"max {max_count} clips/bin", fill=(90, 90, 90))
+  y = height + 2
+  draw.text((1, y), f"{lo:.3g}", fill=(0, 0, 0))
+  right = f"{hi:.3g}"
+  draw.text((width - 1 - draw.textlength(right), y), right, fill=(0, 0, 0))
+  if threshold is not None and lo <= threshold <= hi:
+    label = f"{threshold:.3g}"
+    x = (threshold - lo) / (hi - lo) * width - draw.textlength(label) / 2
+    x = min(max(x, 0), width - draw.textlength(label))
+    draw.text((x, y + LABEL_HEIGHT // 2), label, fill=(200, 20, 20))
+  return np.asarray(canvas)
 
 
 def _thumbs(load_thumbs, rows):
