@@ -85,3 +85,29 @@ def test_i2v_stage_reads_the_clip_stages_image_tower():
   assert config_lib.load_config(f"{CONFIG}:root=/runs").ldm.image_encoder.workdir is None
   with pytest.raises(ValueError, match="Unknown stage 'video'"):
     config_lib.load_config(f"{CONFIG}:stage=video,root=/runs")
+
+
+def test_i2v_stage_loads_the_trained_image_tower(tmp_path):
+  """`clip=ROOT/clip` (ldm.image_encoder.workdir): the i2v stage's frozen image tower is the
+  contrastive stage's trained one."""
+  # pylint: disable=g-import-not-at-top
+  from vldm.recipes import common
+  from vldm.recipes import components
+  from vldm.train import trainer
+
+  root = str(tmp_path)
+  clip = config_lib.load_config(f"{CONFIG}:stage=clip,root={root},runlocal=True")
+  trainer.train_and_evaluate(clip, os.path.join(root, "clip"))
+  trained = common.load_stage_params(os.path.join(root, "clip"))["image_encoder"]
+  i2v = config_lib.load_config(f"{CONFIG}:root={root},clip={root}/clip,runlocal=True")
+  task = tasks_lib.get_task(i2v)
+  loaded = components.image_encoder_params(i2v, task.image_encoder, i2v.seed)
+  random = components.image_encoder_params(
+      config_lib.load_config(f"{CONFIG}:root={root},runlocal=True"), task.image_encoder, i2v.seed
+  )
+  leaves = jax.tree_util.tree_leaves
+  assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(trained)
+  for got, want in zip(leaves(loaded), leaves(trained)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # Not the random tower the i2v stage builds without `clip=`.
+  assert any(not np.array_equal(a, b) for a, b in zip(leaves(loaded), leaves(random)))

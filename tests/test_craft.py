@@ -70,6 +70,20 @@ def test_craft_matches_easyocr(case):
   assert relative_error(got_feature, feature) <= TOL
 
 
+@pytest.mark.parametrize("height, width", [(96, 64), (80, 112)])  # (80, 112): 5 and 7 × 16
+def test_craft_matches_easyocr_at_other_sizes(case, height, width):
+  """Other aspect ratios, and sides that are not multiples of 32: the backbone's pools floor odd
+  sizes and the up blocks resize to the skip's shape, as in PyTorch."""
+  ref, *_, path = case
+  images = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(4))
+  with torch.no_grad():
+    y, feature = ref(images)
+  variables = torch_state.load_craft_params(str(path))
+  got_y, got_feature = jax.jit(craft.CRAFT().apply)(variables, to_nhwc(images))
+  assert got_y.shape == y.shape and relative_error(got_y, y.numpy()) <= TOL
+  assert relative_error(got_feature, to_nhwc(feature)) <= TOL
+
+
 def test_load_accepts_keys_without_data_parallel_prefix(case, tmp_path):
   ref, _, _, _, path = case
   plain = tmp_path / "plain.pth"

@@ -87,9 +87,13 @@ def load_captions(folder, captions=video_folder.DEFAULT_CAPTIONS):
   out = {}
   for row in video_folder.read_captions(path):
     entry = out.setdefault(row["file"], {"captions": [], "fps": None})
-    entry["captions"].append(row["caption"])
+    entry["captions"].extend(row["captions"])
     entry["fps"] = entry["fps"] or row["fps"]
   return out
+
+
+def _videos(config, folder):
+  return list_videos(folder, tuple(config.extensions.split(",")))
 
 
 def shard(files, index, count):
@@ -105,9 +109,8 @@ def _resize_short(frame, size):
   h, w = frame.shape[:2]
   if min(h, w) <= size:
     return frame
-  scale = size / min(h, w)
-  new = (max(size, round(w * scale)), max(size, round(h * scale)))
-  return cv2.resize(frame, new, interpolation=cv2.INTER_AREA)  # pylint: disable=no-member
+  new_h, new_w = transforms.short_side_shape(h, w, size)
+  return cv2.resize(frame, (new_w, new_h), interpolation=cv2.INTER_AREA)  # pylint: disable=no-member
 
 
 def decode(path, analysis_size, cut_options=cuts_lib.CutOptions()):
@@ -250,9 +253,13 @@ def _save_thumbs(path, thumbs):
   os.replace(tmp, path)
 
 
-def score_shard(config, input_dir, out_dir, host, host_count, scorers=None, captions=None):
-  """Scores this host's videos not yet in its score file; returns the number scored now."""
-  files = shard(list_videos(input_dir, tuple(config.extensions.split(","))), host, host_count)
+def score_shard(
+    config, input_dir, out_dir, host, host_count, scorers=None, captions=None, videos=None
+):
+  """Scores this host's videos (of `videos`, default all of input_dir's) not yet in its score
+  file; returns the number scored now."""
+  videos = _videos(config, input_dir) if videos is None else videos
+  files = shard(videos, host, host_count)
   captions = load_captions(input_dir, config.captions) if captions is None else captions
   os.makedirs(out_dir, exist_ok=True)
   path = scores_path(out_dir, host)
@@ -379,14 +386,14 @@ def run(config, input_dir, out_dir, host=None, host_count=None):
   host = jax.process_index() if host is None else host
   host_count = jax.process_count() if host_count is None else host_count
   validate(config)
-  list_videos(input_dir, tuple(config.extensions.split(",")))  # bad input fails before models
+  videos = _videos(config, input_dir)  # bad input fails before the models load
   captions = load_captions(input_dir, config.captions)
   scorers = None
   if config.clip or config.aesthetic_weights or config.craft_weights:
     from vldm.curate import scorers as scorers_lib  # pylint: disable=g-import-not-at-top
 
     scorers = scorers_lib.Scorers(config)
-  score_shard(config, input_dir, out_dir, host, host_count, scorers, captions)
+  score_shard(config, input_dir, out_dir, host, host_count, scorers, captions, videos)
   if host_count > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
@@ -421,5 +428,5 @@ def validate(config):
     percentile = config.filters[name].percentile
     if not 0 <= percentile <= 100:
       raise CurationError(
-          f"config.filters.{name}.percentile must be in [0, 100]; got " f"{percentile}."
+          f"config.filters.{name}.percentile must be in [0, 100]; got {percentile}."
       )

@@ -25,6 +25,7 @@ from vldm.convert import clip as _clip_formats  # pylint: disable=unused-import 
 from vldm.convert import core
 from vldm.convert import registry
 from vldm.convert import torch_state
+from vldm.data import transforms
 from vldm.models import aesthetic
 from vldm.models import clip
 from vldm.models import craft
@@ -87,7 +88,7 @@ def _center_square(frames):
   """uint8 [N, H, W, 3] → the centred square crops (CLIP's own preprocessing crops too)."""
   h, w = frames.shape[1:3]
   side = min(h, w)
-  top, left = (h - side) // 2, (w - side) // 2
+  top, left = transforms.crop_box(h, w, side)
   return frames[:, top : top + side, left : left + side]
 
 
@@ -98,6 +99,7 @@ class ClipScorer:
     text, text_params, vision, vision_params, self.tokenizer = load_clip_folder(path)
     self._text_params, self._vision_params = devices.replicate((text_params, vision_params))
     self.batch_size = batch_size
+    self.projection_dim = vision.projection_dim
     size = vision.image_size
 
     def embed_images(params, frames):
@@ -202,8 +204,7 @@ class Scorers:
     if config.clip:
       self.clip = ClipScorer(config.clip, config.batch_size)
     if config.aesthetic_weights:
-      vision_dim = self.clip.image_embeds(np.zeros((1, 8, 8, 3), np.uint8)).shape[-1]
-      self.aesthetic = AestheticScorer(config.aesthetic_weights, vision_dim)
+      self.aesthetic = AestheticScorer(config.aesthetic_weights, self.clip.projection_dim)
     if config.craft_weights:
       self.craft = CraftScorer(config.craft_weights, config.craft_long_side, config.batch_size)
     self.names = [

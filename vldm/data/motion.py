@@ -17,6 +17,8 @@ import math
 import cv2
 import numpy as np
 
+from vldm.data import transforms
+
 DEFAULT_SAMPLE_FPS = 2.0  # SVD: flow between frames 0.5 s apart
 DEFAULT_SIZE = 64  # short side (px) the frames are resized to before the flow
 MAX_MOTION_BUCKET = 255  # SVD's motion_bucket_id range is [0, 255]; 127 is its "typical" default
@@ -41,12 +43,11 @@ def _gray(frame, size):
   """RGB frame (uint8) -> uint8 gray with the shorter side resized to `size` (aspect kept)."""
   gray = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
   h, w = gray.shape
-  scale = size / min(h, w)
-  new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+  new_h, new_w = transforms.short_side_shape(h, w, size)
   if (new_h, new_w) == (h, w):
     return gray
   # Area averaging when shrinking (no aliasing); bilinear when a small frame is enlarged.
-  interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+  interpolation = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_LINEAR
   return cv2.resize(gray, (new_w, new_h), interpolation=interpolation)
 
 

@@ -1,4 +1,5 @@
 """Frame geometry and value transforms shared by the builders and the input pipeline (numpy)."""
+
 import numpy as np
 from PIL import Image
 
@@ -24,6 +25,13 @@ def crop_box(height, width, size, rng=None):
   return int(rng.integers(height - size + 1)), int(rng.integers(width - size + 1))
 
 
+def short_side_shape(height, width, size):
+  """(new height, new width) with the shorter side `size` and the aspect ratio kept (each side at
+  least `size`)."""
+  scale = size / min(height, width)
+  return max(size, round(height * scale)), max(size, round(width * scale))
+
+
 def resize_and_crop(frames, size, rng=None):
   """Resizes [T, H, W, 3] uint8 frames so the shorter side is `size`, then crops size x size.
 
@@ -33,14 +41,14 @@ def resize_and_crop(frames, size, rng=None):
   t, h, w, _ = frames.shape
   if (h, w) == (size, size):
     return frames
-  scale = size / min(h, w)
-  new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+  new_h, new_w = short_side_shape(h, w, size)
   if (new_h, new_w) != (h, w):
     # Bicubic with Pillow's antialiasing when shrinking.
-    frames = np.stack([np.asarray(Image.fromarray(f).resize((new_w, new_h), Image.BICUBIC))
-                       for f in frames])
+    frames = np.stack(
+        [np.asarray(Image.fromarray(f).resize((new_w, new_h), Image.BICUBIC)) for f in frames]
+    )
   top, left = crop_box(new_h, new_w, size, rng)
-  return frames[:, top:top + size, left:left + size]
+  return frames[:, top : top + size, left : left + size]
 
 
 def normalize(frames):

@@ -76,8 +76,9 @@ class VideoFolderConfig(tfds.core.BuilderConfig):
 
 
 def read_captions(path):
-  """Rows of a CSV (with header) or JSON-lines captions file as dicts {file, caption, fps, split,
-  start_frame, end_frame}; rows with kept false are left out."""
+  """Rows of a CSV (with header) or JSON-lines captions file as dicts {file, caption, captions (all
+  of the row's: a clip list's `captions` list), fps, split, start_frame, end_frame}; rows with kept
+  false are left out."""
   with open(path, newline="", encoding="utf-8") as f:
     if str(path).endswith((".jsonl", ".json")):
       raw = [json.loads(line) for line in f if line.strip()]
@@ -89,9 +90,10 @@ def read_captions(path):
       continue
     file = next((row[k] for k in _FILE_KEYS if row.get(k)), None)
     caption = next((row[k] for k in _CAPTION_KEYS if row.get(k) is not None), None)
-    if caption is None and isinstance(row.get("captions"), list) and row["captions"]:
-      caption = row["captions"][0]  # a clip list's several captions: the first
-    if caption is None and "end_frame" in row:
+    captions = [str(c) for c in row.get("captions") or ()] if caption is None else [str(caption)]
+    if captions:
+      caption = captions[0]  # a clip list's several captions: training reads the first
+    elif "end_frame" in row:
       caption = ""  # a clip list's uncaptioned clip: usable where captions are not (image-to-video)
       uncaptioned += 1
     if file is None or caption is None:
@@ -111,6 +113,7 @@ def read_captions(path):
         dict(
             file=str(file),
             caption=str(caption),
+            captions=captions,
             fps=float(fps) if fps not in (None, "") else None,
             split=str(row.get("split") or "train"),
             start_frame=window[0] or 0,
