@@ -29,7 +29,7 @@ setuptools.setup(
         "imageio>=2.30",
         "imageio-ffmpeg",  # ships its own ffmpeg binary for MP4
         "opencv-python-headless>=4.8",  # optical flow for clip motion scores (later: curation)
-        "scenedetect>=0.6.5",  # cut detection for data curation (vldm.curate)
+        "scenedetect-headless>=0.7.2,<0.8",  # cut detection (vldm.curate); 0.7 detectors take timecodes
         "pillow",
         "tqdm",
     ],

@@ -129,6 +129,18 @@ def test_unreadable_skipped_and_counted(full_run):
   assert os.path.isfile(os.path.join(out, "report", "sheet-motion-dropped.png"))
 
 
+def test_a_bug_is_not_skipped_as_an_unreadable_video(folder, tmp_path, monkeypatch):
+  """Only the decoder's failures turn into skipped files: an error in vldm's own code (here a
+  failing motion score) stops the run instead of marking every video unreadable."""
+
+  def broken(*_):
+    raise AttributeError("a bug")
+
+  monkeypatch.setattr(pipeline.motion_lib, "motion_score", broken)
+  with pytest.raises(AttributeError, match="a bug"):
+    pipeline.run(small_config(), folder, str(tmp_path), host=0, host_count=1)
+
+
 def test_clips_jsonl_contract(full_run):
   out, result = full_run
   with open(os.path.join(out, "clips.jsonl"), encoding="utf-8") as f:

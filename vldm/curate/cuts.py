@@ -17,8 +17,8 @@ re-encoded.
 import dataclasses
 
 import cv2
-import numpy as np
 from scenedetect import detectors
+from scenedetect import FrameTimecode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,31 +55,39 @@ def _detectors(options):
 
 
 class CutDetector:
-  """Feeds frames (RGB uint8, in order) to the cascade; `finish()` returns the merged cuts."""
+  """Feeds frames (RGB uint8, in order) to the cascade; `finish()` returns the merged cuts.
 
-  def __init__(self, options=CutOptions()):
+  `fps` is the source's frame rate: scenedetect's detectors take frame timecodes, though every
+  length here (min_scene_len, merge_frames) is in frames.
+  """
+
+  def __init__(self, fps, options=CutOptions()):
+    if not fps or fps <= 0:
+      raise ValueError(f"CutDetector needs the video's frame rate (> 0); got {fps!r}.")
     self.options = options
+    self._fps = float(fps)
     self._pairs = _detectors(options)
     self._raw = []  # (frame number, detector name)
     self._count = 0
 
+  def _record(self, detector, timecodes):
+    self._raw += [(tc.frame_num, type(detector).__name__) for tc in timecodes or ()]
+
   def add(self, frame):
     bgr = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)  # pylint: disable=no-member
     n = self._count
+    timecode = FrameTimecode(n, self._fps)
     for detector, stride in self._pairs:
       if n % stride == 0:
-        self._raw += [(int(c), type(detector).__name__) for c in detector.process_frame(n, bgr)]
+        self._record(detector, detector.process_frame(timecode, bgr))
     self._count += 1
 
   def finish(self):
     """Cut frames (the first frame of each new scene), merged and sorted, in (0, frames)."""
-    last = self._count - 1
-    for detector, _ in self._pairs:
-      self._raw += [
-          (int(c), type(detector).__name__)
-          for c in detector.post_process(last) or ()
-          if isinstance(c, (int, np.integer))
-      ]
+    if self._count:
+      last = FrameTimecode(self._count - 1, self._fps)
+      for detector, _ in self._pairs:
+        self._record(detector, detector.post_process(last))
     return merge_cuts([c for c, _ in self._raw], self.options.merge_frames, self._count)
 
 

@@ -113,21 +113,39 @@ def _resize_short(frame, size):
   return cv2.resize(frame, (new_w, new_h), interpolation=cv2.INTER_AREA)  # pylint: disable=no-member
 
 
-def decode(path, analysis_size, cut_options=cuts_lib.CutOptions()):
-  """One decode pass: (cuts, every frame at analysis_size [T, ...]) — small frames only, so a long
-  video fits in memory."""
-  detector = cuts_lib.CutDetector(cut_options)
-  small = []
+class UnreadableVideo(Exception):
+  """A video the decoder cannot open or read through: skipped and counted, not a crash."""
+
+
+def _decoded_frames(path):
+  """The file's frames (RGB uint8), decoder failures raised as UnreadableVideo; only errors of
+  the decoder are turned into skips, so a bug elsewhere still stops the run."""
   frames = iio.imiter(path)
   try:
-    for frame in frames:
-      s = _resize_short(transforms.to_rgb(frame), analysis_size)
-      detector.add(s)
-      small.append(s)
+    while True:
+      try:
+        frame = next(frames)
+      except StopIteration:
+        return
+      except (OSError, ValueError, RuntimeError, EOFError) as e:  # imageio/pyav's read errors
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise UnreadableVideo(f"{type(e).__name__}: {first_line}") from e
+      yield transforms.to_rgb(frame)
   finally:
     frames.close()
+
+
+def decode(path, fps, analysis_size, cut_options=cuts_lib.CutOptions()):
+  """One decode pass: (cuts, every frame at analysis_size [T, ...]) — small frames only, so a long
+  video fits in memory."""
+  detector = cuts_lib.CutDetector(fps, cut_options)
+  small = []
+  for frame in _decoded_frames(path):
+    s = _resize_short(frame, analysis_size)
+    detector.add(s)
+    small.append(s)
   if not small:
-    raise ValueError("the file holds no frames")
+    raise UnreadableVideo("the file holds no frames")
   return detector.finish(), np.stack(small)
 
 
@@ -136,18 +154,14 @@ def frames_at(path, indices, size):
   decode pass that keeps only those: the model scores read 3 frames a clip, not the whole video."""
   wanted = set(int(i) for i in indices)
   kept = {}
-  frames = iio.imiter(path)
-  try:
-    for index, frame in enumerate(frames):
-      if index in wanted:
-        kept[index] = _resize_short(transforms.to_rgb(frame), size)
-        if len(kept) == len(wanted):
-          break
-  finally:
-    frames.close()
+  for index, frame in enumerate(_decoded_frames(path)):
+    if index in wanted:
+      kept[index] = _resize_short(frame, size)
+      if len(kept) == len(wanted):
+        break
   missing = sorted(wanted - set(kept))
   if missing:
-    raise ValueError(f"the second decode pass ended before frames {missing[:5]}")
+    raise UnreadableVideo(f"the second decode pass ended before frames {missing[:5]}")
   return np.stack([kept[int(i)] for i in indices])
 
 
@@ -164,7 +178,7 @@ def score_video(folder, file, entry, config, scorers):
   meta_fps = video_folder.probe(path)[0]
   fps = float(entry.get("fps") or meta_fps or video_folder.DEFAULT_FPS)
   score_size = config.score_size if scorers is not None and scorers.names else 0
-  cuts, small = decode(path, config.analysis_size, _cut_options(config))
+  cuts, small = decode(path, fps, config.analysis_size, _cut_options(config))
   ranges = cuts_lib.clip_ranges(cuts, len(small), config.min_frames, config.max_frames)
   timings["decode_and_cuts"] = time.perf_counter() - t0
   t0 = time.perf_counter()
@@ -273,12 +287,9 @@ def score_shard(
   for file in progress:
     try:
       record, thumbs = score_video(input_dir, file, captions.get(file, {}), config, scorers)
-    except Exception as e:  # pylint: disable=broad-except  # any decoder failure skips the file
-      first_line = (str(e).strip().splitlines() or [""])[0]
-      log.warning(
-          "vldm.curate: skipping unreadable %s (%s: %s)", file, type(e).__name__, first_line
-      )
-      record, thumbs = {"file": file, "error": f"{type(e).__name__}: {first_line}"}, None
+    except UnreadableVideo as e:
+      log.warning("vldm.curate: skipping unreadable %s (%s)", file, e)
+      record, thumbs = {"file": file, "error": str(e)}, None
     if thumbs is not None:
       _save_thumbs(thumbs_path(out_dir, file), thumbs)
     _append(path, record)
