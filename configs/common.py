@@ -76,6 +76,24 @@ def base_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3  # keep the newest N (0: all)
   config.async_checkpointing = True
   config.sample_every = 0  # sample GIFs with the task's sample_fn; 0: never
+  # Metrics of samples every eval_every steps (tasks that generate; vldm.eval.evaluator), logged
+  # as eval/<metric> in metrics.jsonl and TensorBoard. 0: never.
+  config.eval_every = 0
+  config.eval = ml_collections.ConfigDict(
+      {
+          "metrics": "clipsim",  # comma-separated: fvd, fid, clipsim, oracle
+          "real": "",  # a folder of real clips (captions file): fvd / fid statistics, prompts
+          "prompts": (),  # fixed prompts; default: the real clips' captions
+          "num_clips": 16,  # clips per evaluation (and of the real set)
+          "num_frames": 0,  # frames per clip; 0: the stage's
+          "fid_frames": 0,  # frames per clip for FID; 0: all
+          "i3d_weights": "",
+          "inception_weights": "",
+          "clip": "",  # a transformers CLIPModel folder
+          "stats_cache": "",  # where the real statistics are cached ('': kept in memory only)
+          "batch_size": 8,
+      }
+  )
   config.tensorboard = True
   config.progress_bar = True
 

@@ -8,6 +8,10 @@
 Model scores run only when their weights are given; motion always runs. Each filter drops a
 percentile of all clips (SVD's: the lowest 25 % on motion and aesthetics, the lowest 50 % on
 CLIP score, the 25 % with the most text), or, with `threshold` set, every clip past it.
+
+Clips are frame ranges of the sources (no re-encoding); `--config.export.mode=copy` also cuts the
+kept ones into files by keyframe-aware stream copy, `--config.export.mode=reencode` frame-exactly
+with libx264 (OUT/clips/; train on them with data=OUT/clips).
 """
 
 import ml_collections
@@ -55,4 +59,17 @@ def get_config():
       }
   )
   config.max_videos = 0  # score at most this many new videos in this run (0: all)
+  # Clip files (vldm.curate.ffmpeg_cuts), under OUT/clips/ with OUT/clips/captions.jsonl.
+  # mode: 'ranges' (none: clips.jsonl's rows are frame ranges of the sources), 'copy' (stream copy
+  # from the first keyframe at or after each clip's start; no re-encoding), 'reencode'
+  # (frame-exact, libx264 at crf / preset: for sources with sparse keyframes).
+  config.export = ml_collections.ConfigDict(
+      {
+          "mode": "ranges",
+          "crf": 18,  # libx264 quality for reencode (0 lossless, 51 worst; 18 ≈ visually lossless)
+          "preset": "medium",  # libx264 speed / size trade-off for reencode
+          "include_dropped": False,  # also export the clips the filters dropped
+          "workers": 0,  # ffmpeg processes at once (0: the CPU count, at most 8)
+      }
+  )
   return config

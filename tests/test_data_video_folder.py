@@ -1,4 +1,5 @@
 """Video sources: the video-folder builder (skips bad files) and the standard TFDS datasets."""
+
 import collections
 import json
 import logging
@@ -31,13 +32,23 @@ def write_videos(folder):
 
   iio.imwrite(os.path.join(folder, "ramp.gif"), clip(10, 24, 40), duration=100, loop=0)
   iio.imwrite(os.path.join(folder, "ramp.mp4"), clip(12, 32, 48), fps=12)
-  iio.imwrite(os.path.join(folder, "noise.webm"),
-              rng.integers(0, 255, (9, 32, 32, 3), dtype=np.uint8), fps=24, codec="libvpx")
+  iio.imwrite(
+      os.path.join(folder, "noise.webm"),
+      rng.integers(0, 255, (9, 32, 32, 3), dtype=np.uint8),
+      fps=24,
+      codec="libvpx",
+  )
   iio.imwrite(os.path.join(folder, "short.gif"), clip(3, 24, 40), duration=100, loop=0)
   with open(os.path.join(folder, "corrupt.mp4"), "wb") as f:
     f.write(b"\x00\x00\x00\x18ftypmp42 but not really a video" * 20)
-  return [("ramp.gif", "a gif ramp"), ("ramp.mp4", "an mp4 ramp"), ("noise.webm", "webm noise"),
-          ("short.gif", "too short"), ("corrupt.mp4", "corrupt"), ("gone.mp4", "missing")]
+  return [
+      ("ramp.gif", "a gif ramp"),
+      ("ramp.mp4", "an mp4 ramp"),
+      ("noise.webm", "webm noise"),
+      ("short.gif", "too short"),
+      ("corrupt.mp4", "corrupt"),
+      ("gone.mp4", "missing"),
+  ]
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
@@ -52,13 +63,17 @@ def test_video_folder_skips_bad_files(tmp_path, fmt, caplog):
     name = "captions.jsonl"
     with open(os.path.join(folder, name), "w") as f:
       f.writelines(json.dumps({"video": file, "text": caption}) + "\n" for file, caption in rows)
-  builder = video_folder.video_folder_builder(folder, name, resolution=16, min_frames=8,
-                                              data_dir=str(tmp_path / "tfds"))
+  builder = video_folder.video_folder_builder(
+      folder, name, resolution=16, min_frames=8, data_dir=str(tmp_path / "tfds")
+  )
   with caplog.at_level(logging.WARNING, logger="vldm.data.video_folder"):
     builder.download_and_prepare(file_format="array_record")
   # Skipped files: counted, listed, logged.
   assert video_folder.skipped_files(builder) == {
-      "missing": ["gone.mp4"], "unreadable": ["corrupt.mp4"], "too_short": ["short.gif"]}
+      "missing": ["gone.mp4"],
+      "unreadable": ["corrupt.mp4"],
+      "too_short": ["short.gif"],
+  }
   assert video_folder.skipped_count(builder) == 3
   log = caplog.text
   assert "corrupt.mp4" in log and "short.gif" in log and "skipped 3 file(s)" in log
@@ -66,8 +81,11 @@ def test_video_folder_skips_bad_files(tmp_path, fmt, caplog):
   source = builder.as_data_source("train")
   examples = {e["file"].decode(): e for e in (source[i] for i in range(len(source)))}
   assert set(examples) == {"ramp.gif", "ramp.mp4", "noise.webm"}
-  expected = {"ramp.gif": (10, "a gif ramp", 10.0), "ramp.mp4": (12, "an mp4 ramp", 12.0),
-              "noise.webm": (9, "webm noise", 24.0)}
+  expected = {
+      "ramp.gif": (10, "a gif ramp", 10.0),
+      "ramp.mp4": (12, "an mp4 ramp", 12.0),
+      "noise.webm": (9, "webm noise", 24.0),
+  }
   for file, (frames, caption, fps) in expected.items():
     video = np.stack(examples[file]["video"])
     assert video.shape == (frames, 16, 16, 3) and video.dtype == np.uint8
@@ -76,12 +94,16 @@ def test_video_folder_skips_bad_files(tmp_path, fmt, caplog):
   ramp = np.stack(examples["ramp.gif"]["video"]).mean(axis=(1, 2, 3))
   assert (np.diff(ramp) > 0).all()  # frames kept in order
   # The count survives a reload of the prepared dataset.
-  reloaded = video_folder.video_folder_builder(folder, name, resolution=16, min_frames=8,
-                                               data_dir=str(tmp_path / "tfds"))
+  reloaded = video_folder.video_folder_builder(
+      folder, name, resolution=16, min_frames=8, data_dir=str(tmp_path / "tfds")
+  )
   assert reloaded.is_prepared() and video_folder.skipped_count(reloaded) == 3
   # And it streams through the pipeline.
-  batch = next(pipeline_lib.Pipeline(source, global_batch_size=3, frames=4, frame_stride=2,
-                                     process_index=0, process_count=1))
+  batch = next(
+      pipeline_lib.Pipeline(
+          source, global_batch_size=3, frames=4, frame_stride=2, process_index=0, process_count=1
+      )
+  )
   assert batch["video"].shape == (3, 4, 16, 16, 3)
   assert sorted(batch["fps"].tolist()) == pytest.approx([5.0, 6.0, 12.0])
 
@@ -91,8 +113,14 @@ def test_video_folder_config_and_errors(tmp_path):
   write_videos(folder)
   with open(os.path.join(folder, "captions.csv"), "w") as f:
     f.write("file,caption,split\nramp.gif,one,train\nramp.mp4,two,validation\n")
-  c = config_lib.data_config("video_folder", folder=folder, resolution=8, frames=4, batch_size=1,
-                             data_dir=str(tmp_path / "tfds"))
+  c = config_lib.data_config(
+      "video_folder",
+      folder=folder,
+      resolution=8,
+      frames=4,
+      batch_size=1,
+      data_dir=str(tmp_path / "tfds"),
+  )
   train = sources.make_pipeline(c, process_index=0, process_count=1)
   assert next(train)["video"].shape == (1, 4, 8, 8, 3)
   evaluation = sources.make_pipeline(c, train=False, process_index=0, process_count=1)
@@ -200,7 +228,7 @@ def test_examples_carry_a_motion_score(tmp_path):
   builder = video_folder.video_folder_builder(
       folder, resolution=32, min_frames=4, data_dir=str(tmp_path / "tfds")
   )
-  assert str(builder.info.version) == "1.3.0"
+  assert str(builder.info.version) == "1.4.0"
   builder.download_and_prepare(file_format="array_record")
   source = builder.as_data_source("train")
   examples = {e["file"].decode(): e for e in (source[i] for i in range(len(source)))}
@@ -317,11 +345,14 @@ def test_humanize():
   assert standard.humanize("PlayingDhol") == "playing dhol"
 
 
-@pytest.mark.parametrize("name,split,caption", [
-    ("ucf101", "train", r"a video of [a-z ]+"),
-    ("moving_mnist", "test", r"digits moving"),
-    ("bair_robot_pushing_small", "train", r"a robot arm pushing objects"),
-])
+@pytest.mark.parametrize(
+    "name,split,caption",
+    [
+        ("ucf101", "train", r"a video of [a-z ]+"),
+        ("moving_mnist", "test", r"digits moving"),
+        ("bair_robot_pushing_small", "train", r"a robot arm pushing objects"),
+    ],
+)
 def test_standard_datasets_through_the_pipeline(name, split, caption, monkeypatch):
   with tfds.testing.mock_data(num_examples=2, policy=tfds.testing.MockPolicy.USE_CODE):
     monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
@@ -330,9 +361,13 @@ def test_standard_datasets_through_the_pipeline(name, split, caption, monkeypatc
     example = source[0]
     assert example["video"].ndim == 4 and example["video"].shape[-1] == 3
     import re  # pylint: disable=g-import-not-at-top
+
     assert re.fullmatch(caption, example["caption"]), example["caption"]
-    batch = next(pipeline_lib.Pipeline(source, global_batch_size=2, frames=4, resolution=16,
-                                       process_index=0, process_count=1))
+    batch = next(
+        pipeline_lib.Pipeline(
+            source, global_batch_size=2, frames=4, resolution=16, process_index=0, process_count=1
+        )
+    )
   assert batch["video"].shape == (2, 4, 16, 16, 3)
   assert batch["fps"].tolist() == [standard.STANDARD_DATASETS[name].fps] * 2
 
@@ -343,9 +378,11 @@ def test_label_caption_adapter_on_a_fake_source():
   source = standard.LabeledVideoSource(fake, spec, ["ApplyLipstick", "BoxingPunchingBag"])
   assert source[0]["caption"] == "a video of boxing punching bag"
   gray = standard.LabeledVideoSource(
-      [{"image_sequence": np.zeros((5, 4, 4, 1), np.uint8)}], standard.STANDARD_DATASETS[
-          "moving_mnist"])
+      [{"image_sequence": np.zeros((5, 4, 4, 1), np.uint8)}],
+      standard.STANDARD_DATASETS["moving_mnist"],
+  )
   assert gray[0]["video"].shape == (5, 4, 4, 3) and gray[0]["caption"] == "digits moving"
   with pytest.raises(ValueError, match="no class label"):
-    standard.LabeledVideoSource([], standard.STANDARD_DATASETS["moving_mnist"],
-                                template="a video of {label}")
+    standard.LabeledVideoSource(
+        [], standard.STANDARD_DATASETS["moving_mnist"], template="a video of {label}"
+    )

@@ -11,10 +11,14 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+import media
 import recipe_runs
+from test_curate import write_tiny_clip
+from test_evaluate_cli import random_weight_files
 from vldm import demo
 from vldm import video_io
 from vldm.data import pipeline as pipeline_lib
+from vldm.data import shapes as shapes_data
 from vldm.models import inflate
 from vldm.pipelines import CascadePipeline
 from vldm.pipelines import workdir as workdir_lib
@@ -23,6 +27,7 @@ from vldm.recipes import common
 from vldm.recipes import ldm
 from vldm.recipes import stages
 from vldm.train import config_lib
+from vldm.train import metrics as metrics_lib
 from vldm.train import tasks as tasks_lib
 from vldm.train import trainer
 
@@ -351,6 +356,23 @@ def test_recipe_end_to_end_at_runlocal_size(tmp_path):
   # A second run finds every stage finished and trains nothing.
   assert demo.train_stages(root, runlocal=True) == timings
 
+  # `python -m vldm.evaluate --workdir`: the newest stage samples a clip for each real clip's
+  # caption; FID (random Inception weights), CLIPSIM (a tiny CLIP) and the oracle judge them.
+  real, out = shapes_clip_folder(str(tmp_path / "real"), 4), str(tmp_path / "eval" / "eval.json")
+  _, inception = random_weight_files(str(tmp_path))
+  write_tiny_clip(str(tmp_path / "clip"))
+  recipe_runs.run(
+      "evaluate", "--workdir", root, "--real", real, "--metrics", "fid,clipsim,oracle",
+      "--inception_weights", inception, "--clip", str(tmp_path / "clip"), "--num_clips", "4",
+      "--num_frames", "8", "--fid_frames", "2", "--out", out,
+      inputs={"cache": str(tmp_path / "jax_cache")},
+  )  # fmt: skip
+  result = json.load(open(out))
+  assert result["fid"] > 0 and -1 <= result["clipsim"] <= 1 and 0 <= result["oracle_all"] <= 1
+  assert result["counts"]["generated_clips"] == 4 and result["protocol"]["num_frames"] == 8
+  samples = json.load(open(os.path.join(tmp_path, "eval", "eval_generated", "samples.json")))
+  assert [s["prompt"] for s in samples] == json.load(open(os.path.join(real, "prompts.json")))
+
   # `python -m vldm.sample --workdir` can rebuild the newest stage from its saved config.
   stage = workdir_lib.find_trained_stages(root)[0]
   assert stage.name == "hires"
@@ -371,11 +393,33 @@ def test_recipe_end_to_end_at_runlocal_size(tmp_path):
   # A stage the demo trained resumes under plain `python -m vldm.train` (the process default
   # PRNG is threefry there): its key follows the stage's config.prng_impl.
   jax.config.update("jax_default_prng_impl", "threefry2x32")
+  # It also evaluates while training (config.eval): the shapes oracle on fixed prompts, logged.
+  prompts = ("a red circle moving left", "a blue square moving up")
   config = config_lib.load_config(
-      f"{SHAPES}:stage=video,root={root},runlocal=True", {"total_steps": 4}
+      f"{SHAPES}:stage=video,root={root},runlocal=True",
+      {"total_steps": 4, "eval_every": 4, "eval.metrics": "oracle", "eval.prompts": prompts},
   )
   state = trainer.train_and_evaluate(config, os.path.join(root, "video"))
   assert int(state.step) == 4
+  logged = [r for r in metrics_lib.read_metrics(os.path.join(root, "video")) if r["step"] == 4]
+  evaluation = {k: v for r in logged for k, v in r.items() if k.startswith("eval/")}
+  assert set(evaluation) >= {"eval/oracle_all", "eval/oracle_color", "eval/oracle_consistency"}
+  assert all(0 <= v <= 1 for v in evaluation.values())
+
+
+def shapes_clip_folder(folder, n, frames=8, size=16):
+  """n validation clips of the shapes dataset as MP4s with a captions file (and prompts.json)."""
+  os.makedirs(folder)
+  rows = []
+  for i in range(n):
+    example = shapes_data.make_example("video", "validation", i, frames=frames, size=size)
+    media.write_video(os.path.join(folder, f"{i}.mp4"), example["video"], 8)
+    rows.append({"file": f"{i}.mp4", "caption": example["caption"]})
+  with open(os.path.join(folder, "captions.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  with open(os.path.join(folder, "prompts.json"), "w") as f:
+    json.dump([r["caption"] for r in rows], f)
+  return folder
 
 
 def tmp_path_of(root):

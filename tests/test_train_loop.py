@@ -1,4 +1,5 @@
 """The trainer on one device with the toy task: end to end, resume, frozen layers, hand-off, errors."""
+
 import json
 import os
 import shutil
@@ -29,8 +30,10 @@ config_lib.ensure_importable(os.path.join(REPO, "configs", "common.py"))  # conf
 @pytest.fixture(scope="module", autouse=True)
 def compile_cache(tmp_path_factory):
   # Each train_and_evaluate jits afresh; identical programs come back from the disk cache.
-  previous = (jax.config.jax_compilation_cache_dir,
-              jax.config.jax_persistent_cache_min_compile_time_secs)
+  previous = (
+      jax.config.jax_compilation_cache_dir,
+      jax.config.jax_persistent_cache_min_compile_time_secs,
+  )
   compilation_cache.reset_cache()
   jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -41,8 +44,14 @@ def compile_cache(tmp_path_factory):
 
 
 def tiny(**overrides):
-  base = {"total_steps": 4, "checkpoint_every": 2, "log_every": 2, "keep_checkpoints": 0,
-          "tensorboard": False, "progress_bar": False}
+  base = {
+      "total_steps": 4,
+      "checkpoint_every": 2,
+      "log_every": 2,
+      "keep_checkpoints": 0,
+      "tensorboard": False,
+      "progress_bar": False,
+  }
   return config_lib.load_config(TINY, {**base, **overrides})
 
 
@@ -94,18 +103,24 @@ def reference(tmp_path_factory):
 
 
 def test_one_step_end_to_end(tmp_path):
-  config = tiny(total_steps=1, log_every=1, sample_every=1, tensorboard=True)
+  config = tiny(total_steps=1, log_every=1, sample_every=1, eval_every=1, tensorboard=True)
   state = trainer.train_and_evaluate(config, tmp_path)
   assert int(state.step) == 1
-  (record,) = metrics_lib.read_metrics(tmp_path)
-  assert record["step"] == 1
+  record, evaluation = metrics_lib.read_metrics(tmp_path)
+  assert record["step"] == evaluation["step"] == 1
   for key in ("loss", "learning_rate", "grad_norm", "steps_per_s", "clips_per_s"):
     assert np.isfinite(record[key]), key
+  assert 0 <= evaluation["eval/sample_mean"] <= 1  # the task's eval_fn, every eval_every steps
   (events,) = os.listdir(tmp_path / "tensorboard")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top  # already loaded by the writer
-  tags = {v.tag: v.metadata.plugin_data.plugin_name for e in tf.compat.v1.train.summary_iterator(
-      str(tmp_path / "tensorboard" / events)) for v in e.summary.value}
+
+  tags = {
+      v.tag: v.metadata.plugin_data.plugin_name
+      for e in tf.compat.v1.train.summary_iterator(str(tmp_path / "tensorboard" / events))
+      for v in e.summary.value
+  }
   assert tags["loss"] == "scalars" and "grad_norm" in tags and "clips_per_s" in tags
+  assert tags["eval/sample_mean"] == "scalars"
   frames = video_io.read_frames(str(tmp_path / "samples" / "00000001" / "prompt_0.gif"))
   assert frames.shape == (8, 8, 8, 3)
   step_dir = tmp_path / "checkpoints" / "1"
@@ -149,20 +164,25 @@ def test_run_resumes_under_its_own_prng_impl(reference, tmp_path):
     jax.config.update("jax_default_prng_impl", previous)
   assert previous == "threefry2x32" and expected.rng.shape == (4,)  # rbg's key data
   assert threefry.rng.shape == (2,)  # threefry2x32's
-  assert np.abs(expected.params["conv_out"]["kernel"]
-                - threefry.params["conv_out"]["kernel"]).max() > 1e-6  # other draws
+  assert (
+      np.abs(expected.params["conv_out"]["kernel"] - threefry.params["conv_out"]["kernel"]).max()
+      > 1e-6
+  )  # other draws
   shutil.rmtree(workdir / "checkpoints" / "4")
   resumed = host(trainer.train_and_evaluate(config, workdir))
   assert int(resumed.step) == 4
   np.testing.assert_array_equal(resumed.rng, expected.rng)
   assert_trees_close(resumed.params, expected.params, atol=1e-6)
   assert_trees_close(resumed.opt_state, expected.opt_state, atol=1e-6)
-  with pytest.raises(checkpoint_lib.CheckpointMismatchError,
-                     match=r"key of shape \(4,\), but config.prng_impl='threefry2x32' makes keys "
-                           r"of shape \(2,\).*one of \['rbg', 'unsafe_rbg'\]"):
+  with pytest.raises(
+      checkpoint_lib.CheckpointMismatchError,
+      match=r"key of shape \(4,\), but config.prng_impl='threefry2x32' makes keys "
+      r"of shape \(2,\).*one of \['rbg', 'unsafe_rbg'\]",
+  ):
     trainer.train_and_evaluate(tiny(), workdir)  # resumed without the run's prng_impl
-  with pytest.raises(ValueError, match="config.prng_impl='rgb' is not a jax PRNG implementation.*"
-                                       "rbg"):
+  with pytest.raises(
+      ValueError, match="config.prng_impl='rgb' is not a jax PRNG implementation.*" "rbg"
+  ):
     trainer.train_and_evaluate(tiny(prng_impl="rgb"), tmp_path / "bad")
 
 
@@ -171,9 +191,15 @@ def test_stage_hand_off_with_frozen_layers(reference, tmp_path):
   the copied layers stay frozen and only the new block (and the output layers) train."""
   source_dir, _ = reference
   frozen_names = ("conv_in", "time_embedding", "blocks_0", "blocks_1")
-  config = tiny(total_steps=2, **{
-      "toy.depth": 3, "toy.freeze": f"^({'|'.join(frozen_names)})/",
-      "init_from.workdir": str(source_dir), "init_from.transform": "grow"})
+  config = tiny(
+      total_steps=2,
+      **{
+          "toy.depth": 3,
+          "toy.freeze": f"^({'|'.join(frozen_names)})/",
+          "init_from.workdir": str(source_dir),
+          "init_from.transform": "grow",
+      },
+  )
   state = host(trainer.train_and_evaluate(config, tmp_path))
   mesh = sharding_lib.make_mesh(config.mesh)
   source = traverse_util.flatten_dict(host(checkpoint_lib.load_params(source_dir, mesh)))
@@ -184,8 +210,11 @@ def test_stage_hand_off_with_frozen_layers(reference, tmp_path):
     if key not in trainable:  # bit-identical after two updates
       np.testing.assert_array_equal(params[key], value, err_msg=str(key))
   assert not np.allclose(params["conv_out", "kernel"], source["conv_out", "kernel"])
-  opt_leaves = [(jax.tree_util.keystr(p), x) for p, x in
-                jax.tree_util.tree_leaves_with_path(state.opt_state) if np.ndim(x) > 0]
+  opt_leaves = [
+      (jax.tree_util.keystr(p), x)
+      for p, x in jax.tree_util.tree_leaves_with_path(state.opt_state)
+      if np.ndim(x) > 0
+  ]
   assert len(opt_leaves) == 2 * len(trainable)  # Adam's mu and nu, for trainable leaves only
   assert not [p for p, _ in opt_leaves if any(f"'{name}'" in p for name in frozen_names)]
   assert set(traverse_util.flatten_dict(state.ema_params)) == trainable
@@ -197,27 +226,34 @@ def test_init_from_errors(reference, tmp_path):
   with pytest.raises(FileNotFoundError, match="init_from.workdir.*does not exist"):
     trainer.train_and_evaluate(missing, tmp_path / "a")
   deeper = tiny(**{"toy.depth": 3, "init_from.workdir": str(source_dir)})  # 'as_is'
-  with pytest.raises(checkpoint_lib.CheckpointMismatchError,
-                     match="(?s)'as_is'.*missing in the checkpoint: blocks_2/conv1/kernel"):
+  with pytest.raises(
+      checkpoint_lib.CheckpointMismatchError,
+      match="(?s)'as_is'.*missing in the checkpoint: blocks_2/conv1/kernel",
+  ):
     trainer.train_and_evaluate(deeper, tmp_path / "b")
   with pytest.raises(ValueError, match="Unknown init_from transform 'grw'.*'grow'"):
-    trainer.train_and_evaluate(tiny(**{"init_from.workdir": str(source_dir),
-                                       "init_from.transform": "grw"}), tmp_path / "c")
+    trainer.train_and_evaluate(
+        tiny(**{"init_from.workdir": str(source_dir), "init_from.transform": "grw"}), tmp_path / "c"
+    )
 
 
 def test_resuming_with_an_incompatible_model_fails_clearly(reference, tmp_path):
   source_dir, _ = reference
   workdir = tmp_path / "run"
   shutil.copytree(source_dir, workdir)
-  with pytest.raises(checkpoint_lib.CheckpointMismatchError,
-                     match="(?s)does not fit this model.*shape .*8.* in the checkpoint"):
+  with pytest.raises(
+      checkpoint_lib.CheckpointMismatchError,
+      match="(?s)does not fit this model.*shape .*8.* in the checkpoint",
+  ):
     trainer.train_and_evaluate(tiny(**{"toy.features": 12, "toy.groups": 4}), workdir)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   config = tiny(checkpoint_every=1, **{"toy.nan_batch": 2})
-  with pytest.raises(trainer.NonFiniteLossError,
-                     match="(?s)Non-finite loss=nan.* at step 3.*last good checkpoint is step 2"):
+  with pytest.raises(
+      trainer.NonFiniteLossError,
+      match="(?s)Non-finite loss=nan.* at step 3.*last good checkpoint is step 2",
+  ):
     trainer.train_and_evaluate(config, tmp_path)
   assert saved_steps(tmp_path, config) == [1, 2]
   params = checkpoint_lib.load_params(tmp_path, sharding_lib.make_mesh(config.mesh), use_ema=False)
@@ -226,8 +262,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_unknown_config_key_names_the_closest_keys(tmp_path):
   result = subprocess.run(
-      [sys.executable, "-m", "vldm.train", "--config", TINY, "--workdir", str(tmp_path),
-       "--config.optim.lrr=1"], cwd=REPO, capture_output=True, text=True, timeout=60)
+      [
+          sys.executable,
+          "-m",
+          "vldm.train",
+          "--config",
+          TINY,
+          "--workdir",
+          str(tmp_path),
+          "--config.optim.lrr=1",
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=60,
+  )
   assert result.returncode != 0
   assert "Unknown config key 'optim.lrr'; the closest valid keys are: optim.lr" in result.stderr
   with pytest.raises(ValueError, match="Unknown config key 'no_such_key'; the closest valid keys"):

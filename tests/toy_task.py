@@ -10,6 +10,7 @@ spatial layers of the video stage), an index-based resumable data stream, a `gro
 (a deeper model initialised from a shallower one) and a sampler whose denoising trajectory is
 written as a GIF per class "prompt".
 """
+
 from __future__ import annotations
 
 import re
@@ -35,13 +36,16 @@ def remat_policy(name: Optional[str]):
     return None
   policy = getattr(jax.checkpoint_policies, name, None)
   if policy is None or not callable(policy):
-    raise ValueError(f"Unknown remat policy {name!r}; see jax.checkpoint_policies "
-                     "(e.g. 'nothing_saveable', 'dots_saveable', 'everything_saveable').")
+    raise ValueError(
+        f"Unknown remat policy {name!r}; see jax.checkpoint_policies "
+        "(e.g. 'nothing_saveable', 'dots_saveable', 'everything_saveable')."
+    )
   return policy
 
 
 class ToyDenoiser(nn.Module):
   """conv_in → ResnetBlock2D × depth (time + class embedding) → GN → SiLU → conv_out → ε."""
+
   features: int = 16
   depth: int = 2
   groups: int = 4
@@ -75,7 +79,7 @@ def make_examples(seed: int, indices: np.ndarray, resolution: int, num_classes: 
     label = int(rng.integers(num_classes))
     size = int(rng.integers(resolution // 4, resolution // 2 + 1))
     y, x = rng.integers(0, resolution - size + 1, size=2)
-    images[row, y:y + size, x:x + size] = PALETTE[label % len(PALETTE)] / 127.5 - 1.0
+    images[row, y : y + size, x : x + size] = PALETTE[label % len(PALETTE)] / 127.5 - 1.0
     labels[row] = label
   return images, labels
 
@@ -129,8 +133,13 @@ class ToyTask(tasks_lib.Task):
   def __init__(self, config):
     super().__init__(config)
     toy = config.toy
-    self.model = ToyDenoiser(features=toy.features, depth=toy.depth, groups=toy.groups,
-                             remat_policy=config.remat_policy, dtype=jnp.dtype(config.dtype))
+    self.model = ToyDenoiser(
+        features=toy.features,
+        depth=toy.depth,
+        groups=toy.groups,
+        remat_policy=config.remat_policy,
+        dtype=jnp.dtype(config.dtype),
+    )
     self.resolution, self.num_classes = toy.resolution, toy.num_classes
     self._sampler = None
 
@@ -142,21 +151,22 @@ class ToyTask(tasks_lib.Task):
   def init_frozen(self, mesh):
     # Stands in for a pretrained text encoder: a fixed table, never trained.
     rng = np.random.default_rng(1234)
-    return {"class_table": rng.normal(size=(self.num_classes, self.model.features)).astype(
-        np.float32)}
+    return {
+        "class_table": rng.normal(size=(self.num_classes, self.model.features)).astype(np.float32)
+    }
 
   def trainable_labels(self, params):
     pattern = self.config.toy.freeze
     if not pattern:
       return None
     flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({
-        k: tasks_lib.FREEZE if re.search(pattern, "/".join(k)) else tasks_lib.TRAIN
-        for k in flat})
+    return traverse_util.unflatten_dict(
+        {k: tasks_lib.FREEZE if re.search(pattern, "/".join(k)) else tasks_lib.TRAIN for k in flat}
+    )
 
   def _denoise(self, params, frozen, noisy, sigma, label):
     context = frozen["class_table"][label]
-    scaled = noisy / jnp.sqrt(1.0 + sigma ** 2)[:, None, None, None]
+    scaled = noisy / jnp.sqrt(1.0 + sigma**2)[:, None, None, None]
     return self.model.apply({"params": params}, scaled, sigma, context)
 
   def loss_fn(self, params, frozen, batch, rng):
@@ -182,6 +192,11 @@ class ToyTask(tasks_lib.Task):
       self._sampler = jax.jit(self._sample)
     return self._sampler(params, frozen, rng)
 
+  def eval_fn(self, params, frozen, rng):
+    """{'sample_mean': the final samples' mean pixel}: a metric of samples, as config.eval's are."""
+    final = {k: v[-1] for k, v in self.sample_fn(params, frozen, rng).items()}
+    return {"sample_mean": float(np.mean([np.asarray(v) for v in final.values()]))}
+
   def _sample(self, params, frozen, rng, steps: int = 8):
     label = jnp.arange(self.num_classes)
     shape = (self.num_classes, self.resolution, self.resolution, 3)
@@ -202,6 +217,8 @@ def grow(source, target):
   flat_tgt = traverse_util.flatten_dict(target)
   unused = [k for k in flat_src if k not in flat_tgt or flat_src[k].shape != flat_tgt[k].shape]
   if unused:
-    raise ValueError(f"grow: the source parameters {['/'.join(k) for k in unused][:5]} have no "
-                     "place in the target model (is the target shallower or narrower?).")
+    raise ValueError(
+        f"grow: the source parameters {['/'.join(k) for k in unused][:5]} have no "
+        "place in the target model (is the target shallower or narrower?)."
+    )
   return tasks_lib.copy_matching(source, target)

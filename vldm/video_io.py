@@ -4,6 +4,7 @@ Frames are (F, H, W, 3) (or one (H, W, 3) image), uint8 or float; floats are map
 `value_range` (default [0, 1]; diffusion outputs use (-1, 1)) to 0..255 and clipped. Paths may be
 local or on an object store (gs://...; through etils.epath).
 """
+
 from __future__ import annotations
 
 import io
@@ -37,11 +38,20 @@ def to_uint8(frames, value_range: Sequence[float] = (0.0, 1.0)) -> np.ndarray:
 def write_gif(frames, path: str, *, fps: float = 8.0, value_range=(0.0, 1.0)) -> str:
   """Writes a looping GIF; returns `path`."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   frames = to_uint8(frames, value_range)
   images = [Image.fromarray(frame) for frame in frames]
   buffer = io.BytesIO()
-  images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], loop=0,
-                 duration=max(int(round(1000.0 / fps)), 10), optimize=False, disposal=1)
+  images[0].save(
+      buffer,
+      format="GIF",
+      save_all=True,
+      append_images=images[1:],
+      loop=0,
+      duration=max(int(round(1000.0 / fps)), 10),
+      optimize=False,
+      disposal=1,
+  )
   _write_bytes(path, buffer.getvalue())
   return path
 
@@ -50,6 +60,7 @@ def write_png(image, path: str, *, palette: bool = False, value_range=(0.0, 1.0)
   """Writes one (H, W, 3) image as a PNG; returns `path`. `palette`: quantized to 256 colors
   (octree, no dithering): lossy, and a fifth of the size for the demo's grids."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   image = Image.fromarray(to_uint8(image, value_range)[0])
   if palette:
     image = image.quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
@@ -62,14 +73,22 @@ def write_png(image, path: str, *, palette: bool = False, value_range=(0.0, 1.0)
 def write_mp4(frames, path: str, *, fps: float = 8.0, value_range=(0.0, 1.0)) -> str:
   """Writes an H.264 MP4 (yuv420p; odd sizes are padded to even); returns `path`."""
   import imageio.v2 as imageio  # pylint: disable=g-import-not-at-top
+
   frames = to_uint8(frames, value_range)
   pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
   if pad_h or pad_w:
     frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
   with tempfile.TemporaryDirectory() as folder:  # ffmpeg writes to a local file
     local = os.path.join(folder, "clip.mp4")
-    with imageio.get_writer(local, format="FFMPEG", mode="I", fps=fps, codec="libx264",
-                            pixelformat="yuv420p", macro_block_size=1) as writer:
+    with imageio.get_writer(
+        local,
+        format="FFMPEG",
+        mode="I",
+        fps=fps,
+        codec="libx264",
+        pixelformat="yuv420p",
+        macro_block_size=1,
+    ) as writer:
       for frame in frames:
         writer.append_data(frame)
     with open(local, "rb") as f:
@@ -86,10 +105,26 @@ def _write_bytes(path: str, data: bytes) -> None:
 def read_frames(path: str) -> np.ndarray:
   """(F, H, W, 3) uint8 frames of a GIF or MP4 (for tests and evaluation)."""
   import imageio.v3 as iio  # pylint: disable=g-import-not-at-top
+
   frames = np.asarray(iio.imread(path, index=None))
   if frames.ndim == 3:
     frames = frames[None]
   return frames[..., :3]
+
+
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".gif")
+
+
+def list_videos(folder: str, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> list[str]:
+  """Sorted paths (relative to folder, '/'-separated) of the video files under `folder`, at any
+  depth; empty when there are none (callers say what they looked for)."""
+  extensions = tuple(e.lower() for e in extensions)
+  files = []
+  for root, _, names in os.walk(folder):
+    for name in names:
+      if name.lower().endswith(extensions):
+        files.append(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/"))
+  return sorted(files)
 
 
 def tile(clips, columns=None, gutter_value: int = 64) -> np.ndarray:
@@ -106,5 +141,5 @@ def tile(clips, columns=None, gutter_value: int = 64) -> np.ndarray:
   out = np.full((f, rows * (h + 1) - 1, columns * (w + 1) - 1, c), gutter_value, clips.dtype)
   for i in range(b):
     r, col = divmod(i, columns)
-    out[:, r * (h + 1):r * (h + 1) + h, col * (w + 1):col * (w + 1) + w] = clips[i]
+    out[:, r * (h + 1) : r * (h + 1) + h, col * (w + 1) : col * (w + 1) + w] = clips[i]
   return out

@@ -48,14 +48,19 @@ def torch_key_to_flax_path(key: str) -> tuple[str, ...]:
   return tuple(path)
 
 
-def flax_path_to_torch_key(path: Iterable[str]) -> str:
-  """The inverse of `torch_key_to_flax_path`, with Flax leaf names back to PyTorch's."""
+def flax_path_to_torch_key(path: Iterable[str], literal_names: Iterable[str] = ()) -> str:
+  """The inverse of `torch_key_to_flax_path`, with Flax leaf names back to PyTorch's.
+
+  `literal_names`: module names whose `_<digit>` ending is part of the PyTorch name (e.g.
+  torchvision's `branch3x3_1`), not a list index.
+  """
   path = list(path)
   leaf = path.pop()
   parts = []
+  literal = _LITERAL_NAMES.union(literal_names)
   for name in path:
     match = re.fullmatch(r"(.+)_(\d+)", name)
-    if match and name not in _LITERAL_NAMES:
+    if match and name not in literal:
       parts.extend(match.groups())
     else:
       parts.append(name)
@@ -81,16 +86,25 @@ def _list_names(names, limit: int = 20) -> str:
   return ", ".join(names[:limit]) + more
 
 
-def torch_to_flax(state: Mapping[str, np.ndarray], template, *, ignore: Iterable[str] = ()):
+def torch_to_flax(
+    state: Mapping[str, np.ndarray],
+    template,
+    *,
+    ignore: Iterable[str] = (),
+    literal_names: Iterable[str] = (),
+):
   """Builds a Flax parameter tree shaped like `template` from a PyTorch-named state dict.
 
   `template` is a nested dict whose leaves have `.shape` (e.g. from `jax.eval_shape`). `ignore`
-  holds regular expressions of PyTorch keys to drop (buffers such as position_ids). Missing,
-  unexpected and mis-shaped weights are all listed by name in one error.
+  holds regular expressions of PyTorch keys to drop (buffers such as position_ids);
+  `literal_names` as in `flax_path_to_torch_key`. Missing, unexpected and mis-shaped weights are
+  all listed by name in one error.
   """
   ignore = [re.compile(p) for p in ignore]
+  literal_names = frozenset(literal_names)
   flat_template = traverse_util.flatten_dict(template)
-  by_torch_key = {flax_path_to_torch_key(path): path for path in flat_template}
+  to_key = lambda path: flax_path_to_torch_key(path, literal_names)
+  by_torch_key = {to_key(path): path for path in flat_template}
   out, unexpected, wrong_shape = {}, [], []
   for key, value in state.items():
     if any(p.fullmatch(key) for p in ignore):
@@ -105,11 +119,16 @@ def torch_to_flax(state: Mapping[str, np.ndarray], template, *, ignore: Iterable
       wrong_shape.append(f"{key}: file {value.shape} vs model {want}")
       continue
     out[path] = value
-  missing = [flax_path_to_torch_key(p) for p in flat_template if p not in out]
-  missing = [k for k in missing if k not in {w.split(':')[0] for w in wrong_shape}]
-  _raise_misfits("The weights do not fit the model", (
-      ("missing weights", missing), ("unexpected weights", unexpected),
-      ("shape mismatches", wrong_shape)))
+  missing = [to_key(p) for p in flat_template if p not in out]
+  missing = [k for k in missing if k not in {w.split(":")[0] for w in wrong_shape}]
+  _raise_misfits(
+      "The weights do not fit the model",
+      (
+          ("missing weights", missing),
+          ("unexpected weights", unexpected),
+          ("shape mismatches", wrong_shape),
+      ),
+  )
   return traverse_util.unflatten_dict(out)
 
 
@@ -131,16 +150,20 @@ def flax_to_torch(params) -> dict[str, np.ndarray]:
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """Reads a .safetensors file into numpy arrays, with a clear error for missing or broken files."""
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
   if not os.path.isfile(path):
     raise ConversionError(f"No weights file at {path}.")
   try:
     return load_file(path)
   except TypeError:  # bfloat16 has no numpy dtype: read through JAX, keep float32 on the host
     from safetensors.flax import load_file as load_jax  # pylint: disable=g-import-not-at-top
+
     return {k: np.asarray(v, np.float32) for k, v in load_jax(path).items()}
   except Exception as e:  # safetensors raises its own error types, with terse messages
-    raise ConversionError(f"Cannot read the safetensors file {path} ({os.path.getsize(path)} bytes): "
-                          f"it is truncated or not a safetensors file ({e}).") from e
+    raise ConversionError(
+        f"Cannot read the safetensors file {path} ({os.path.getsize(path)} bytes): "
+        f"it is truncated or not a safetensors file ({e})."
+    ) from e
 
 
 def write_safetensors(
@@ -211,6 +234,11 @@ def check_fits(
       for p, v in flat.items()
       if p in flat_template and tuple(v.shape) != tuple(flat_template[p].shape)
   ]
-  _raise_misfits(f"The {source} do not fit the {target}", (
-      (f"missing in the {source}", missing), (f"not in the {target}", unexpected),
-      ("shape mismatches", wrong_shape)))
+  _raise_misfits(
+      f"The {source} do not fit the {target}",
+      (
+          (f"missing in the {source}", missing),
+          (f"not in the {target}", unexpected),
+          ("shape mismatches", wrong_shape),
+      ),
+  )

@@ -1,9 +1,9 @@
 """PyTorch `.pth` state-dict files → Flax variables, for models published as bare state dicts.
 
-Some networks vldm uses (the data-curation scorers: CRAFT, the LAION aesthetic MLP) are published
-as `torch.save(model.state_dict())` pickles, not as diffusers / transformers folders. Reading them
-needs torch (`weights_only=True`: tensors only, no code runs). Keys saved from `nn.DataParallel`
-start with `module.`; the prefix is dropped.
+Some networks vldm uses (the curation scorers: CRAFT, the LAION aesthetic MLP; the metrics' I3D
+and FID Inception) are published as `torch.save(model.state_dict())` pickles, not as diffusers /
+transformers folders. Reading them needs torch (`weights_only=True`: tensors only, no code runs).
+Keys saved from `nn.DataParallel` start with `module.`; the prefix is dropped.
 
 BatchNorm running statistics are buffers in PyTorch but the `batch_stats` collection in Flax:
 `torch_to_flax_variables` maps `running_mean` / `running_var` to `mean` / `var` there, and checks
@@ -13,7 +13,7 @@ parameters and statistics together (`core.torch_to_flax`), so one error lists ev
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import jax
 import numpy as np
@@ -22,6 +22,8 @@ from flax import traverse_util
 from vldm.convert import core
 from vldm.models import aesthetic
 from vldm.models import craft
+from vldm.models import fid_inception
+from vldm.models import i3d
 
 DATA_PARALLEL_PREFIX = "module."
 # Flax BatchNorm statistic → PyTorch buffer name.
@@ -67,7 +69,9 @@ def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   return out
 
 
-def torch_to_flax_variables(state: Mapping[str, np.ndarray], template) -> dict:
+def torch_to_flax_variables(
+    state: Mapping[str, np.ndarray], template, literal_names: Iterable[str] = ()
+) -> dict:
   """PyTorch-named state dict → {'params': ..., 'batch_stats': ...} shaped like `template`.
 
   `template` holds the two collections (e.g. `jax.eval_shape(module.init, ...)`); a model without
@@ -81,7 +85,12 @@ def torch_to_flax_variables(state: Mapping[str, np.ndarray], template) -> dict:
   joint = dict(flat_params)
   joint.update({path[:-1] + (_STAT_TO_TORCH[path[-1]],): v for path, v in flat_stats.items()})
   flat = traverse_util.flatten_dict(
-      core.torch_to_flax(state, traverse_util.unflatten_dict(joint), ignore=_BATCH_COUNTERS)
+      core.torch_to_flax(
+          state,
+          traverse_util.unflatten_dict(joint),
+          ignore=_BATCH_COUNTERS,
+          literal_names=literal_names,
+      )
   )
   params = {p: v for p, v in flat.items() if p[-1] not in _TORCH_TO_STAT}
   stats = {p[:-1] + (_TORCH_TO_STAT[p[-1]],): v for p, v in flat.items() if p[-1] in _TORCH_TO_STAT}
@@ -112,3 +121,33 @@ def load_aesthetic_params(path: str, embed_dim: int = aesthetic.CLIP_L14_WIDTH) 
   template = jax.eval_shape(module.init, jax.random.key(0), *module.example_inputs())
   state = read_torch_state_dict(path)
   return torch_to_flax_variables(state, template)["params"]
+
+
+def load_fid_inception_params(path: str) -> dict:
+  """The FID InceptionV3's PyTorch state dict → {'params': ..., 'batch_stats': ...}.
+
+  Takes torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` or pytorch-fid's
+  `pt_inception-2015-12-05-6726825d.pth` (the same keys: torchvision's InceptionV3 names, no aux
+  classifier; names such as `branch3x3_1` are names, not list indices). A file of another network
+  raises `ConversionError` (a ValueError) naming the missing and unexpected keys.
+  """
+  module = fid_inception.FIDInceptionV3()
+  template = jax.eval_shape(module.init, jax.random.key(0), *module.example_inputs())
+  names = {
+      name
+      for collection in template.values()
+      for path in traverse_util.flatten_dict(collection)
+      for name in path[:-1]
+  }
+  return torch_to_flax_variables(read_torch_state_dict(path), template, literal_names=names)
+
+
+def load_i3d_params(path: str) -> dict:
+  """cd-fvd's I3D PyTorch state dict (`i3d_pretrained_400.pt`) → {'params', 'batch_stats'}.
+
+  A file of another network raises `ConversionError` (a ValueError) naming the missing and
+  unexpected keys.
+  """
+  module = i3d.InceptionI3d()
+  template = jax.eval_shape(module.init, jax.random.key(0), *module.example_inputs())
+  return torch_to_flax_variables(read_torch_state_dict(path), template)

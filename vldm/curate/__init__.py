@@ -4,4 +4,5 @@ cuts      cut detection (a PySceneDetect cascade) and the clip frame ranges betw
 scorers   the model scores: CLIP caption similarity, LAION aesthetics, CRAFT text area
 pipeline  the sharded, resumable run: decoding, scoring, filtering, OUT/clips.jsonl
 report    OUT/report.html
+ffmpeg_cuts  clip files (config.export): keyframe-aware stream copy or frame-exact re-encoding
 """

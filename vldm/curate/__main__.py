@@ -2,9 +2,11 @@
 
 Cuts the videos of DIR into clips, scores them (motion always; CLIP score, aesthetics and text
 area when their weights are given) and filters them; writes OUT/clips.jsonl (one JSON object per
-clip: file, start_frame, end_frame, fps, caption(s), the scores, kept, dropped_by) and
-OUT/report.html. The default config is configs/curate.py. Rerunning with the same OUT resumes.
-See vldm.curate.pipeline.
+clip: file, start_frame, end_frame, fps, caption(s), captioners where the captions file names
+them, the scores, kept, dropped_by) and OUT/report.html. The default config is
+configs/curate.py. Rerunning with the same OUT resumes. See vldm.curate.pipeline.
+--config.export.mode=copy (keyframe-aware stream copy) or reencode also cuts the kept clips into
+files under OUT/clips/ (see vldm.curate.ffmpeg_cuts).
 """
 
 import importlib.util
@@ -54,6 +56,13 @@ def main(argv):
         f"{len(rows)} clips, {sum(r['kept'] for r in rows)} kept: "
         f"{os.path.join(_OUT.value, pipeline.CLIPS_FILE)}"
     )
+    if result.get("export"):
+      e = result["export"]
+      print(
+          f"{e['exported'] + e['reused']} clip files ({e['mode']}; {e['reused']} kept from an "
+          f"earlier run, {sum(e['skipped'].values())} skipped): "
+          f"{os.path.join(_OUT.value, 'clips')}"
+      )
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import imageio.v3 as iio
 import numpy as np
 import tqdm
 
+from vldm import video_io
 from vldm.curate import cuts as cuts_lib
 from vldm.curate import report
 from vldm.data import motion as motion_lib
@@ -43,7 +44,7 @@ SCORES = ("motion", "clip_score", "aesthetic", "text_area")
 # Which end of each score a filter drops: SVD drops still clips, unaesthetic ones, clips whose
 # captions do not match, and clips covered in text.
 DROPS = {"motion": "low", "clip_score": "low", "aesthetic": "low", "text_area": "high"}
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".gif")
+VIDEO_EXTENSIONS = video_io.VIDEO_EXTENSIONS
 THUMB_SIZE = 48
 CLIPS_FILE = "clips.jsonl"
 
@@ -59,25 +60,21 @@ def list_videos(folder, extensions=VIDEO_EXTENSIONS):
   """Sorted paths (relative to folder, '/'-separated) of the video files under `folder`."""
   if not folder or not os.path.isdir(folder):
     raise CurationError(f"--input must be an existing folder of videos; got {folder!r}.")
-  extensions = tuple(e.lower() for e in extensions)
-  files = []
-  for root, _, names in os.walk(folder):
-    for name in names:
-      if name.lower().endswith(extensions):
-        files.append(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/"))
+  files = video_io.list_videos(folder, extensions)
   if not files:
     raise CurationError(
         f"No videos found in {folder!r}: looked for files ending in {', '.join(extensions)} "
         "(config.extensions sets the list)."
     )
-  return sorted(files)
+  return files
 
 
 def load_captions(folder, captions=video_folder.DEFAULT_CAPTIONS):
-  """file -> {'captions': [...], 'fps': float or None} from the folder's captions file, read as
-  `vldm.data.video_folder` reads it (CSV or JSON lines; several rows per file give several
-  captions). Without the default captions file (nor captions.jsonl) no video has captions; a
-  captions file named in the config must exist."""
+  """file -> {'captions': [...], 'captioners': [...], 'fps': float or None} from the folder's
+  captions file, read as `vldm.data.video_folder` reads it (CSV or JSON lines; several rows per
+  file give several captions; an optional `captioner` column names each row's captioner, and
+  'captioners' is parallel to 'captions', '' where unnamed). Without the default captions file
+  (nor captions.jsonl) no video has captions; a captions file named in the config must exist."""
   try:
     path = video_folder.captions_path(folder, captions)
   except ValueError:
@@ -86,8 +83,9 @@ def load_captions(folder, captions=video_folder.DEFAULT_CAPTIONS):
     raise
   out = {}
   for row in video_folder.read_captions(path):
-    entry = out.setdefault(row["file"], {"captions": [], "fps": None})
+    entry = out.setdefault(row["file"], {"captions": [], "captioners": [], "fps": None})
     entry["captions"].extend(row["captions"])
+    entry["captioners"].extend(row["captioners"])
     entry["fps"] = entry["fps"] or row["fps"]
   return out
 
@@ -209,6 +207,8 @@ def score_video(folder, file, entry, config, scorers):
       "num_frames": len(small),
       "cuts": cuts,
       "captions": list(entry.get("captions", [])),
+      # Only where named: records (and clip lists) without captioners stay as they were.
+      **({"captioners": list(entry["captioners"])} if any(entry.get("captioners", ())) else {}),
       "clips": clips,
       "seconds": timings,
   }, thumbs
@@ -366,7 +366,9 @@ def merge(out_dir, host_count, filters):
           "fps": record["fps"],
       }
       captions = record.get("captions") or []
-      if len(captions) == 1:
+      if record.get("captioners"):  # named: a list parallel to `captions`, '' where unnamed
+        row["captions"], row["captioners"] = captions, record["captioners"]
+      elif len(captions) == 1:
         row["caption"] = captions[0]
       elif captions:
         row["captions"] = captions
@@ -397,6 +399,9 @@ def run(config, input_dir, out_dir, host=None, host_count=None):
   host = jax.process_index() if host is None else host
   host_count = jax.process_count() if host_count is None else host_count
   validate(config)
+  from vldm.curate import ffmpeg_cuts  # pylint: disable=g-import-not-at-top
+
+  ffmpeg_cuts.validate(config)  # a bad export setting or no ffmpeg fails before the scoring
   videos = _videos(config, input_dir)  # bad input fails before the models load
   captions = load_captions(input_dir, config.captions)
   scorers = None
@@ -412,6 +417,7 @@ def run(config, input_dir, out_dir, host=None, host_count=None):
   if host != 0:
     return None
   rows, records, summary = merge(out_dir, host_count, filters_from_config(config))
+  exported = ffmpeg_cuts.export(config, input_dir, out_dir, rows, records)  # sets rows' clip_file
   write_clips(os.path.join(out_dir, CLIPS_FILE), rows)
   # Where the rows' files are: a recipe given data=OUT/clips.jsonl reads them from there.
   with open(os.path.join(out_dir, video_folder.CURATION_MANIFEST), "w", encoding="utf-8") as f:
@@ -419,7 +425,7 @@ def run(config, input_dir, out_dir, host=None, host_count=None):
   report.write_report(
       out_dir, rows, records, summary, SCORES, lambda file: np.load(thumbs_path(out_dir, file))
   )
-  return {"rows": rows, "records": records, "filters": summary}
+  return {"rows": rows, "records": records, "filters": summary, "export": exported}
 
 
 def validate(config):

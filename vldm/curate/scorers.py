@@ -21,122 +21,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from vldm import devices
-from vldm.convert import clip as _clip_formats  # pylint: disable=unused-import  # registers CLIP
-from vldm.convert import core
-from vldm.convert import registry
 from vldm.convert import torch_state
-from vldm.data import transforms
+from vldm.eval import features
 from vldm.models import aesthetic
-from vldm.models import clip
 from vldm.models import craft
-from vldm.models import tokenizer as tokenizer_lib
 
 
-def _batches(images, batch_size):
-  """Yields (batch padded to batch_size, number of real rows)."""
-  for i in range(0, len(images), batch_size):
-    chunk = images[i : i + batch_size]
-    pad = batch_size - len(chunk)
-    if pad:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-    yield chunk, batch_size - pad
-
-
-def _split_state(state, prefixes):
-  return {k: v for k, v in state.items() if k.startswith(prefixes)}
-
-
-def load_clip_folder(path):
-  """A transformers CLIPModel folder (config.json, model.safetensors, tokenizer files) →
-  (text module, text params, vision module, vision params, tokenizer).
-
-  Reuses the converters registered for CLIPTextModelWithProjection and
-  CLIPVisionModelWithProjection on the two halves of CLIPModel's state dict.
-  """
-  if not os.path.isdir(path):
-    raise ValueError(
-        f"config.clip={path!r} is not a folder. It must be a transformers CLIPModel folder "
-        "(config.json, model.safetensors, and the tokenizer's vocab.json + merges.txt or "
-        "tokenizer.json), as CLIPModel.save_pretrained + CLIPTokenizer.save_pretrained write."
-    )
-  config = registry.read_config(path)
-  if registry.class_name_of(config) != "CLIPModel" or "text_config" not in config:
-    raise ValueError(
-        f"{path}/config.json describes a {registry.class_name_of(config)!r}; config.clip needs a "
-        "CLIPModel folder (text and vision towers with projections)."
-    )
-  weights = os.path.join(path, registry.TRANSFORMERS_WEIGHTS)
-  if not os.path.isfile(weights):
-    raise ValueError(f"config.clip={path!r} has no {registry.TRANSFORMERS_WEIGHTS}.")
-  state = {k: v.astype(np.float32) for k, v in core.read_safetensors(weights).items()}
-  projection_dim = config.get("projection_dim", 512)
-  halves = []
-  for class_name, sub, prefixes in (
-      ("CLIPTextModelWithProjection", "text_config", ("text_model.", "text_projection.")),
-      ("CLIPVisionModelWithProjection", "vision_config", ("vision_model.", "visual_projection.")),
-  ):
-    fmt = registry.format_for(class_name)
-    module = fmt.from_config(
-        {**config[sub], "architectures": [class_name], "projection_dim": projection_dim}
-    )
-    sub_state = fmt.rename_keys(_split_state(state, prefixes))
-    halves += [module, core.torch_to_flax(sub_state, fmt.param_shapes(module), ignore=fmt.ignore)]
-  return (*halves, tokenizer_lib.CLIPBPETokenizer(path))
-
-
-def _center_square(frames):
-  """uint8 [N, H, W, 3] → the centred square crops (CLIP's own preprocessing crops too)."""
-  h, w = frames.shape[1:3]
-  side = min(h, w)
-  top, left = transforms.crop_box(h, w, side)
-  return frames[:, top : top + side, left : left + side]
-
-
-class ClipScorer:
+class ClipScorer(features.ClipEmbedder):
   """CLIP image embeddings of key frames, and their similarity with captions."""
-
-  def __init__(self, path, batch_size=32):
-    text, text_params, vision, vision_params, self.tokenizer = load_clip_folder(path)
-    self._text_params, self._vision_params = devices.replicate((text_params, vision_params))
-    self.batch_size = batch_size
-    self.projection_dim = vision.projection_dim
-    size = vision.image_size
-
-    def embed_images(params, frames):
-      pixels = clip.preprocess_for_clip(frames.astype(jnp.float32) / 127.5 - 1.0, size)
-      return vision.apply({"params": params}, pixels)
-
-    def embed_texts(params, ids):
-      return text.apply({"params": params}, ids)[1]
-
-    self._embed_images = jax.jit(embed_images)
-    self._embed_texts = jax.jit(embed_texts)
-
-  def image_embeds(self, frames):
-    """uint8 [N, H, W, 3] → unnormalised image embeddings float32 [N, P]."""
-    frames = _center_square(np.asarray(frames))
-    out = [
-        np.asarray(self._embed_images(self._vision_params, *devices.split_batch(batch)))[:n]
-        for batch, n in _batches(frames, self.batch_size)
-    ]
-    return np.concatenate(out)
-
-  def text_embeds(self, captions):
-    ids = self.tokenizer(list(captions))
-    out = [
-        np.asarray(self._embed_texts(self._text_params, *devices.split_batch(batch)))[:n]
-        for batch, n in _batches(ids, self.batch_size)
-    ]
-    return np.concatenate(out)
-
-  def caption_embeds(self, captions):
-    """L2-normalised text embeddings [C, P] of the captions."""
-    return np.asarray(aesthetic.l2_normalize(self.text_embeds(captions)))
 
   @staticmethod
   def similarity(image_embeds, caption_embeds):
     """Mean cosine similarity of image embeddings [K, P] with normalised caption embeddings."""
-    images = np.asarray(aesthetic.l2_normalize(image_embeds))
+    images = features.l2_normalize(image_embeds)
     return float((images @ caption_embeds.T).mean())
 
 
@@ -186,7 +83,7 @@ class CraftScorer:
     fn = self._fn(size)
     out = [
         craft.text_area(np.asarray(fn(self._variables, *devices.split_batch(batch)))[:n])
-        for batch, n in _batches(frames, self.batch_size)
+        for batch, n in features.batches(frames, self.batch_size)
     ]
     return np.concatenate(out)
 

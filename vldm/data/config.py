@@ -11,6 +11,13 @@ Keys (all overridable from the command line, `--config.data.resolution=64`):
                   stride is drawn per clip from [frame_stride, max_frame_stride] (fps follows)
   random_crop     crop at a random position instead of the centre
   caption_dropout probability of an empty caption (classifier-free guidance)
+  max_captions    1 (default): each clip's first caption; > 1: one of its first max_captions
+                  captions (a video folder's 'captions'), drawn per example and epoch by
+  caption_weights a dict captioner name -> weight >= 0 (e.g. {'a': 0.8, 'b': 0.2}; on the
+                  command line --config.data.caption_weights="{'a': 0.8, 'b': 0.2}"): a caption's
+                  chance is proportional to its captioner's weight, captioners not named weigh
+                  0, and a clip whose every caption weighs 0 (or {}) draws uniformly. A latent
+                  cache encodes every candidate and must be rebuilt to change either key.
   clip_start_prob > 0: a clip starts its stored video with this probability (else anywhere) and
                   batches carry 'clip_start' (a prediction stage trains its unconditional
                   branch, a long video's first chunk, on those clips only)
@@ -36,6 +43,7 @@ Keys (all overridable from the command line, `--config.data.resolution=64`):
 import ml_collections
 from ml_collections import config_dict
 
+from vldm.data import pipeline as pipeline_lib
 from vldm.data import shapes
 from vldm.data import shapes_tfds
 
@@ -62,6 +70,8 @@ def data_config(name="shapes", kind="video", resolution=32, frames=8, **override
   c.random_crop = False
   c.caption_dropout = 0.1
   c.clip_start_prob = 0.0
+  c.max_captions = 1
+  c.caption_weights = {}
   c.batch_size = 32
   c.seed = 0
   c.shuffle = True
@@ -103,6 +113,10 @@ def validate(c):
     raise ValueError(f"data.caption_dropout must be in [0, 1], got {c.caption_dropout}.")
   if not 0 <= c.get("clip_start_prob", 0.0) <= 1:
     raise ValueError(f"data.clip_start_prob must be in [0, 1], got {c.clip_start_prob}.")
+  max_captions = c.get("max_captions", 1)
+  if isinstance(max_captions, bool) or not isinstance(max_captions, int) or max_captions < 1:
+    raise ValueError(f"data.max_captions must be an integer >= 1, got {max_captions!r}.")
+  pipeline_lib.check_caption_weights(c.get("caption_weights"), "data.caption_weights")
   if c.max_frame_stride and c.max_frame_stride < c.frame_stride:
     raise ValueError(
         f"data.max_frame_stride ({c.max_frame_stride}) < frame_stride "

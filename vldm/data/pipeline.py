@@ -12,6 +12,18 @@ stream does not depend on the number of hosts. Per-example randomness (clip star
 caption dropout) is seeded by (seed, epoch, example index). The iterator state is therefore a few
 integers, `{'epoch', 'position', ...}`: restoring it resumes the identical stream.
 
+Captions: an example holds 'caption', and may hold several, 'captions', with the names of their
+captioners, 'captioners' (parallel; '' unnamed), as the video-folder dataset stores them. With
+max_captions = 1 (the default) 'caption' is used. With max_captions > 1, one of the example's first
+max_captions 'captions' is drawn with probability proportional to its captioner's weight in
+`caption_weights` (captioner name -> weight >= 0): captioners it does not name weigh 0; empty
+`caption_weights` (or an example whose every caption weighs 0) draws uniformly. Stable Video
+Diffusion trains so on three captioners with fixed probabilities. The draw uses the example's rng
+(after the clip, crop and dropout draws), so the stream stays a pure function of (seed, epoch,
+index); caption dropout applies to the drawn caption. A latent cache built with max_captions > 1
+holds every candidate's text fields [K, ...] and their probabilities ('caption_weights' [K]); the
+draw picks a row of each text field (the keys of the cache's `null_text`) with the caption.
+
 Batches are dicts: 'video' float32 [B, F, H, W, 3] in [-1, 1] (or 'image' [B, H, W, 3]; or the
 cached fields), 'fps' float32 [B] (source fps / frame stride, for micro-conditioning), 'index' int32
 [B] (source indices), 'motion' float32 [B] (the clip's motion score, frame short sides per second,
@@ -25,6 +37,7 @@ for the caller to tokenize; '' where dropped for classifier-free guidance).
 import collections
 import concurrent.futures
 import math
+import numbers
 
 import jax
 import numpy as np
@@ -34,11 +47,76 @@ from vldm.data import transforms
 DEFAULT_FPS = 8.0  # for sources without a frame rate
 PIXEL_KEYS = ("video", "image")
 # Per-example metadata, handled by name rather than passed through as a cached encoder field.
-METADATA_KEYS = ("caption", "fps", "motion", "held_out", "index")
+METADATA_KEYS = (
+    "caption",
+    "captions",
+    "captioners",
+    "caption_weights",
+    "fps",
+    "motion",
+    "held_out",
+    "index",
+)
 
 
 def caption_text(caption):
   return caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+
+
+def check_caption_weights(weights, key="caption_weights"):
+  """`weights` (a dict or ConfigDict captioner name -> number >= 0; None: empty) as a dict of
+  floats. Anything else is a ValueError naming `key`."""
+  if weights is None:
+    return {}
+  if not hasattr(weights, "items") or isinstance(weights, str):
+    raise ValueError(
+        f"{key} must be a dict captioner name -> weight >= 0, e.g. {{'a': 0.8, 'b': 0.2}} "
+        f"({{}}: uniform); got {weights!r}."
+    )
+  out = {}
+  for name, weight in weights.items():
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, numbers.Real)
+        or not math.isfinite(weight)
+        or weight < 0
+    ):
+      raise ValueError(
+          f"{key}[{name!r}] must be a finite number >= 0 (a captioner's weight); got {weight!r}."
+      )
+    out[str(name)] = float(weight)
+  return out
+
+
+def caption_probabilities(captioners, weights):
+  """float64 [len(captioners)]: each caption's chance, proportional to its captioner's weight in
+  `weights` (unnamed there: 0); uniform when `weights` is empty or weighs every caption 0."""
+  n = len(captioners)
+  p = np.array([weights.get(c, 0.0) for c in captioners], np.float64) if weights else np.ones(n)
+  total = p.sum()
+  return p / total if total > 0 else np.full(n, 1.0 / n)
+
+
+def draw_index(probabilities, rng):
+  """An index drawn with `probabilities` (>= 0; all 0: uniform) from one uniform draw of `rng`."""
+  p = np.asarray(probabilities, np.float64)
+  if not (p > 0).any():
+    p = np.ones_like(p)
+  cumulative = np.cumsum(p)
+  index = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+  return min(index, int(np.flatnonzero(p)[-1]))  # rounding never lands on a weight-0 caption
+
+
+def caption_candidates(example, max_captions):
+  """(captions, captioners) of an example: its first `max_captions` 'captions' with their
+  'captioners' ('' where unnamed), or [its 'caption'] when it has no 'captions'."""
+  captions = example.get("captions")
+  if captions is None or len(captions) == 0:
+    return [caption_text(example.get("caption", ""))], [""]
+  captions = [caption_text(c) for c in list(captions)[:max_captions]]
+  names = example.get("captioners")
+  names = [caption_text(c) for c in list(names)[: len(captions)]] if names is not None else []
+  return captions, names + [""] * (len(captions) - len(names))
 
 
 def clip_span(frames, stride):
@@ -88,6 +166,14 @@ class Pipeline:
     clip_start_prob: > 0: a video clip starts its source video with this probability (else
       anywhere), and batches carry 'clip_start' bool [B] (the clip is the video's first frames:
       what a long video's first chunk is trained on, see recipes.ldm).
+    max_captions: 1: the example's 'caption'; > 1: one of its first max_captions 'captions',
+      drawn by `caption_weights` (captioner name -> weight; empty: uniform). See the module
+      docstring. A latent cache source must have been built with the same max_captions (and,
+      above 1, caption_weights).
+    sample_captions: False (with max_captions > 1): no draw; 'caption' is every candidate, a list
+      of max_captions (padded by repeating the example's captions) per example, and batches carry
+      'caption_weights' float32 [B, max_captions], the candidates' probabilities (0 for padding):
+      what build_latent_cache stores.
   """
 
   def __init__(
@@ -113,6 +199,9 @@ class Pipeline:
       num_workers=4,
       prefetch=4,
       clip_start_prob=0.0,
+      max_captions=1,
+      caption_weights=None,
+      sample_captions=True,
   ):
     if kind not in PIXEL_KEYS:
       raise ValueError(f"kind must be one of {PIXEL_KEYS}, got {kind!r}.")
@@ -129,6 +218,12 @@ class Pipeline:
     if not 0.0 <= clip_start_prob <= 1.0:
       raise ValueError(f"clip_start_prob must be in [0, 1], got {clip_start_prob}.")
     self.clip_start_prob = float(clip_start_prob)
+    if isinstance(max_captions, bool) or int(max_captions) != max_captions or max_captions < 1:
+      raise ValueError(f"max_captions must be an integer >= 1, got {max_captions!r}.")
+    self.max_captions = int(max_captions)
+    self.caption_weights = check_caption_weights(caption_weights)
+    self.sample_captions = bool(sample_captions)
+    _check_cache_captions(source, self.max_captions, self.caption_weights)
     self.seed, self.shuffle, self.num_epochs = int(seed), bool(shuffle), num_epochs
     self.process_index = jax.process_index() if process_index is None else int(process_index)
     self.process_count = jax.process_count() if process_count is None else int(process_count)
@@ -248,6 +343,8 @@ class Pipeline:
         if key not in METADATA_KEYS and value.dtype.kind in "biuf":
           out[key] = value
       out["fps"] = np.float32(example.get("fps", DEFAULT_FPS))
+    if self.max_captions > 1:
+      caption = self._choose_caption(example, out, rng)
     if drop:
       caption = ""
       for key, value in self.null_text.items():
@@ -258,6 +355,24 @@ class Pipeline:
       out["held_out"] = np.bool_(example["held_out"])
     out["caption"] = caption
     return out
+
+  def _choose_caption(self, example, out, rng):
+    """The example's caption among its candidates (a list of all of them without
+    sample_captions); picks the matching row of cached text fields in `out`."""
+    if "caption_weights" in example:  # a latent cache row: candidates and chances stored
+      captions = [caption_text(c) for c in example["captions"]]
+      index = draw_index(example["caption_weights"], rng)
+      for key in self.null_text:
+        if key in out:
+          out[key] = out[key][index]
+      return captions[index]
+    captions, captioners = caption_candidates(example, self.max_captions)
+    probabilities = caption_probabilities(captioners, self.caption_weights)
+    if not self.sample_captions:
+      padding = self.max_captions - len(captions)
+      out["caption_weights"] = np.pad(probabilities, (0, padding)).astype(np.float32)
+      return [captions[i % len(captions)] for i in range(self.max_captions)]
+    return captions[draw_index(probabilities, rng)]
 
   def _process_pixels(self, example, rng):
     fps, start = float(example.get("fps", DEFAULT_FPS)), None
@@ -349,6 +464,28 @@ class Pipeline:
   def close(self):
     self._drop_pending()
     self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _check_cache_captions(source, max_captions, caption_weights):
+  """A latent cache's text fields have one row per candidate caption: it must have been built
+  with this max_captions (and, above 1, these caption_weights, which gave its stored chances)."""
+  built = getattr(source, "max_captions", None)
+  if built is None:  # not a latent cache
+    return
+  where = getattr(source, "directory", "the latent cache")
+  if built != max_captions:
+    raise ValueError(
+        f"{where} was built with max_captions={built}; this pipeline has "
+        f"max_captions={max_captions}. Set data.max_captions={built}, or rebuild the cache "
+        "(delete it) with the new value."
+    )
+  built_weights = dict(getattr(source, "caption_weights", {}) or {})
+  if max_captions > 1 and built_weights != caption_weights:
+    raise ValueError(
+        f"{where} was built with caption_weights={built_weights}; this pipeline has "
+        f"caption_weights={caption_weights}. Its stored caption probabilities come from the "
+        "former: set data.caption_weights to it, or rebuild the cache (delete it)."
+    )
 
 
 def to_global(local, sharding, global_batch_size):

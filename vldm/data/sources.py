@@ -128,6 +128,8 @@ def make_pipeline(
       num_workers=c.num_workers,
       prefetch=c.prefetch,
       clip_start_prob=c.get("clip_start_prob", 0.0),
+      max_captions=c.get("max_captions", 1),
+      caption_weights=c.get("caption_weights"),
   )
   kwargs.update(overrides)
   return pipeline_lib.Pipeline(source, **kwargs)
@@ -149,5 +151,7 @@ def build_cache(c, split, directory, encode_video, encode_text, **kwargs):
       resolution=c.resolution,
       seed=c.seed,
       clip_start_prob=c.get("clip_start_prob", 0.0),
+      max_captions=c.get("max_captions", 1),
+      caption_weights=c.get("caption_weights"),
       **kwargs,
   )

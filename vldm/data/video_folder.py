@@ -2,18 +2,24 @@
 
 Input: a folder of videos (mp4, webm, gif, or anything imageio + ffmpeg reads) and a captions
 file, CSV with a header or JSON lines, one row per clip with the keys
-  file     path of the video, relative to the folder (aliases: video, path)
-  caption  its caption (alias: text)
-  fps      optional; overrides the frame rate read from the file
-  split    optional; the split the clip goes to (default 'train')
+  file       path of the video, relative to the folder (aliases: video, path)
+  caption    its caption (alias: text)
+  captioner  optional; the name of the captioner that wrote the row's caption(s), which
+             data.caption_weights weighs in training (see vldm.data.pipeline)
+  captions, captioners   JSON lines, instead of caption / captioner: the clip's several captions,
+             and optionally their captioners' names (a list parallel to captions; '' unnamed)
+  fps        optional; overrides the frame rate read from the file
+  split      optional; the split the clip goes to (default 'train')
   start_frame, end_frame   optional; the clip is that frame range of the file (end exclusive)
-  kept     optional; rows with kept false are skipped
+  kept       optional; rows with kept false are skipped
 A curated clip list (`python -m vldm.curate`'s OUT/clips.jsonl: several rows per file, a
-`captions` list where a clip has several, of which the first is used) is such a file; its rows
-without a caption get the empty one (a warning says how many).
+`captions` list where a clip has several, with `captioners` where they are named) is such a file;
+its rows without a caption get the empty one (a warning says how many).
 Without `captions`' default name, 'captions.csv', in the folder, 'captions.jsonl' is used.
-Output: examples {'video': uint8 [T, R, R, 3] (shorter side resized to R, centre crop), 'caption',
-'fps', 'file', 'start_frame', 'motion'}.
+Output: examples {'video': uint8 [T, R, R, 3] (shorter side resized to R, centre crop), 'caption'
+(the first caption), 'captions' (all of the row's; empty for an uncaptioned clip), 'captioners'
+(parallel to 'captions', '' where unnamed), 'fps', 'file', 'start_frame', 'motion'}. Training
+reads 'caption', or with data.max_captions > 1 samples among 'captions' (vldm.data.pipeline).
 'motion' (float32) is the segment's global motion score, `vldm.data.motion.motion_score` of its
 stored frames at its fps (SVD's Farnebäck flow at 2 fps), in frame short sides per second: so it
 does not depend on the resolution or frame rate, and maps to SVD's motion_bucket_id.
@@ -77,8 +83,10 @@ class VideoFolderConfig(tfds.core.BuilderConfig):
 
 def read_captions(path):
   """Rows of a CSV (with header) or JSON-lines captions file as dicts {file, caption, captions (all
-  of the row's: a clip list's `captions` list), fps, split, start_frame, end_frame}; rows with kept
-  false are left out."""
+  of the row's: a clip list's `captions` list), captioners (parallel to captions: the names from
+  `captioners`, else the row's `captioner` for each, else ''), fps, split, start_frame,
+  end_frame}; rows with kept false are left out. `captioners` of another length than the row's
+  captions is a ValueError naming the file and row."""
   with open(path, newline="", encoding="utf-8") as f:
     if str(path).endswith((".jsonl", ".json")):
       raw = [json.loads(line) for line in f if line.strip()]
@@ -102,6 +110,7 @@ def read_captions(path):
           f"a caption ({'/'.join(_CAPTION_KEYS)}, or a non-empty 'captions' list); "
           f"got keys {sorted(row)}."
       )
+    captioners = _captioners(row, captions, path, n)
     fps = row.get("fps")
     window = [_optional_int(row.get(k), k, path, n) for k in ("start_frame", "end_frame")]
     if window[1] is not None and window[1] <= (window[0] or 0):
@@ -114,6 +123,7 @@ def read_captions(path):
             file=str(file),
             caption=str(caption),
             captions=captions,
+            captioners=captioners,
             fps=float(fps) if fps not in (None, "") else None,
             split=str(row.get("split") or "train"),
             start_frame=window[0] or 0,
@@ -123,6 +133,21 @@ def read_captions(path):
   if uncaptioned:
     log.warning("%s: %d clip(s) have no caption; they get the empty caption.", path, uncaptioned)
   return rows
+
+
+def _captioners(row, captions, path, n):
+  """The names of the row's captions' captioners: a list parallel to `captions`, '' unnamed."""
+  names = row.get("captioners")
+  if names is None:
+    name = row.get("captioner")
+    return [str(name) if name is not None else ""] * len(captions)
+  if isinstance(names, str) or not isinstance(names, (list, tuple)) or len(names) != len(captions):
+    raise ValueError(
+        f"{path}, row {n + 1}: 'captioners' must be a list parallel to the row's captions "
+        f"(one name per caption, '' where unnamed); got {names!r} for {len(captions)} "
+        f"caption(s)."
+    )
+  return [str(name) if name is not None else "" for name in names]
 
 
 def _is_false(value):
@@ -303,7 +328,7 @@ def iter_segments(
 class VldmVideoFolder(tfds.core.GeneratorBasedBuilder):
   """Captioned videos from a local folder; pass a VideoFolderConfig (see video_folder_builder)."""
 
-  VERSION = tfds.core.Version("1.3.0")
+  VERSION = tfds.core.Version("1.4.0")
   RELEASE_NOTES = {
       "1.0.0": "Initial release.",
       "1.1.0": "Several clips (segments) per video at a target frame rate (target_fps, "
@@ -311,6 +336,8 @@ class VldmVideoFolder(tfds.core.GeneratorBasedBuilder):
       "1.2.0": "'motion' feature: each clip's motion score (frame short sides per second).",
       "1.3.0": "Clip lists: rows with start_frame / end_frame take that frame range of the file; "
       "rows with kept false are skipped (`python -m vldm.curate`'s clips.jsonl).",
+      "1.4.0": "'captions' and 'captioners' features: every caption of a clip and the name of "
+      "its captioner ('' where unnamed), for sampling among captions in training.",
   }
 
   def __init__(self, *, config=None, **kwargs):
@@ -323,7 +350,9 @@ class VldmVideoFolder(tfds.core.GeneratorBasedBuilder):
         features=tfds.features.FeaturesDict(
             {
                 "video": tfds.features.Video(shape=(None, r, r, 3), encoding_format="png"),
-                "caption": tfds.features.Text(),
+                "caption": tfds.features.Text(),  # the first of 'captions' ('' without)
+                "captions": tfds.features.Sequence(tfds.features.Text()),
+                "captioners": tfds.features.Sequence(tfds.features.Text()),
                 "fps": tfds.features.Scalar(np.float32),
                 "file": tfds.features.Text(),
                 "start_frame": tfds.features.Scalar(np.int64),
@@ -404,6 +433,8 @@ class VldmVideoFolder(tfds.core.GeneratorBasedBuilder):
         yield start, {
             "video": frames,
             "caption": row["caption"],
+            "captions": row["captions"],
+            "captioners": row["captioners"],
             "fps": np.float32(segment_fps),
             "file": row["file"],
             "start_frame": start,

@@ -81,6 +81,7 @@ class ImageToVideoTask(ldm.LatentDiffusionTask):
   """SVD image-to-video fine-tuning (see the module docstring)."""
 
   PRETRAINED_COMPONENTS = components_lib.IMAGE_COMPONENTS
+  eval_fn = None  # config.eval samples from prompts; image-to-video samples from images
 
   def __init__(self, config):  # pylint: disable=super-init-not-called
     # pylint: disable-next=non-parent-init-called

@@ -192,6 +192,7 @@ class LatentDiffusionTask(tasks_lib.Task):
     self.train_crop = c.upsampler.train_crop if self.upsample else 0
     self.size, self.frames = config.data.resolution, config.data.frames
     self._pipeline = None
+    self._evaluation = None  # eval_fn's networks and real statistics, built at its first call
     self._frozen_vae = None
 
   def _check_fit(self, config) -> None:
@@ -698,6 +699,16 @@ class LatentDiffusionTask(tasks_lib.Task):
     prompts = self.config.ldm.sample_prompts
     clips = self.generate(params, frozen, prompts, rng)
     return {f"prompt_{i}": clip for i, clip in enumerate(clips)}
+
+  def eval_fn(self, params, frozen, rng):
+    """config.eval's metrics of clips sampled for its fixed prompts (vldm.eval.evaluator)."""
+    if self._evaluation is None:
+      from vldm.eval import evaluator  # pylint: disable=g-import-not-at-top  # its networks
+
+      self._evaluation = evaluator.DuringTraining(
+          self.config.eval, self.frames if self.video else 1
+      )
+    return self._evaluation(lambda prompts, key: self.generate(params, frozen, prompts, key), rng)
 
 
 def build_latent_cache(

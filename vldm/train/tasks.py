@@ -19,6 +19,8 @@ typed key (`jax.random.key`) of `config.prng_impl`. Methods the trainer calls:
   make_data(sharding, process_index, process_count) -> DataIterator
   sample_fn(params, frozen, rng) -> {name: frames}   optional (None): frames (F, H, W, 3) or
                                            (H, W, 3), float in [0, 1] or uint8; written as GIFs.
+  eval_fn(params, frozen, rng) -> {name: float}  optional (None): metrics of samples, run every
+                                           `config.eval_every` steps, logged as eval/<name>.
   init_transforms() -> {name: fn}          optional extra `init_from` transforms (see below).
   abstract_frozen() -> pytree              optional: init_frozen's ShapeDtypeStructs (no weights);
   abstract_batch(batch_size) -> pytree     optional: ShapeDtypeStructs of one global batch as
@@ -87,6 +89,7 @@ class Task:
   """Base class with the optional parts' defaults; subclasses define the rest."""
 
   sample_fn: Optional[Callable[..., Mapping[str, Any]]] = None
+  eval_fn: Optional[Callable[..., Mapping[str, float]]] = None
 
   def __init__(self, config):
     self.config = config

@@ -4,6 +4,7 @@ Start-up order: a run resumes from its own workdir's newest checkpoint; otherwis
 `config.init_from` (another stage's parameters through a named transform); otherwise from scratch.
 The host reads device values only at logging, checkpoint and sample steps.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,17 +33,24 @@ class NonFiniteLossError(FloatingPointError):
 
 def _check_batch_size(config, mesh) -> None:
   if config.batch_size % mesh.size:
-    raise ValueError(f"batch_size {config.batch_size} must divide evenly over the {mesh.size} "
-                     f"devices of the mesh {dict(mesh.shape)}.")
+    raise ValueError(
+        f"batch_size {config.batch_size} must divide evenly over the {mesh.size} "
+        f"devices of the mesh {dict(mesh.shape)}."
+    )
 
 
 def check_batch(batch) -> None:
   """TypeError unless every leaf of the batch is a jax.Array (the train step's input)."""
-  host = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(batch)
-          if not isinstance(x, jax.Array)]
+  host = [
+      jax.tree_util.keystr(path)
+      for path, x in jax.tree_util.tree_leaves_with_path(batch)
+      if not isinstance(x, jax.Array)
+  ]
   if host:
-    raise TypeError(f"The task's data yielded host values at {host[:5]}; batches must hold only "
-                    "global jax.Arrays (convert captions to token ids or embeddings in make_data).")
+    raise TypeError(
+        f"The task's data yielded host values at {host[:5]}; batches must hold only "
+        "global jax.Arrays (convert captions to token ids or embeddings in make_data)."
+    )
 
 
 def _to_host(x) -> np.ndarray:
@@ -64,8 +72,9 @@ def _load_init_from(config, task, builder, mesh):
   if init_from.workdir:
     where = init_from.workdir
     try:
-      source = checkpoint_lib.load_params(init_from.workdir, mesh, builder.rules,
-                                          use_ema=init_from.use_ema)
+      source = checkpoint_lib.load_params(
+          init_from.workdir, mesh, builder.rules, use_ema=init_from.use_ema
+      )
     except FileNotFoundError as e:
       raise FileNotFoundError(f"config.init_from.workdir={init_from.workdir!r}: {e}") from e
   else:
@@ -73,26 +82,31 @@ def _load_init_from(config, task, builder, mesh):
     if source is None:
       return None
     where = "the task's pretrained weights"
-    source = sharding_lib.place(source, sharding_lib.tree_shardings(source, mesh, builder.rules,
-                                                                    prefix="params/"))
+    source = sharding_lib.place(
+        source, sharding_lib.tree_shardings(source, mesh, builder.rules, prefix="params/")
+    )
     named = transform
     transform = lambda s, t: named({**t, **s}, t)
   produced = jax.eval_shape(transform, source, builder.abstract_params)
   problems = tasks_lib.describe_mismatch(produced, builder.abstract_params)
   if not problems:
-    problems = [f"dtype {a.dtype} instead of {b.dtype}" for a, b in
-                zip(jax.tree.leaves(produced), jax.tree.leaves(builder.abstract_params))
-                if a.dtype != b.dtype]
+    problems = [
+        f"dtype {a.dtype} instead of {b.dtype}"
+        for a, b in zip(jax.tree.leaves(produced), jax.tree.leaves(builder.abstract_params))
+        if a.dtype != b.dtype
+    ]
   if problems:
     raise checkpoint_lib.CheckpointMismatchError(
         f"init_from transform {init_from.transform!r} does not produce this model's parameters "
-        f"from {where}:\n  " + "\n  ".join(problems))
+        f"from {where}:\n  " + "\n  ".join(problems)
+    )
   return source, transform, where
 
 
 def _write_samples(task, state, frozen, builder, workdir, step) -> None:
-  clips = task.sample_fn(state.params_for_sampling(), frozen,
-                         builder.key(builder.config.seed + 1))  # fixed noise: comparable over steps
+  clips = task.sample_fn(
+      state.params_for_sampling(), frozen, builder.key(builder.config.seed + 1)
+  )  # fixed noise: comparable over steps
   clips = {name: _to_host(frames) for name, frames in clips.items()}
   if jax.process_index() == 0:
     folder = epath.Path(workdir) / "samples" / f"{step:08d}"
@@ -143,7 +157,8 @@ def _check_saved_key(checkpointer, step, builder) -> None:
       f"The checkpoint {checkpointer.directory / str(step)} holds a PRNG key of shape {saved}, "
       f"but config.prng_impl={builder.prng_impl!r} makes keys of shape {expected}: set "
       f"config.prng_impl to the implementation the run started with"
-      + (f" (one of {fitting})." if fitting else "."))
+      + (f" (one of {fitting})." if fitting else ".")
+  )
 
 
 def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
@@ -169,8 +184,13 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
     step = int(jax.device_get(state.step))
     total = config.total_steps
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, tensorboard=config.tensorboard)
-    bar = tqdm.tqdm(total=total, initial=step, desc="train", dynamic_ncols=True,
-                    disable=not (is_main and config.progress_bar))
+    bar = tqdm.tqdm(
+        total=total,
+        initial=step,
+        desc="train",
+        dynamic_ncols=True,
+        disable=not (is_main and config.progress_bar),
+    )
     every = lambda n: bool(n) and step % n == 0
     compiled, last_time, last_step = None, None, step
 
@@ -202,11 +222,20 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
           started = time.perf_counter()
           _write_samples(task, state, frozen, builder, workdir, step)
           last_time += time.perf_counter() - started  # throughput counts training only
+        if task.eval_fn is not None and every(config.get("eval_every", 0)):
+          started = time.perf_counter()
+          results = task.eval_fn(
+              state.params_for_sampling(), frozen, builder.key(config.seed + 2)
+          )  # fixed: comparable over steps
+          writer.write(step, {f"eval/{k}": v for k, v in results.items()})
+          log.info("Step %d eval: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
+          last_time += time.perf_counter() - started
         if save:
           checkpointer.save(step, state, data.get_state())
         if preempted:
-          log.warning("Preempted: saved step %d in %s; rerun the same command to resume.",
-                      step, workdir)
+          log.warning(
+              "Preempted: saved step %d in %s; rerun the same command to resume.", step, workdir
+          )
           break
   finally:
     checkpointer.wait()
@@ -223,11 +252,15 @@ def _check_finite(scalars, step, checkpointer, workdir) -> None:
   if bad:
     checkpointer.wait()
     last = checkpointer.latest_step()
-    where = (f"the last good checkpoint is step {last} in {checkpoint_lib.checkpoint_dir(workdir)}"
-             if last is not None else "no checkpoint was saved yet")
+    where = (
+        f"the last good checkpoint is step {last} in {checkpoint_lib.checkpoint_dir(workdir)}"
+        if last is not None
+        else "no checkpoint was saved yet"
+    )
     raise NonFiniteLossError(
         f"Non-finite {', '.join(f'{k}={v}' for k, v in bad.items())} at step {step}; stopping "
-        f"({where}). Lower the learning rate, check the data, or resume from the checkpoint.")
+        f"({where}). Lower the learning rate, check the data, or resume from the checkpoint."
+    )
 
 
 def _log_memory(compiled) -> None:
@@ -236,6 +269,10 @@ def _log_memory(compiled) -> None:
   except Exception:  # pylint: disable=broad-except  # not every backend implements it
     analysis = None
   if analysis is not None:
-    log.info("Train step memory per device: arguments %.1f MiB, outputs %.1f MiB, temporaries "
-             "%.1f MiB.", analysis.argument_size_in_bytes / 2**20,
-             analysis.output_size_in_bytes / 2**20, analysis.temp_size_in_bytes / 2**20)
+    log.info(
+        "Train step memory per device: arguments %.1f MiB, outputs %.1f MiB, temporaries "
+        "%.1f MiB.",
+        analysis.argument_size_in_bytes / 2**20,
+        analysis.output_size_in_bytes / 2**20,
+        analysis.temp_size_in_bytes / 2**20,
+    )
