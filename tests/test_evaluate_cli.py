@@ -42,6 +42,7 @@ def random_weight_files(folder):
   return i3d_path, inception_path
 
 
+@pytest.mark.slow  # ≈ 2 min: full-size I3D (224 px) and Inception (299 px) compiled on the CPU
 def test_evaluate_folders_fvd_and_fid(tmp_path):
   i3d_path, inception_path = random_weight_files(str(tmp_path))
   real = write_clips(str(tmp_path / "real"), moving_squares(4, frames=10, seed=0), ["real"] * 4)
