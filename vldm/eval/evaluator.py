@@ -38,10 +38,12 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from typing import Mapping, Optional, Sequence
 
 import imageio.v3 as iio
 import numpy as np
+import tqdm
 
 from vldm import video_io
 from vldm.data import transforms
@@ -141,6 +143,11 @@ def read_folder(folder: str, protocol: Protocol) -> ClipSet:
         f"captions.jsonl) and files ending in {', '.join(video_io.VIDEO_EXTENSIONS)}."
     )
   out = ClipSet([], [], [], {}, folder)
+  bar = tqdm.tqdm(
+      total=min(protocol.num_clips, len(entries)),
+      desc=f"read {os.path.basename(os.path.normpath(folder))}",
+      disable=not sys.stderr.isatty(),
+  )
   for file, start, caption in entries:
     if len(out) == protocol.num_clips:
       break
@@ -159,6 +166,9 @@ def read_folder(folder: str, protocol: Protocol) -> ClipSet:
     out.clips.append(clip)
     out.captions.append(caption)
     out.sources.append(source)
+    bar.update()
+  bar.close()
+  log.info("vldm.evaluate: %d clips from %s", len(out), folder)
   if out.skipped:
     log.warning(
         "vldm.evaluate: %s: skipped %s.",

@@ -14,10 +14,12 @@ implementation's resize and value range) runs inside the jitted function.
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from vldm import devices
 from vldm.convert import clip as _clip_formats  # pylint: disable=unused-import  # registers CLIP
@@ -41,13 +43,15 @@ def batches(inputs, batch_size):
     yield chunk, batch_size - pad
 
 
-def run_batched(fn, params, inputs, batch_size):
-  """fn(params, batch) over `inputs` in fixed-size batches split over the devices → [N, ...]."""
+def run_batched(fn, params, inputs, batch_size, desc=None):
+  """fn(params, batch) over `inputs` in fixed-size batches split over the devices → [N, ...];
+  with `desc`, a progress bar (on a terminal)."""
   inputs = np.asarray(inputs)
-  out = [
-      np.asarray(fn(params, *devices.split_batch(batch)))[:n]
-      for batch, n in batches(inputs, batch_size)
-  ]
+  chunks = batches(inputs, batch_size)
+  if desc:
+    total = -(-len(inputs) // batch_size)
+    chunks = tqdm.tqdm(chunks, desc=desc, total=total, disable=not sys.stderr.isatty())
+  out = [np.asarray(fn(params, *devices.split_batch(batch)))[:n] for batch, n in chunks]
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
@@ -163,7 +167,7 @@ class I3DFeatures:
 
   def __call__(self, clips):
     """uint8 [N, T, H, W, 3] → float32 [N, 400]."""
-    return run_batched(self._fn, self._variables, clips, self.batch_size)
+    return run_batched(self._fn, self._variables, clips, self.batch_size, "I3D")
 
 
 class InceptionFeatures:
@@ -183,4 +187,4 @@ class InceptionFeatures:
 
   def __call__(self, frames):
     """uint8 [N, H, W, 3] → float32 [N, 2048]."""
-    return run_batched(self._fn, self._variables, frames, self.batch_size)
+    return run_batched(self._fn, self._variables, frames, self.batch_size, "Inception")
