@@ -59,7 +59,11 @@ def test_evaluate_folders_fvd_and_fid(tmp_path):
   recipe_runs.run("evaluate", *args, inputs=inputs)
   result = json.load(open(out, encoding="utf-8"))
   assert result["fvd"] > 0 and result["fid"] > 0
-  assert result["protocol"] == {"num_clips": 4, "num_frames": 9, "frame_stride": 1, "fid_frames": 2}
+  assert result["protocol"] == {
+      "num_clips": 4, "num_frames": 9, "frame_stride": 1, "fid_frames": 2,
+      "i3d_input": 224, "inception_input": 299,
+  }  # fmt: skip
+  assert result["counts"]["real_resolutions"] == ["32x32"] and result["counts"]["real_clips"] == 4
   assert result["counts"]["real_features"] == {"fvd": 4, "fid": 8}  # clips; 2 frames a clip
   assert result["counts"]["generated_features"] == {"fvd": 4, "fid": 8}
   report = open(out[: -len(".json")] + ".md", encoding="utf-8").read()

@@ -174,6 +174,11 @@ def main(argv):
   except (PipelineError, ValueError, FileNotFoundError) as e:
     sys.exit(f"vldm.evaluate: error: {e}")
   result.update(real=os.path.abspath(FLAGS.real), generated=os.path.abspath(generated_dir))
+  result["counts"].update(
+      real_clips=len(real),
+      real_skipped={k: len(v) for k, v in real.skipped.items()},
+      real_resolutions=evaluator_lib.resolutions(real),
+  )
   result["seconds"] = round(time.time() - start, 1)
   with open(FLAGS.out, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)

@@ -51,6 +51,8 @@ from vldm.eval import features
 from vldm.eval import frechet
 from vldm.eval import metrics as oracle_metrics
 from vldm.eval import oracle
+from vldm.models import fid_inception
+from vldm.models import i3d
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +178,11 @@ def read_folder(folder: str, protocol: Protocol) -> ClipSet:
         ", ".join(f"{len(v)} {k.replace('_', ' ')}" for k, v in out.skipped.items()),
     )
   return out
+
+
+def resolutions(clips: ClipSet) -> list[str]:
+  """The clips' frame sizes, 'HxW', sorted: part of the protocol a number was computed under."""
+  return sorted({f"{c.shape[1]}x{c.shape[2]}" for c in clips.clips})
 
 
 def clip_set(clips, captions=None) -> ClipSet:
@@ -333,9 +340,14 @@ class Evaluator:
       records = oracle.judge_all(generated.clips, generated.captions)
       summary = oracle_metrics.summarize(records)["overall"]
       out.update({f"oracle_{k}": v for k, v in summary.items() if k != "clips"})
-    out["protocol"] = self.protocol.as_dict()
+    out["protocol"] = dict(
+        self.protocol.as_dict(),
+        i3d_input=i3d.RESOLUTION if "fvd" in self.networks else None,
+        inception_input=fid_inception.INPUT_SIZE if "fid" in self.networks else None,
+    )
     out["counts"] = dict(  # features: clips for fvd, frames for fid
         generated_clips=len(generated),
+        generated_resolutions=resolutions(generated),
         generated_skipped={k: len(v) for k, v in generated.skipped.items()},
         generated_features={m: s.count for m, s in stats.items()},
         real_features={m: s.count for m, s in (real or {}).items()},
