@@ -1,4 +1,5 @@
 """Helpers for parity tests against PyTorch reference models (diffusers / transformers)."""
+
 import numpy as np
 
 
@@ -13,10 +14,49 @@ def perturb_(torch_model, seed: int = 0, scale: float = 0.1):
   """Adds noise to every parameter and buffer-free weight in place, so that zero-initialised
   layers, unit norms and zero biases cannot hide a wrong mapping."""
   import torch  # pylint: disable=g-import-not-at-top
+
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for p in torch_model.parameters():
       p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+  return torch_model.eval()
+
+
+def he_init_(torch_model, seed: int):
+  """He-normal (ReLU) weights for every convolution, in place. PyTorch's default init (a fraction
+  of He's std) shrinks the activations of a deep ReLU network layer by layer until the output
+  hardly depends on the input, and then any weight mapping passes a parity test."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  gen = torch.Generator().manual_seed(seed)
+  convs = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+  with torch.no_grad():
+    for m in torch_model.modules():
+      if isinstance(m, convs):
+        torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=gen)
+  return torch_model
+
+
+def calibrate_batch_norms_(torch_model, x, seed: int):
+  """Every BatchNorm's running statistics from one train-mode pass on `x`, then perturbed; returns
+  the model in eval mode.
+
+  Calibrated statistics keep activations O(1) through a deep network (random ones make the output
+  vanish, explode or forget its input); the perturbation makes a swapped mean / var or a wrong eps
+  show."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  gen = torch.Generator().manual_seed(seed)
+  norms = [m for m in torch_model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]  # pylint: disable=protected-access
+  for m in norms:
+    m.momentum = 1.0  # running statistics := this batch's
+  torch_model.train()
+  with torch.no_grad():
+    torch_model(x)
+    for m in norms:
+      n = m.num_features
+      m.running_mean.add_(0.2 * m.running_var.sqrt() * torch.randn(n, generator=gen))
+      m.running_var.mul_(0.5 + 1.5 * torch.rand(n, generator=gen))
   return torch_model.eval()
 
 
@@ -35,6 +75,7 @@ def jit_quick(fn, **kwargs):
   """jax.jit that skips LLVM's optimisations: for tiny test models they cost more compile time
   than they save in run time."""
   import jax  # pylint: disable=g-import-not-at-top
+
   return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0}, **kwargs)
 
 
@@ -42,6 +83,7 @@ def random_params(module, seed):
   """Random weights of `module`'s init shapes (host-side, nothing to compile): unit-variance
   outputs, norm scales near 1, non-zero biases."""
   import jax  # pylint: disable=g-import-not-at-top
+
   shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *module.example_inputs()))
   rng = np.random.default_rng(seed)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import reference_craft
-from parity import perturb_, relative_error, to_nhwc
+from parity import calibrate_batch_norms_, perturb_, relative_error, to_nhwc
 from vldm.convert import core
 from vldm.convert import torch_state
 from vldm.models import craft
@@ -18,32 +18,12 @@ TOL = 1e-4
 HEIGHT, WIDTH = 64, 96  # the smallest multiples of 32 with every level non-square
 
 
-def _randomise_batch_stats_(model, x, seed):
-  """Running statistics from one train-mode pass on `x`, then perturbed.
-
-  Calibrated statistics keep activations O(1) through the 30 layers (random ones can make the
-  output vanish or explode); the perturbation makes a swapped mean / var or a wrong eps show.
-  """
-  gen = torch.Generator().manual_seed(seed)
-  norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-  for m in norms:
-    m.momentum = 1.0  # running statistics := this batch's
-  model.train()
-  with torch.no_grad():
-    model(x)
-    for m in norms:
-      n = m.num_features
-      m.running_mean.add_(0.2 * m.running_var.sqrt() * torch.randn(n, generator=gen))
-      m.running_var.mul_(0.5 + 1.5 * torch.rand(n, generator=gen))
-  return model.eval()
-
-
 @pytest.fixture(scope="module", name="case")
 def _case(tmp_path_factory):
   torch.manual_seed(0)
   ref = perturb_(reference_craft.CRAFT(), seed=1)
   gen = torch.Generator().manual_seed(2)
-  _randomise_batch_stats_(ref, torch.randn(2, 3, HEIGHT, WIDTH, generator=gen), seed=3)
+  calibrate_batch_norms_(ref, torch.randn(2, 3, HEIGHT, WIDTH, generator=gen), seed=3)
   images = torch.randn(2, 3, HEIGHT, WIDTH, generator=gen)
   with torch.no_grad():
     y, feature = ref(images)

@@ -27,15 +27,15 @@ def write_clips(folder, clips, captions):
 
 
 def random_weight_files(folder):
-  """The references' state dicts at random weights (He-initialised I3D, as tests/test_i3d.py)."""
+  """The references' state dicts at random weights (He-initialised I3D: collapsed features would make FVD ~0)."""
   import reference_fid_inception  # pylint: disable=import-outside-toplevel
   import reference_i3d  # pylint: disable=import-outside-toplevel
-  from test_i3d import _he_init_  # pylint: disable=import-outside-toplevel
+  from parity import he_init_  # pylint: disable=import-outside-toplevel
 
   torch.manual_seed(0)
   i3d_path, inception_path = os.path.join(folder, "i3d.pt"), os.path.join(folder, "inception.pth")
   torch.save(
-      _he_init_(reference_i3d.InceptionI3d(400, in_channels=3), seed=1).state_dict(), i3d_path
+      he_init_(reference_i3d.InceptionI3d(400, in_channels=3), seed=1).state_dict(), i3d_path
   )
   inception = reference_fid_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
   torch.save(inception.state_dict(), inception_path)

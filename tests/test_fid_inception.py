@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import reference_fid_inception
-from parity import perturb_, relative_error
+from parity import calibrate_batch_norms_, he_init_, perturb_, relative_error
 from vldm.convert import core
 from vldm.convert import torch_state
 from vldm.models import fid_inception
@@ -35,38 +35,12 @@ def _images(gen, height, width, cells):
   return torch.cat(out)
 
 
-def _randomise_(model, images, seed):
-  """He-normal convolutions, then BatchNorm running statistics from one train-mode pass on
-  `images`, perturbed.
-
-  Calibrated statistics keep activations O(1) through the 94 BatchNorms (random ones can make
-  the output vanish, explode or forget its input); the perturbation makes a swapped mean / var or
-  a wrong eps show.
-  """
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, torch.nn.Conv2d):
-        torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=gen)
-  norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-  for m in norms:
-    m.momentum = 1.0  # running statistics := this batch's
-  model.train()
-  with torch.no_grad():
-    model(images)
-    for m in norms:
-      n = m.num_features
-      m.running_mean.add_(0.2 * m.running_var.sqrt() * torch.randn(n, generator=gen))
-      m.running_var.mul_(0.5 + 1.5 * torch.rand(n, generator=gen))
-  return model.eval()
-
-
 @pytest.fixture(scope="module", name="case")
 def _case(tmp_path_factory):
   torch.manual_seed(0)
   ref = perturb_(_reference(), seed=1)  # BatchNorm affine and fc away from 1 / 0
   gen = torch.Generator().manual_seed(2)
-  _randomise_(ref, _images(gen, HEIGHT, WIDTH, (8, 1)), seed=3)
+  calibrate_batch_norms_(he_init_(ref, seed=3), _images(gen, HEIGHT, WIDTH, (8, 1)), seed=4)
   images = _images(gen, HEIGHT, WIDTH, (16, 2))
   with torch.no_grad():
     pool3, logits = ref(images)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import reference_i3d
-from parity import perturb_, relative_error
+from parity import calibrate_batch_norms_, he_init_, perturb_, relative_error
 from vldm.convert import core
 from vldm.convert import torch_state
 from vldm.models import i3d
@@ -20,35 +20,6 @@ TOL = 1e-4
 # (asymmetric padding included); 17 frames leave 2 time steps after the final pool, so the mean
 # over time is tested too.
 FRAMES, HEIGHT, WIDTH = 17, 193, 224
-
-
-def _he_init_(model, seed):
-  """He-normal convolution weights. With PyTorch's default init (std 1/√(3 · fan_in), 0.4 of
-  He's) the activations shrink layer by layer and the logits hardly depend on the input (std
-  across clips ~1e-6 of their size): any mapping of the weights would pass."""
-  gen = torch.Generator().manual_seed(seed)
-  for m in model.modules():
-    if isinstance(m, torch.nn.Conv3d):
-      torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=gen)
-  return model
-
-
-def _randomise_batch_stats_(model, x, seed):
-  """Running statistics from one train-mode pass on `x`, then perturbed (as tests/test_craft.py):
-  activations stay O(1) through the 57 normalised convolutions, and a swapped mean / var or a
-  wrong eps shows."""
-  gen = torch.Generator().manual_seed(seed)
-  norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm3d)]
-  for m in norms:
-    m.momentum = 1.0  # running statistics := this batch's
-  model.train()
-  with torch.no_grad():
-    model(x)
-    for m in norms:
-      n = m.num_features
-      m.running_mean.add_(0.2 * m.running_var.sqrt() * torch.randn(n, generator=gen))
-      m.running_var.mul_(0.5 + 1.5 * torch.rand(n, generator=gen))
-  return model.eval()
 
 
 def _videos(rng, batch, frames, height=72, width=96):
@@ -63,11 +34,11 @@ def _videos(rng, batch, frames, height=72, width=96):
 @pytest.fixture(scope="module", name="case")
 def _case(tmp_path_factory):
   torch.manual_seed(0)
-  ref = _he_init_(perturb_(reference_i3d.InceptionI3d(400, in_channels=3), seed=1), seed=2)
+  ref = he_init_(perturb_(reference_i3d.InceptionI3d(400, in_channels=3), seed=1), seed=2)
   rng = np.random.default_rng(3)
   # One short clip calibrates the statistics (BatchNorm pools over time and space too).
   calibration = reference_i3d.preprocess_i3d(_videos(rng, 1, i3d.MIN_FRAMES), (HEIGHT, WIDTH))
-  _randomise_batch_stats_(ref, calibration, seed=4)
+  calibrate_batch_norms_(ref, calibration, seed=4)
   videos = _videos(rng, 2, FRAMES)
   with torch.no_grad():
     logits = ref(reference_i3d.preprocess_i3d(videos, (HEIGHT, WIDTH))).numpy()

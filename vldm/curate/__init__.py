@@ -5,4 +5,5 @@ scorers   the model scores: CLIP caption similarity, LAION aesthetics, CRAFT tex
 pipeline  the sharded, resumable run: decoding, scoring, filtering, OUT/clips.jsonl
 report    OUT/report.html
 ffmpeg_cuts  clip files (config.export): keyframe-aware stream copy or frame-exact re-encoding
+jsonl     atomic rewrites of the JSON-lines outputs
 """

@@ -52,6 +52,8 @@ import time
 import numpy as np
 import tqdm
 
+from vldm.curate import jsonl
+
 log = logging.getLogger(__name__)
 
 MODES = ("ranges", "copy", "reencode")
@@ -445,14 +447,6 @@ def exported_rows(rows):
   return out
 
 
-def _write_jsonl(path, rows):
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row, sort_keys=True) + "\n")
-  os.replace(tmp, path)
-
-
 def _prune(clips_dir, listed):
   """Removes files of clips no longer listed and partial files of a killed run."""
   keep = {SETTINGS_FILE, EXPORTED_LIST} | set(listed)
@@ -531,7 +525,7 @@ def export(config, input_dir, out_dir, rows, records):
     raise ExportError(f"config.export.mode={s['mode']}: ffmpeg failed on every clip; {first}")
   listed = exported_rows(rows)
   _prune(clips_dir, [r["file"] for r in listed])
-  _write_jsonl(os.path.join(clips_dir, EXPORTED_LIST), listed)
+  jsonl.write_atomic(os.path.join(clips_dir, EXPORTED_LIST), listed)
   summary = {
       "mode": s["mode"],
       "clips": sum(len(v) for v in by_file.values()),

@@ -33,6 +33,7 @@ import tqdm
 
 from vldm import video_io
 from vldm.curate import cuts as cuts_lib
+from vldm.curate import jsonl
 from vldm.curate import report
 from vldm.data import motion as motion_lib
 from vldm.data import transforms
@@ -379,14 +380,6 @@ def merge(out_dir, host_count, filters):
   return rows, [records[f] for f in sorted(records)], summary
 
 
-def write_clips(path, rows):
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row, sort_keys=True) + "\n")
-  os.replace(tmp, path)
-
-
 def filters_from_config(config):
   return {name: dict(config.filters[name]) for name in SCORES if name in config.filters}
 
@@ -418,7 +411,7 @@ def run(config, input_dir, out_dir, host=None, host_count=None):
     return None
   rows, records, summary = merge(out_dir, host_count, filters_from_config(config))
   exported = ffmpeg_cuts.export(config, input_dir, out_dir, rows, records)  # sets rows' clip_file
-  write_clips(os.path.join(out_dir, CLIPS_FILE), rows)
+  jsonl.write_atomic(os.path.join(out_dir, CLIPS_FILE), rows)
   # Where the rows' files are: a recipe given data=OUT/clips.jsonl reads them from there.
   with open(os.path.join(out_dir, video_folder.CURATION_MANIFEST), "w", encoding="utf-8") as f:
     json.dump({"input": os.path.abspath(input_dir)}, f)

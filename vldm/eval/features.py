@@ -150,41 +150,45 @@ class ClipEmbedder:
     return l2_normalize(self.text_embeds(captions))
 
 
-class I3DFeatures:
-  """FVD's features: I3D's Kinetics-400 logits of clips, averaged over time (cd-fvd's I3D)."""
+class _StateDictFeatures:
+  """A feature network whose weights are a PyTorch state dict: loaded, replicated, jitted."""
+
+  dim: int
+  what: str  # the file, for the error
+
+  def __init__(self, path, batch_size, flag, load, features_fn):
+    if not os.path.isfile(path):
+      raise ValueError(f"{flag}={path!r} is not a file; it must be {self.what}.")
+    self._variables = devices.replicate(load(path))
+    self.batch_size = batch_size
+    self._fn = jax.jit(features_fn)
+
+  def __call__(self, inputs):
+    return run_batched(self._fn, self._variables, inputs, self.batch_size, type(self).__name__)
+
+
+class I3DFeatures(_StateDictFeatures):
+  """FVD's features: I3D's Kinetics-400 logits of clips uint8 [N, T, H, W, 3], averaged over time
+  (cd-fvd's I3D) → float32 [N, 400]."""
 
   dim = i3d.NUM_CLASSES
+  what = "the PyTorch I3D state dict that FVD uses (cd-fvd / TATS i3d_pretrained_400.pt)"
 
   def __init__(self, path, batch_size=8, flag="--i3d_weights"):
-    if not os.path.isfile(path):
-      raise ValueError(
-          f"{flag}={path!r} is not a file; it must be the PyTorch I3D state dict that FVD uses "
-          "(cd-fvd / TATS i3d_pretrained_400.pt)."
-      )
-    self._variables = devices.replicate(torch_state.load_i3d_params(path))
-    self.batch_size = batch_size
-    self._fn = jax.jit(i3d.features)
-
-  def __call__(self, clips):
-    """uint8 [N, T, H, W, 3] → float32 [N, 400]."""
-    return run_batched(self._fn, self._variables, clips, self.batch_size, "I3D")
+    super().__init__(path, batch_size, flag, torch_state.load_i3d_params, i3d.features)
 
 
-class InceptionFeatures:
-  """FID's features: the TF-ported InceptionV3's 2048-d pool3 of frames (pytorch-fid's network)."""
+class InceptionFeatures(_StateDictFeatures):
+  """FID's features: the TF-ported InceptionV3's 2048-d pool3 (pytorch-fid's network) of frames
+  uint8 [N, H, W, 3] → float32 [N, 2048]."""
 
   dim = fid_inception.FEATURES
+  what = (
+      "the PyTorch FID Inception state dict (pytorch-fid / torch-fidelity "
+      "pt_inception-2015-12-05-6726825d.pth)"
+  )
 
   def __init__(self, path, batch_size=32, flag="--inception_weights"):
-    if not os.path.isfile(path):
-      raise ValueError(
-          f"{flag}={path!r} is not a file; it must be the PyTorch FID Inception state dict "
-          "(pytorch-fid / torch-fidelity pt_inception-2015-12-05-6726825d.pth)."
-      )
-    self._variables = devices.replicate(torch_state.load_fid_inception_params(path))
-    self.batch_size = batch_size
-    self._fn = jax.jit(fid_inception.features)
-
-  def __call__(self, frames):
-    """uint8 [N, H, W, 3] → float32 [N, 2048]."""
-    return run_batched(self._fn, self._variables, frames, self.batch_size, "Inception")
+    super().__init__(
+        path, batch_size, flag, torch_state.load_fid_inception_params, fid_inception.features
+    )
