@@ -36,7 +36,8 @@ setuptools.setup(
     extras_require={
         # torch first: `pip install torch==2.13.0` takes the local CPU build (an unpinned one pulls CUDA).
         # jax[tpu] brings libtpu, which compiles for TPU topologies without a TPU (--compile_only).
-        "test": ["pytest", "torch==2.13.0", "diffusers>=0.35", "jax[tpu]"],
+        # peft: the LoRA parity tests (diffusers' load_lora_weights needs it).
+        "test": ["pytest", "torch==2.13.0", "diffusers>=0.35", "peft>=0.17", "jax[tpu]"],
         "tpu": ["jax[tpu]"],
     },
 )

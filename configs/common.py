@@ -116,6 +116,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim.grad_clip = 1.0  # global-norm clipping; 0: off
   config.ema_decay = 0.9999  # 0: no EMA
 
+  # LoRA (vldm.train.lora; docs/lora.md): rank > 0 freezes the task's parameters (as init_from
+  # or the pretrained weights give them) and trains rank-r adapters of the `targets` modules
+  # (names or regexes over diffusers module names) of each of `components`, scaled alpha / rank.
+  config.lora = ml_collections.ConfigDict()
+  config.lora.rank = 0  # 0: off
+  config.lora.alpha = config_dict.placeholder(float)  # None: alpha = rank (scale 1)
+  config.lora.targets = ("to_q", "to_k", "to_v", "to_out.0")  # e.g. (".*temporal.*attn.*",)
+  config.lora.components = ("unet",)
+
   config.dtype = "float32"  # compute dtype passed to the model; params stay float32
   config.remat_policy = config_dict.placeholder(str)  # a model's remat policy name (None: none)
   config.attention_implementation = config_dict.placeholder(str)  # 'xla', 'cudnn'; None: JAX's

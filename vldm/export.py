@@ -7,6 +7,9 @@ loads; a Video LDM video stage's UNet has no diffusers class, so its unet/ is vl
 motion module) to move onto another image model; a latent upsampler stage writes the cascade (its
 base stage at the top, upsampler/ beside it). `python -m vldm.sample --pretrained F --prompt …`
 samples every kind (see `vldm.pipelines.folder`).
+
+`--lora OUT` (instead of, or with, --out): the newest LoRA stage's adapters alone, as diffusers'
+OUT/pytorch_lora_weights.safetensors (`pipe.load_lora_weights(OUT)`; docs/lora.md).
 """
 
 from __future__ import annotations
@@ -20,21 +23,27 @@ from absl import logging
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training workdir: exports its newest trained stage.")
 flags.DEFINE_string("out", None, "The folder to write.")
+flags.DEFINE_string(
+    "lora", None, "A folder to write the newest LoRA stage's adapters to, as a diffusers LoRA file."
+)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not FLAGS.workdir or not FLAGS.out:
-    sys.exit("vldm.export: error: --workdir and --out are required.")
+  if not FLAGS.workdir or not (FLAGS.out or FLAGS.lora):
+    sys.exit("vldm.export: error: --workdir and --out (or --lora) are required.")
   from vldm.pipelines import PipelineError  # pylint: disable=g-import-not-at-top  # heavy
   from vldm.recipes import stages  # pylint: disable=g-import-not-at-top
 
   try:
-    stages.export(FLAGS.workdir, FLAGS.out)
+    if FLAGS.lora:
+      logging.info("Wrote %s.", stages.export_lora(FLAGS.workdir, FLAGS.lora))
+    if FLAGS.out:
+      stages.export(FLAGS.workdir, FLAGS.out)
+      logging.info("Wrote %s.", FLAGS.out)
   except (PipelineError, ValueError, FileNotFoundError) as e:
     sys.exit(f"vldm.export: error: {e}")
-  logging.info("Wrote %s.", FLAGS.out)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ class ModelFormat:
                  problems are to_config's ConversionError.
   layout:        'torch': PyTorch keys and layouts (core.torch_to_flax / flax_to_torch); 'vldm':
                  vldm's own parameter paths, Flax layout (core.vldm_state_to_params).
+  buffers:       (module, params) → {key: array}: non-parameter buffers the reference class keeps
+                 in its state dict (written with the weights; `ignore` drops them on load).
   """
 
   class_name: str
@@ -50,6 +52,7 @@ class ModelFormat:
   ignore: tuple[str, ...] = ()
   check: Callable[[nn.Module], list[str]] | None = None
   layout: str = "torch"
+  buffers: Callable[[nn.Module, Any], dict] | None = None
 
   def problems(self, module: nn.Module) -> list[str]:
     """Why this class cannot describe `module` exactly ([] when it can)."""
@@ -70,6 +73,8 @@ class ModelFormat:
 _FORMATS: dict[str, ModelFormat] = {}
 # Module type → the vldm-native class that save_diffusers falls back to.
 _NATIVE: dict[type, str] = {}
+# Classes that are not models of their own → what to do with such a folder instead.
+_HINTS: dict[str, str] = {}
 LAYOUTS = ("torch", "vldm")
 
 
@@ -83,6 +88,11 @@ def register(fmt: ModelFormat) -> ModelFormat:
 def register_native(module_type: type, class_name: str) -> None:
   """Modules of `module_type` that their reference class cannot describe save as `class_name`."""
   _NATIVE[module_type] = class_name
+
+
+def register_hint(class_name: str, hint: str) -> None:
+  """`load_diffusers` of a `class_name` folder raises an error that says `hint`."""
+  _HINTS[class_name] = hint
 
 
 def supported_classes() -> list[str]:
@@ -107,6 +117,8 @@ def class_name_of(config: dict) -> str:
 
 
 def format_for(name: str) -> ModelFormat:
+  if name in _HINTS:
+    raise core.ConversionError(f"A {name} folder is not a model of its own: {_HINTS[name]}")
   if name not in _FORMATS:
     raise core.ConversionError(f"Unsupported model class {name!r}. Supported classes: "
                                f"{', '.join(supported_classes())}.")
@@ -130,6 +142,13 @@ def load_diffusers(path: str):
   return module, params
 
 
+def write_config(config: dict, path: str) -> None:
+  """Writes config.json into the folder `path` (created if needed)."""
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+
+
 def save_diffusers(module: nn.Module, params, path: str, *, class_name: str | None = None) -> None:
   """Writes `module` and `params` as a model folder that `load_diffusers` reads back.
 
@@ -151,16 +170,17 @@ def save_diffusers(module: nn.Module, params, path: str, *, class_name: str | No
       raise core.ConversionError(
           f"Cannot save this {type(module).__name__} as {class_name}: " + "; ".join(problems) + "."
       )
-  os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
+  write_config(config, path)
   weights = os.path.join(path, fmt.weights_file)
   if fmt.layout == "vldm":
     core.write_safetensors(
         core.params_to_vldm_state(params), weights, metadata={"format": "flax", "layout": "vldm"}
     )
   else:
-    core.write_safetensors(core.flax_to_torch(params), weights)
+    state = core.flax_to_torch(params)
+    if fmt.buffers is not None:
+      state.update(fmt.buffers(module, params))
+    core.write_safetensors(state, weights)
 
 
 def _candidates(module: nn.Module) -> list[str]:

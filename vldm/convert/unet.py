@@ -9,6 +9,7 @@ the SVD UNet hard-codes 32 groups, linear projections and per-block epsilons (â†
 (`_sd_check` / `_svd_check`: reloading the written config rebuilds the same UNet, up to the fields
 the class does not use, `_SD_UNUSED` / `_SVD_UNUSED`); any other UNet, e.g. a Video LDM UNet
 inflated from SD, is written as vldm's own 'VldmUNet' (`vldm.convert.native`).
+AnimateDiff's UNetMotionModel, built on the same helpers, is in `vldm.convert.animatediff`.
 """
 
 from __future__ import annotations
@@ -66,12 +67,15 @@ _SVD_NAMES = unet_lib.SPATIO_TEMPORAL_BLOCK_NAMES
 _SD_NAMES = {v: k for k, v in _SVD_NAMES.items()}
 
 
-def _tuples(config: dict, keys) -> dict:
+def config_tuples(config: dict, keys) -> dict:
+  """The `keys` a config has, lists as tuples."""
   return {k: tuple(config[k]) if isinstance(config[k], list) else config[k]
           for k in keys if k in config}
 
 
-def _build(kwargs: dict) -> unet_lib.UNet:
+
+def build_unet(kwargs: dict) -> unet_lib.UNet:
+  """`UNet(**kwargs)`, its config checked (a ConversionError says what it cannot build)."""
   module = unet_lib.UNet(**kwargs)
   try:
     module.check_config()
@@ -88,17 +92,17 @@ def _sd_from_config(config: dict) -> unet_lib.UNet:
   if bad:
     raise ConversionError("UNet2DConditionModel options not supported by vldm: " + "; ".join(bad)
                           + ".")
-  kwargs = _tuples(config, _SD_KEYS)
+  kwargs = config_tuples(config, _SD_KEYS)
   if "attention_head_dim" in config:  # UNet2DConditionModel: this is the number of heads
     head_counts = config["attention_head_dim"]
     kwargs["num_attention_heads"] = tuple(head_counts) if isinstance(head_counts, list) \
         else head_counts
-  return _build(kwargs)
+  return build_unet(kwargs)
 
 
 def _svd_from_config(config: dict) -> unet_lib.UNet:
-  kwargs = {**_SVD_DEFAULTS, **_tuples(config, _SVD_KEYS), **_SVD_FIXED}
-  return _build(kwargs)
+  kwargs = {**_SVD_DEFAULTS, **config_tuples(config, _SVD_KEYS), **_SVD_FIXED}
+  return build_unet(kwargs)
 
 
 def _json(value):
@@ -127,7 +131,7 @@ def _sd_to_config(module: unet_lib.UNet) -> dict:
 # Fields that the diffusers classes do not carry because they do not change the parameters' shapes
 # or the function: computation settings, initialisation-only settings (the weights replace them),
 # video-only fields of an image UNet, and what the SVD wiring fixes (its epsilons replace norm_eps).
-_COMPUTE = (
+UNUSED_BY_DIFFUSERS = (
     "attention_implementation",
     "remat_policy",
     "dtype",
@@ -136,21 +140,28 @@ _COMPUTE = (
     "merge_factor",
     "zero_init_temporal_outputs",
 )
-_SD_UNUSED = _COMPUTE + ("merge_strategy", "num_frames", "projection_class_embeddings_input_dim")
-_SVD_UNUSED = _COMPUTE + ("norm_eps", "upcast_attention")
+# AnimateDiff's options, which neither class has (a motion-module UNet differs in temporal_kind).
+MOTION_FIELDS = ("motion_num_attention_heads", "motion_max_seq_length",
+                 "temporal_transformer_layers_per_block",
+                 "temporal_transformer_layers_per_mid_block", "use_motion_mid_block")
+_SD_UNUSED = UNUSED_BY_DIFFUSERS + ("merge_strategy", "num_frames",
+                         "projection_class_embeddings_input_dim") + MOTION_FIELDS
+_SVD_UNUSED = UNUSED_BY_DIFFUSERS + ("norm_eps", "upcast_attention") + MOTION_FIELDS
 _PER_LEVEL = (
     "layers_per_block",
     "transformer_layers_per_block",
     "num_attention_heads",
     "cross_attention_dim",
     "only_cross_attention",
+    "motion_num_attention_heads",
+    "temporal_transformer_layers_per_block",
 )
 
 
 def _architecture(module: unet_lib.UNet, unused) -> dict:
   """The UNet's fields in a canonical form: per-level options one value per level, block types
-  in the family `temporal` picks (either family builds the same layers), sequences as tuples."""
-  names = _SVD_NAMES if module.temporal else _SD_NAMES
+  in the family its options pick (every family builds the same layers), sequences as tuples."""
+  block_type = lambda t: unet_lib.block_type_for(t, module.temporal, module.temporal_kind)
   out = {}
   for field in dataclasses.fields(module):
     name = field.name
@@ -160,9 +171,9 @@ def _architecture(module: unet_lib.UNet, unused) -> dict:
     if name in _PER_LEVEL:
       value = module.per_level(name)
     elif name.endswith("_block_types"):
-      value = tuple(names.get(t, t) for t in value)
+      value = tuple(block_type(t) for t in value)
     elif name == "mid_block_type":
-      value = names.get(value, value)
+      value = block_type(value)
     elif isinstance(value, list):
       value = tuple(value)
     out[name] = value
@@ -174,7 +185,10 @@ def _lost_fields(module, rebuilt, unused) -> list[str]:
   return [f"{k}={want[k]!r} would load back as {got[k]!r}" for k in want if want[k] != got[k]]
 
 
-def _check(to_config, from_config, unused, module: unet_lib.UNet) -> list[str]:
+def check_describes(to_config, from_config, unused, module: unet_lib.UNet) -> list[str]:
+  """Why a class with these config mappings cannot describe `module` exactly ([] if it can):
+  what `to_config` refuses, or the fields (beyond `unused`) that the written config would load
+  back differently."""
   try:
     rebuilt = from_config(to_config(module))
   except ConversionError as e:
@@ -183,11 +197,11 @@ def _check(to_config, from_config, unused, module: unet_lib.UNet) -> list[str]:
 
 
 def _sd_check(module: unet_lib.UNet) -> list[str]:
-  return _check(_sd_to_config, _sd_from_config, _SD_UNUSED, module)
+  return check_describes(_sd_to_config, _sd_from_config, _SD_UNUSED, module)
 
 
 def _svd_check(module: unet_lib.UNet) -> list[str]:
-  return _check(_svd_to_config, _svd_from_config, _SVD_UNUSED, module)
+  return check_describes(_svd_to_config, _svd_from_config, _SVD_UNUSED, module)
 
 
 def _svd_to_config(module: unet_lib.UNet) -> dict:
@@ -200,6 +214,8 @@ def _svd_to_config(module: unet_lib.UNet) -> dict:
       value = any(value)
     if value != want:
       problems.append(f"{key}={value!r} (needs {want!r})")
+  if module.temporal_kind != "alignment":
+    problems.append(f"temporal_kind={module.temporal_kind!r} (needs 'alignment')")
   if module.text_motion_embedding:
     problems.append("text_motion_embedding=True (vldm's own layer; the diffusers class has none)")
   if module.addition_time_embed_dim is None:

@@ -1,11 +1,13 @@
 """Video LDM's stage hand-off: an image UNet becomes a video UNet by inserting temporal layers.
 
-The video UNet (`UNet(temporal=True)`) holds the image UNet's layers unchanged, under the
-spatio-temporal naming: `…resnets_j/<res block>` → `…resnets_j/spatial_res_block/<res block>`;
-transformers keep their names. Everything else in it is new ('temporal'): temporal res blocks,
-temporal transformer blocks, frame position embeddings, α blenders (`time_mixer`) and, when
-enabled, the added-time-ids embedding. With the image-only indicator set (or α fixed to 1) the video
-UNet computes exactly the image UNet, frame by frame.
+The video UNet (`UNet(temporal=True)`) holds the image UNet's layers unchanged. With Video LDM's
+alignment layers they are under the spatio-temporal naming: `…resnets_j/<res block>` →
+`…resnets_j/spatial_res_block/<res block>`; transformers keep their names. Everything else in it
+is new ('temporal'): temporal res blocks, temporal transformer blocks, frame position embeddings,
+α blenders (`time_mixer`) and, when enabled, the added-time-ids embedding. With the image-only
+indicator set (or α fixed to 1) the video UNet computes exactly the image UNet, frame by frame.
+With AnimateDiff's motion modules (`temporal_kind='motion_module'`) every image layer keeps its
+own name and the temporal layers are the `motion_modules_j`.
 
   video = video_config_from_image(image, merge_strategy='learned_with_images')
   video_params = inflate(image_params, video, rng)
@@ -31,12 +33,14 @@ TEMPORAL_OPTIONS = ("merge_factor", "merge_strategy", "temporal_conv_implementat
                     "text_motion_embedding", "zero_init_temporal_outputs",
                     "addition_time_embed_dim", "projection_class_embeddings_input_dim",
                     "num_frames", "eps_convention", "attention_implementation", "remat_policy",
-                    "dtype", "param_dtype")
+                    "dtype", "param_dtype", "temporal_kind", "motion_num_attention_heads",
+                    "motion_max_seq_length", "temporal_transformer_layers_per_block",
+                    "temporal_transformer_layers_per_mid_block", "use_motion_mid_block")
 
 # Module names that exist only in the video UNet.
 _TEMPORAL_NAMES = re.compile(
     r"temporal_res_block|time_mixer|time_pos_embed|temporal_transformer_blocks_\d+|add_embedding|"
-    r"text_motion_embed")
+    r"text_motion_embed|motion_modules_\d+")
 _RESNET = re.compile(r"resnets_\d+")
 _SPATIAL_RES_BLOCK = "spatial_res_block"
 
@@ -49,7 +53,8 @@ def video_config_from_image(image_unet: unet_lib.UNet, **temporal_options) -> un
   implementation, SVD-style added-time-ids micro-conditioning (`addition_time_embed_dim`,
   `projection_class_embeddings_input_dim`; off by default, as in Video LDM), `eps_convention='svd'`
   (the per-block norm epsilons diffusers' SVD UNet hard-codes, for a UNet exported in its layout),
-  and computation settings.
+  and computation settings. `temporal_kind='motion_module'` inserts AnimateDiff's motion modules
+  instead (their options: `motion_num_attention_heads`, `motion_max_seq_length`, ...; see `UNet`).
   """
   if image_unet.temporal:
     raise ValueError("video_config_from_image takes an image UNet (temporal=False).")
@@ -57,7 +62,7 @@ def video_config_from_image(image_unet: unet_lib.UNet, **temporal_options) -> un
   if unknown:
     raise ValueError(f"Unknown temporal options {unknown}; accepted: {', '.join(TEMPORAL_OPTIONS)}. "
                      f"(Spatial options come from the image UNet.)")
-  names = unet_lib.SPATIO_TEMPORAL_BLOCK_NAMES
+  names = unet_lib.block_names(True, temporal_options.get("temporal_kind", "alignment"))
   options = dict(addition_time_embed_dim=None, projection_class_embeddings_input_dim=None)
   options.update(temporal_options)
   video = image_unet.clone(
@@ -74,12 +79,13 @@ def is_temporal(path) -> bool:
   return any(_TEMPORAL_NAMES.fullmatch(name) for name in path)
 
 
-def video_path(image_path) -> tuple:
-  """Where an image-UNet parameter lives in the video UNet."""
+def video_path(image_path, wrap_resnets: bool = True) -> tuple:
+  """Where an image-UNet parameter lives in the video UNet (`wrap_resnets=False`: a UNet with
+  motion modules, where it keeps its path)."""
   out = []
   for name in image_path:
     out.append(name)
-    if _RESNET.fullmatch(name):
+    if wrap_resnets and _RESNET.fullmatch(name):
       out.append(_SPATIAL_RES_BLOCK)
   return tuple(out)
 
@@ -137,11 +143,13 @@ def _replace_spatial(video_params, image_params) -> dict:
   Spatial leaves of `video_params` may be shape placeholders (jax.ShapeDtypeStruct).
   """
   target = _flat(video_params)
+  # Alignment-layer UNets wrap every res block; motion-module UNets leave them as they are.
+  wrapped = any(_SPATIAL_RES_BLOCK in path for path in target)
   unexpected, wrong_shape = [], []
   out = dict(target)
   seen = set()
   for path, value in _flat(image_params).items():
-    dest = video_path(path)
+    dest = video_path(path, wrapped)
     if dest not in target or is_temporal(dest):
       unexpected.append("/".join(path))
       continue
@@ -180,6 +188,7 @@ def transplant_temporal(video_params, image_params) -> dict:
   """The temporal layers of a trained video UNet on another image UNet of the same architecture.
 
   Video LDM's personalised text-to-video: e.g. a DreamBooth-tuned image model animated by temporal
-  layers trained on the base model.
+  layers trained on the base model. For motion-module UNets this is what diffusers'
+  `UNetMotionModel.from_unet2d(image_unet, motion_adapter)` builds.
   """
   return _replace_spatial(video_params, image_params)

@@ -1,19 +1,25 @@
-"""Video LDM's temporal alignment res blocks, shared by SVD's temporal VAE decoder and its UNet.
+"""Temporal layers: Video LDM's temporal alignment res blocks and AnimateDiff's motion modules.
 
 diffusers `TemporalResnetBlock` and `SpatioTemporalResBlock` (diffusers/models/resnet.py): a
 per-frame ResnetBlock2D, then a res block of (3,1,1) convolutions over frames, blended with the
 per-frame result by a learned α (`AlphaBlender`). The temporal VAE decoder uses them without a time
 embedding (merge_strategy 'learned', switch_spatial_to_temporal_mix=True); the SVD UNet with one
 (merge_strategy 'learned_with_images', merge_factor 0.5).
+
+`MotionModule` is AnimateDiff's temporal layer (diffusers AnimateDiffTransformer3D): attention over
+frames at each pixel, with fixed sinusoidal frame positions, added to its input (no α).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from vldm.models import layers
+from vldm.models import transformer
 
 Dtype = layers.Dtype
 
@@ -98,3 +104,69 @@ class SpatioTemporalResBlock(nn.Module):
         self.merge_factor, merge_strategy=self.merge_strategy,
         switch_spatial_to_temporal_mix=self.switch_spatial_to_temporal_mix,
         name="time_mixer")(h, h_temporal.reshape(h.shape), image_only_indicator)
+
+
+def sinusoidal_positions(length: int, dim: int) -> np.ndarray:
+  """diffusers SinusoidalPositionalEmbedding's table (length, dim), float32: sin on even channels,
+  cos on odd ones, frequencies exp(-ln(10⁴)·2i/dim)."""
+  if dim % 2:
+    raise ValueError(f"Sinusoidal positions need an even width; got {dim}.")
+  position = np.arange(length, dtype=np.float32)[:, None]
+  div = np.exp(np.arange(0, dim, 2, dtype=np.float32) * np.float32(-math.log(10000.0) / dim))
+  table = np.zeros((length, dim), np.float32)
+  table[:, 0::2] = np.sin(position * div)
+  table[:, 1::2] = np.cos(position * div)
+  return table
+
+
+class MotionModule(nn.Module):
+  """AnimateDiff's motion module (diffusers AnimateDiffTransformer3D), on (B·F, H, W, C).
+
+  GroupNorm (eps 1e-6) over each clip's (F, H, W, C/groups) → (B·H·W, F, C) → proj_in (Linear) →
+  `num_layers` BasicTransformerBlocks with two self-attentions over frames, the sinusoidal frame
+  positions added to the normalised input of each → proj_out → + input. Heads have width
+  C // heads. The positions table is a constant (diffusers' `pos_embed.pe` buffer), so clips may
+  not be longer than `max_seq_length` frames.
+
+  Call: `(x[B·F, H, W, C], image_only_indicator[B, F]) -> [B·F, H, W, C]`; the indicator gives the
+  number of frames and, where 1, marks a clip of stills whose motion update is dropped (vldm's
+  joint image-video training; all zeros in diffusers).
+  """
+  num_attention_heads: int = 8
+  num_layers: int = 1
+  norm_num_groups: int = 32
+  max_seq_length: int = 32
+  attention_implementation: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, image_only_indicator):
+    if image_only_indicator is None or image_only_indicator.ndim != 2:
+      raise ValueError("MotionModule needs image_only_indicator of shape (B, F), got "
+                       f"{None if image_only_indicator is None else image_only_indicator.shape}.")
+    batch, frames = image_only_indicator.shape
+    n, height, width, channels = x.shape
+    if n != batch * frames:
+      raise ValueError(f"MotionModule expects x of shape (B*F, H, W, C) with B*F = "
+                       f"{batch}*{frames} (from image_only_indicator), got {x.shape}.")
+    if frames > self.max_seq_length:
+      raise ValueError(f"{frames} frames are more than this motion module's "
+                       f"{self.max_seq_length} frame positions (motion_max_seq_length).")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    head_dim = channels // self.num_attention_heads
+    inner = self.num_attention_heads * head_dim
+    h = layers.GroupNorm(self.norm_num_groups, 1e-6, name="norm", **kw)(
+        x.reshape(batch, frames, height, width, channels))
+    h = h.transpose(0, 2, 3, 1, 4).reshape(batch * height * width, frames, channels)
+    h = nn.Dense(inner, name="proj_in", **kw)(h)
+    positions = jnp.asarray(sinusoidal_positions(frames, inner), self.dtype)
+    for k in range(self.num_layers):
+      h = transformer.BasicTransformerBlock(
+          self.num_attention_heads, head_dim, double_self_attention=True,
+          attention_implementation=self.attention_implementation,
+          name=f"transformer_blocks_{k}", **kw)(h, None, positions)
+    h = nn.Dense(channels, name="proj_out", **kw)(h)
+    h = h.reshape(batch, height, width, frames, channels).transpose(0, 3, 1, 2, 4)
+    moving = (1 - image_only_indicator).astype(h.dtype)[:, :, None, None, None]
+    return x + (h * moving).reshape(x.shape)

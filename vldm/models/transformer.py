@@ -48,30 +48,39 @@ class BasicTransformerBlock(nn.Module):
   """diffusers BasicTransformerBlock (layer_norm): self-attention, cross-attention, GEGLU MLP.
 
   Pre-LN residual blocks: x += attn1(norm1 x); x += attn2(norm2 x, context); x += ff(norm3 x).
-  `only_cross_attention`: attn1 attends to the context too. x is (N, S, C); context (M, L, D).
+  `only_cross_attention`: attn1 attends to the context too. `double_self_attention`: attn2 is a
+  second self-attention (no context; AnimateDiff's motion modules). `positions` (broadcasting to
+  x), when given, are added to the normalised input of both attentions, as diffusers adds its
+  sinusoidal `pos_embed`. x is (N, S, C); context (M, L, D).
   """
   num_attention_heads: int
   attention_head_dim: int
   only_cross_attention: bool = False
+  double_self_attention: bool = False
   norm_eps: float = 1e-5
   attention_implementation: Optional[str] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, context):
+  def __call__(self, x, context=None, positions=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attention = lambda name: layers.Attention(
         self.num_attention_heads, self.attention_head_dim, name=name,
         attention_implementation=self.attention_implementation, **kw)
     norm = lambda name: layers.LayerNorm(self.norm_eps, name=name, **kw)
-    h = norm("norm1")(x)
+    place = lambda h: h if positions is None else h + positions
+    h = place(norm("norm1")(x))
     if self.only_cross_attention:
       h = attend_grouped(attention("attn1"), h, context)
     else:
       h = attention("attn1")(h)
     x = x + checkpoint_name(h, ATTENTION_CHECKPOINT_NAME)
-    h = attend_grouped(attention("attn2"), norm("norm2")(x), context)
+    h = place(norm("norm2")(x))
+    if self.double_self_attention:
+      h = attention("attn2")(h)
+    else:
+      h = attend_grouped(attention("attn2"), h, context)
     x = x + checkpoint_name(h, ATTENTION_CHECKPOINT_NAME)
     return x + layers.FeedForward(activation="geglu", name="ff", **kw)(norm("norm3")(x))
 

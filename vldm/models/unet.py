@@ -1,11 +1,16 @@
-"""The denoising UNet: image (Stable Diffusion) and video (Video LDM / Stable Video Diffusion).
+"""The denoising UNet: image (Stable Diffusion) and video (Video LDM / SVD / AnimateDiff).
 
-One module, `UNet`. With `temporal=False` it is diffusers' UNet2DConditionModel; with
-`temporal=True` every res block and transformer gets Video LDM's temporal alignment layers ((3,1,1)
-convolutions and attention over frames, each blended with the spatial path by a learned α) and the
-weights are named like diffusers' UNetSpatioTemporalConditionModel (`resnets.j.spatial_res_block.*`,
-`attentions.j.temporal_transformer_blocks.*`, ...). The spatial layers are the same modules in
-both, so an image UNet's weights drop into a video UNet (see `vldm.models.inflate`).
+One module, `UNet`. With `temporal=False` it is diffusers' UNet2DConditionModel. With
+`temporal=True` it is a video UNet whose temporal layers `temporal_kind` picks:
+- 'alignment' (Video LDM, SVD): every res block and transformer gets temporal alignment layers
+  ((3,1,1) convolutions and attention over frames, each blended with the spatial path by a learned
+  α), weights named like diffusers' UNetSpatioTemporalConditionModel
+  (`resnets.j.spatial_res_block.*`, `attentions.j.temporal_transformer_blocks.*`, ...);
+- 'motion_module' (AnimateDiff): the image UNet's layers unchanged, with a motion module
+  (`temporal_layers.MotionModule`) after each res block (+ transformer), added to it, named like
+  diffusers' UNetMotionModel (`down_blocks.i.motion_modules.j.*`).
+The spatial layers are the same modules in all, so an image UNet's weights drop into a video UNet
+(see `vldm.models.inflate`).
 
 Calls (NHWC):
   image: `(sample[B,H,W,C], timesteps[B], encoder_hidden_states[B,L,D]) -> [B,H,W,Cout]`
@@ -34,12 +39,15 @@ IntOrTuple = Union[int, Sequence[int]]
 DOWN_BLOCK_TYPES = {
     "CrossAttnDownBlock2D": True, "DownBlock2D": False,  # True: with cross-attention
     "CrossAttnDownBlockSpatioTemporal": True, "DownBlockSpatioTemporal": False,
+    "CrossAttnDownBlockMotion": True, "DownBlockMotion": False,
 }
 UP_BLOCK_TYPES = {
     "CrossAttnUpBlock2D": True, "UpBlock2D": False,
     "CrossAttnUpBlockSpatioTemporal": True, "UpBlockSpatioTemporal": False,
+    "CrossAttnUpBlockMotion": True, "UpBlockMotion": False,
 }
-MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlockSpatioTemporal")
+MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlockSpatioTemporal",
+                   "UNetMidBlockCrossAttnMotion")
 # UNet2DConditionModel block names → UNetSpatioTemporalConditionModel's.
 SPATIO_TEMPORAL_BLOCK_NAMES = {
     "CrossAttnDownBlock2D": "CrossAttnDownBlockSpatioTemporal",
@@ -48,7 +56,33 @@ SPATIO_TEMPORAL_BLOCK_NAMES = {
     "UpBlock2D": "UpBlockSpatioTemporal",
     "CrossAttnUpBlock2D": "CrossAttnUpBlockSpatioTemporal",
 }
+# UNet2DConditionModel block names → UNetMotionModel's.
+MOTION_BLOCK_NAMES = {
+    "CrossAttnDownBlock2D": "CrossAttnDownBlockMotion",
+    "DownBlock2D": "DownBlockMotion",
+    "UNetMidBlock2DCrossAttn": "UNetMidBlockCrossAttnMotion",
+    "UpBlock2D": "UpBlockMotion",
+    "CrossAttnUpBlock2D": "CrossAttnUpBlockMotion",
+}
+_IMAGE_BLOCK_NAMES = {v: k for names in (SPATIO_TEMPORAL_BLOCK_NAMES, MOTION_BLOCK_NAMES)
+                      for k, v in names.items()}
 EPS_CONVENTIONS = ("uniform", "svd")
+# What a video UNet's temporal layers are: Video LDM's alignment layers (SVD's layout) or
+# AnimateDiff's motion modules.
+TEMPORAL_KINDS = ("alignment", "motion_module")
+
+
+def block_names(temporal: bool, temporal_kind: str = "alignment") -> dict:
+  """UNet2DConditionModel block names → the names of the UNet family these options build."""
+  if not temporal:
+    return {}
+  return MOTION_BLOCK_NAMES if temporal_kind == "motion_module" else SPATIO_TEMPORAL_BLOCK_NAMES
+
+
+def block_type_for(name: str, temporal: bool, temporal_kind: str = "alignment") -> str:
+  """`name` (a block type of any family) in the family these options build."""
+  image_name = _IMAGE_BLOCK_NAMES.get(name, name)
+  return block_names(temporal, temporal_kind).get(image_name, image_name)
 
 # Res-block epsilons as diffusers' UNetSpatioTemporalConditionModel wires them (it hard-codes them
 # per block type rather than reading a config value).
@@ -57,9 +91,12 @@ SVD_EPS = {"down": 1e-5, "cross_attn_down": 1e-6, "mid": 1e-5, "up": 1e-6, "out"
 # The output layers of the temporal branches and of the frame position embedding: with these zero
 # a temporal block passes its input through (positions included), so an inflated video UNet starts
 # as its image UNet, frame by frame (Video LDM). The text motion embedding is zero at init anyway.
+# AnimateDiff's motion modules start as the identity the same way: their proj_out at zero (as the
+# original AnimateDiff initialises them).
 TEMPORAL_OUTPUTS = re.compile(
     r"(temporal_res_block/conv2|temporal_transformer_blocks_\d+/(ff_in|ff)/net_2|"
-    r"temporal_transformer_blocks_\d+/attn[12]/to_out_0|time_pos_embed/linear_2)/")
+    r"temporal_transformer_blocks_\d+/attn[12]/to_out_0|time_pos_embed/linear_2|"
+    r"motion_modules_\d+/proj_out)/")
 
 
 def zero_temporal_outputs(params):
@@ -105,6 +142,11 @@ class UNet(nn.Module):
   `projection_class_embeddings_input_dim` = number of ids × that width).
   `text_motion_embedding` (vldm's, off in diffusers' configs): each temporal transformer's frame
   position embedding gets a text-dependent (frame, x, y) term (`transformer.TextMotionEmbedding`).
+  `temporal_kind` (see the module docstring); for 'motion_module', AnimateDiff's options as
+  UNetMotionModel names them: `motion_num_attention_heads` and
+  `temporal_transformer_layers_per_block` per level (up blocks use their level's),
+  `motion_max_seq_length` (the most frames a clip may have), `use_motion_mid_block` and
+  `temporal_transformer_layers_per_mid_block`. Their GroupNorms use `norm_num_groups`.
   `remat_policy`: one of `unet_blocks.REMAT_POLICIES`, applied to each res block and transformer.
   """
   in_channels: int = 4
@@ -139,6 +181,12 @@ class UNet(nn.Module):
   merge_strategy: str = "learned_with_images"
   temporal_conv_implementation: str = "shifted_matmul"
   text_motion_embedding: bool = False
+  temporal_kind: str = "alignment"
+  motion_num_attention_heads: IntOrTuple = 8
+  motion_max_seq_length: int = 32
+  temporal_transformer_layers_per_block: IntOrTuple = 1
+  temporal_transformer_layers_per_mid_block: int = 1
+  use_motion_mid_block: bool = True
   # Initialise the temporal branches' output layers at zero (`TEMPORAL_OUTPUTS`): the video UNet
   # then starts as its image UNet, as Video LDM inserts temporal layers.
   zero_init_temporal_outputs: bool = False
@@ -157,7 +205,14 @@ class UNet(nn.Module):
 
   @property
   def reference_class(self) -> str:
-    return "UNetSpatioTemporalConditionModel" if self.temporal else "UNet2DConditionModel"
+    if not self.temporal:
+      return "UNet2DConditionModel"
+    return "UNetMotionModel" if self.has_motion_modules else "UNetSpatioTemporalConditionModel"
+
+  @property
+  def has_motion_modules(self) -> bool:
+    """Whether this is an AnimateDiff video UNet (temporal_kind='motion_module')."""
+    return self.temporal and self.temporal_kind == "motion_module"
 
   @property
   def num_levels(self) -> int:
@@ -213,13 +268,21 @@ class UNet(nn.Module):
       if c % self.norm_num_groups:
         raise ValueError(f"block_out_channels {tuple(self.block_out_channels)} must be multiples of "
                          f"norm_num_groups ({self.norm_num_groups}).")
+    alignment = self.temporal and not self.has_motion_modules
     for c, heads in zip(self.block_out_channels, self.per_level("num_attention_heads")):
       if heads < 1 or c < heads:
         raise ValueError(f"{c} channels cannot be split into {heads} attention heads.")
-      if self.temporal and c % heads:  # its frame position embedding is added at width c
+      if alignment and c % heads:  # its frame position embedding is added at width c
         raise ValueError(f"The video UNet needs channels divisible by the number of heads: {c} "
                          f"channels, {heads} heads.")
-    if self.temporal:
+    if self.temporal_kind not in TEMPORAL_KINDS:
+      raise ValueError(f"Unknown temporal_kind {self.temporal_kind!r}; accepted: {TEMPORAL_KINDS}.")
+    if self.has_motion_modules:
+      self._check_motion_modules()
+    elif self.temporal_kind != "alignment":
+      raise ValueError(f"temporal_kind={self.temporal_kind!r} is an option of the video UNet "
+                       "(temporal=True).")
+    if alignment:
       if self.mid_block_scale_factor != 1:
         raise ValueError("The video UNet's res blocks have no output scale: "
                          f"mid_block_scale_factor must be 1, got {self.mid_block_scale_factor}.")
@@ -234,6 +297,20 @@ class UNet(nn.Module):
       raise ValueError("text_motion_embedding is an option of the video UNet (temporal=True).")
     unet_blocks.check_remat_policy(self.remat_policy)
     _ = self.context_dim, self.num_time_ids
+
+  def _check_motion_modules(self) -> None:
+    if self.text_motion_embedding:
+      raise ValueError("text_motion_embedding belongs to the temporal alignment layers "
+                       "(temporal_kind='alignment'), not to motion modules.")
+    self.per_level("temporal_transformer_layers_per_block")
+    for c, heads in zip(self.block_out_channels, self.per_level("motion_num_attention_heads")):
+      if heads < 1 or c < heads:
+        raise ValueError(f"{c} channels cannot be split into {heads} motion-module heads.")
+      if (c // heads * heads) % 2:  # the sinusoidal frame positions have sin/cos pairs
+        raise ValueError(f"A motion module's width (heads × head width = {c // heads * heads} for "
+                         f"{c} channels, {heads} heads) must be even.")
+    if self.motion_max_seq_length < 1:
+      raise ValueError(f"motion_max_seq_length must be ≥ 1; got {self.motion_max_seq_length}.")
 
   def example_inputs(self, batch: int = 1, frames: int = 1) -> tuple:
     """The smallest inputs this UNet accepts (zeros), positional, for `init` / `eval_shape`."""
@@ -251,11 +328,14 @@ class UNet(nn.Module):
 
   def _options(self) -> unet_blocks.BlockOptions:
     return unet_blocks.BlockOptions(
-        temporal=self.temporal, norm_num_groups=self.norm_num_groups,
+        # Motion modules come beside the image layers, which stay as they are.
+        temporal=self.temporal and not self.has_motion_modules,
+        norm_num_groups=self.norm_num_groups,
         use_linear_projection=self.use_linear_projection, merge_factor=self.merge_factor,
         merge_strategy=self.merge_strategy,
         temporal_conv_implementation=self.temporal_conv_implementation,
         text_motion_embedding=self.text_motion_embedding,
+        motion_max_seq_length=self.motion_max_seq_length,
         attention_implementation=self.attention_implementation, remat_policy=self.remat_policy,
         dtype=self.dtype, param_dtype=self.param_dtype)
 
@@ -276,6 +356,10 @@ class UNet(nn.Module):
     batch, frames = sample.shape[0], (sample.shape[1] if self.temporal else 1)
     if frames < 1:
       raise ValueError(f"sample has no frames: shape {sample.shape}.")
+    if self.has_motion_modules and frames > self.motion_max_seq_length:
+      raise ValueError(f"sample has {frames} frames; this UNet's motion modules have frame "
+                       f"positions for at most {self.motion_max_seq_length} "
+                       f"(motion_max_seq_length).")
     if encoder_hidden_states.shape[-1] != self.context_dim:
       raise ValueError(f"encoder_hidden_states has width {encoder_hidden_states.shape[-1]}; this "
                        f"UNet takes cross_attention_dim = {self.context_dim}.")
@@ -317,6 +401,12 @@ class UNet(nn.Module):
     transformer_layers = self.per_level("transformer_layers_per_block")
     only_cross = self.per_level("only_cross_attention")
     options = self._options()
+    # Motion modules per level (None: none), and in the mid block.
+    motion_heads, motion_layers = (None,) * levels, (1,) * levels
+    if self.has_motion_modules:
+      motion_heads = self.per_level("motion_num_attention_heads")
+      motion_layers = self.per_level("temporal_transformer_layers_per_block")
+    mid_motion_heads = motion_heads[-1] if self.use_motion_mid_block else None
 
     batch = sample.shape[0]
     frames = sample.shape[1] if self.temporal else 1
@@ -351,12 +441,16 @@ class UNet(nn.Module):
           num_attention_heads=heads[i] if attention else None,
           transformer_layers=transformer_layers[i], only_cross_attention=only_cross[i],
           add_downsample=i < levels - 1, downsample_padding=self.downsample_padding,
+          motion_num_attention_heads=motion_heads[i], motion_layers=motion_layers[i],
           options=options, name=f"down_blocks_{i}")(h, temb, context, image_only_indicator)
       skips += res
 
     h = unet_blocks.MidBlock(self._eps("mid"), heads[-1], transformer_layers[-1],
-                             output_scale_factor=self.mid_block_scale_factor, options=options,
-                             name="mid_block")(h, temb, context, image_only_indicator)
+                             output_scale_factor=self.mid_block_scale_factor,
+                             motion_num_attention_heads=mid_motion_heads,
+                             motion_layers=self.temporal_transformer_layers_per_mid_block,
+                             options=options, name="mid_block")(h, temb, context,
+                                                                image_only_indicator)
 
     for i, block_type in enumerate(self.up_block_types):
       level = levels - 1 - i
@@ -367,7 +461,8 @@ class UNet(nn.Module):
           channels[level], n, self._eps("up"),
           num_attention_heads=heads[level] if attention else None,
           transformer_layers=transformer_layers[level], only_cross_attention=only_cross[level],
-          add_upsample=i < levels - 1, options=options,
+          add_upsample=i < levels - 1, motion_num_attention_heads=motion_heads[level],
+          motion_layers=motion_layers[level], options=options,
           name=f"up_blocks_{i}")(h, res, temb, context, image_only_indicator)
 
     h = layers.GroupNorm(self.norm_num_groups, self._eps("out"), name="conv_norm_out", **kw)(h)

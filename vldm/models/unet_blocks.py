@@ -1,10 +1,12 @@
 """The UNets' levels: down, mid and up blocks, shared by the image and the video UNet.
 
-A block is built from two layer kinds that `BlockOptions` makes: a res block (ResnetBlock2D, or for
-video SpatioTemporalResBlock) and a transformer (`Transformer2D`, spatial or spatio-temporal). The
-level, skip and up/down-sampling code is the same for both, so diffusers' CrossAttnDownBlock2D and
-CrossAttnDownBlockSpatioTemporal (and so on) are one module each here, named like their keys:
-`resnets_{j}`, `attentions_{j}`, `downsamplers_0`, `upsamplers_0`.
+A block is built from the layer kinds that `BlockOptions` makes: a res block (ResnetBlock2D, or for
+video SpatioTemporalResBlock), a transformer (`Transformer2D`, spatial or spatio-temporal) and,
+for AnimateDiff, a motion module after each res block (+ transformer). The level, skip and
+up/down-sampling code is the same for all, so diffusers' CrossAttnDownBlock2D,
+CrossAttnDownBlockSpatioTemporal and CrossAttnDownBlockMotion (and so on) are one module each here,
+named like their keys: `resnets_{j}`, `attentions_{j}`, `motion_modules_{j}`, `downsamplers_0`,
+`upsamplers_0`.
 """
 from __future__ import annotations
 
@@ -63,6 +65,7 @@ class BlockOptions:
   merge_strategy: str = "learned_with_images"
   temporal_conv_implementation: str = "shifted_matmul"
   text_motion_embedding: bool = False
+  motion_max_seq_length: int = 32
   attention_implementation: Optional[str] = None
   remat_policy: str = "none"
   dtype: Dtype = jnp.float32
@@ -96,12 +99,30 @@ class BlockOptions:
         attention_implementation=self.attention_implementation, dtype=self.dtype,
         param_dtype=self.param_dtype, name=name)
 
+  def motion_module(self, num_attention_heads: int, num_layers: int, name: str):
+    """AnimateDiff's motion module `(x, image_only_indicator) -> x`."""
+    return maybe_remat(temporal_layers.MotionModule, self.remat_policy)(
+        num_attention_heads, num_layers=num_layers, norm_num_groups=self.norm_num_groups,
+        max_seq_length=self.motion_max_seq_length,
+        attention_implementation=self.attention_implementation, dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name)
+
+
+def _maybe_motion(block, x, j: int, image_only_indicator):
+  """x through the block's motion module j, when the block has motion modules."""
+  if not block.motion_num_attention_heads:
+    return x
+  return block.options.motion_module(block.motion_num_attention_heads, block.motion_layers,
+                                     f"motion_modules_{j}")(x, image_only_indicator)
+
 
 class DownBlock(nn.Module):
-  """(res block [→ transformer]) × num_layers, then a stride-2 conv; every output is a skip.
+  """(res block [→ transformer] [→ motion module]) × num_layers, then a stride-2 conv; every
+  output is a skip.
 
-  diffusers CrossAttnDownBlock2D (`num_attention_heads` set) / DownBlock2D (None), and their
-  SpatioTemporal forms with `options.temporal`.
+  diffusers CrossAttnDownBlock2D (`num_attention_heads` set) / DownBlock2D (None), their
+  SpatioTemporal forms with `options.temporal`, and their Motion forms (AnimateDiff) with
+  `motion_num_attention_heads` set (`motion_layers` transformer layers per motion module).
   """
   out_channels: int
   num_layers: int
@@ -111,6 +132,8 @@ class DownBlock(nn.Module):
   only_cross_attention: bool = False
   add_downsample: bool = True
   downsample_padding: int = 1
+  motion_num_attention_heads: Optional[int] = None
+  motion_layers: int = 1
   options: BlockOptions = BlockOptions()
 
   @nn.compact
@@ -123,6 +146,7 @@ class DownBlock(nn.Module):
         x = self.options.transformer(self.num_attention_heads, self.transformer_layers,
                                      self.only_cross_attention, f"attentions_{j}")(
                                          x, context, image_only_indicator)
+      x = _maybe_motion(self, x, j, image_only_indicator)
       skips.append(x)
     if self.add_downsample:
       x = layers.Downsample2D(self.out_channels, padding=self.downsample_padding,
@@ -133,11 +157,14 @@ class DownBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-  """res block → transformer → res block (UNetMidBlock2DCrossAttn / UNetMidBlockSpatioTemporal)."""
+  """res block → transformer [→ motion module] → res block (UNetMidBlock2DCrossAttn /
+  UNetMidBlockSpatioTemporal / UNetMidBlockCrossAttnMotion)."""
   eps: float
   num_attention_heads: int
   transformer_layers: int = 1
   output_scale_factor: float = 1.0
+  motion_num_attention_heads: Optional[int] = None
+  motion_layers: int = 1
   options: BlockOptions = BlockOptions()
 
   @nn.compact
@@ -147,14 +174,16 @@ class MidBlock(nn.Module):
     x = resnet("resnets_0")(x, temb, image_only_indicator)
     x = self.options.transformer(self.num_attention_heads, self.transformer_layers, False,
                                  "attentions_0")(x, context, image_only_indicator)
+    x = _maybe_motion(self, x, 0, image_only_indicator)
     return resnet("resnets_1")(x, temb, image_only_indicator)
 
 
 class UpBlock(nn.Module):
-  """(concat skip → res block [→ transformer]) × num_layers, then nearest ×2 and a conv.
+  """(concat skip → res block [→ transformer] [→ motion module]) × num_layers, then nearest ×2
+  and a conv.
 
-  diffusers CrossAttnUpBlock2D / UpBlock2D and their SpatioTemporal forms. `skips` are consumed
-  last first, as diffusers pops them.
+  diffusers CrossAttnUpBlock2D / UpBlock2D and their SpatioTemporal and Motion forms. `skips` are
+  consumed last first, as diffusers pops them.
   """
   out_channels: int
   num_layers: int
@@ -163,6 +192,8 @@ class UpBlock(nn.Module):
   transformer_layers: int = 1
   only_cross_attention: bool = False
   add_upsample: bool = True
+  motion_num_attention_heads: Optional[int] = None
+  motion_layers: int = 1
   options: BlockOptions = BlockOptions()
 
   @nn.compact
@@ -177,6 +208,7 @@ class UpBlock(nn.Module):
         x = self.options.transformer(self.num_attention_heads, self.transformer_layers,
                                      self.only_cross_attention, f"attentions_{j}")(
                                          x, context, image_only_indicator)
+      x = _maybe_motion(self, x, j, image_only_indicator)
     if self.add_upsample:
       x = layers.Upsample2D(self.out_channels, dtype=self.options.dtype,
                             param_dtype=self.options.param_dtype, name="upsamplers_0")(x)

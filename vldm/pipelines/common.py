@@ -115,6 +115,12 @@ def read_model_index(folder: str) -> dict:
   return read_json(path) if os.path.isfile(path) else {}
 
 
+def listed(index: Mapping[str, Any], name: str) -> bool:
+  """Whether model_index.json does not mark component `name` absent ([null, null])."""
+  entry = index.get(name)
+  return not (isinstance(entry, (list, tuple)) and all(v is None for v in entry))
+
+
 def check_components(folder: str, pipeline: str, needs: Mapping[str, str]) -> dict:
   """Raises a PipelineError naming every missing subfolder and everything `pipeline` needs.
 
@@ -124,9 +130,7 @@ def check_components(folder: str, pipeline: str, needs: Mapping[str, str]) -> di
   index = read_model_index(folder)
   missing = []
   for name in needs:
-    listed = index.get(name)
-    absent = isinstance(listed, (list, tuple)) and all(v is None for v in listed)
-    if absent or not os.path.isdir(os.path.join(folder, name)):
+    if not listed(index, name) or not os.path.isdir(os.path.join(folder, name)):
       missing.append(name)
   if missing:
     wanted = "; ".join(f"{name}/ ({what})" for name, what in needs.items())

@@ -10,7 +10,8 @@ and scheduler/ (EulerDiscreteScheduler: 'v_edm' is v_prediction with continuous 
 A text-to-video pipeline:
 
   FOLDER/model_index.json           the pipeline class (StableDiffusionPipeline for an image UNet,
-                                    else VldmTextToVideoPipeline), each component's
+                                    AnimateDiffPipeline for a UNetMotionModel with a CLIP
+                                    tokenizer, else VldmTextToVideoPipeline), each component's
                                     [library, class], and `vldm`: the sampling defaults
   FOLDER/unet/ vae/ text_encoder/   `vldm.convert.save_diffusers` folders: diffusers /
                                     transformers classes where one describes the model (an image
@@ -19,6 +20,8 @@ A text-to-video pipeline:
   FOLDER/scheduler/                 scheduler_config.json of the sampler, schedule and prediction
   FOLDER/temporal_layers.safetensors  a video UNet's temporal layers alone (a motion module), to
                                     move onto another image model (`convert.load_temporal_layers`)
+  FOLDER/motion_adapter/            AnimateDiffPipeline's MotionAdapter (the motion modules alone,
+                                    diffusers' format)
   FOLDER/upsampler/                 a cascade's latent upsampler: unet/ and upsampler.json
                                     (low_res_factor, low_res_noise_level, num_steps,
                                     guidance_scale), text_encoder/ where it differs from the
@@ -52,6 +55,7 @@ UPSAMPLER = "upsampler"
 UPSAMPLER_CONFIG = "upsampler.json"
 VIDEO_PIPELINE_CLASS = "VldmTextToVideoPipeline"
 IMAGE_PIPELINE_CLASS = "StableDiffusionPipeline"
+ANIMATEDIFF_PIPELINE_CLASS = "AnimateDiffPipeline"
 SVD_PIPELINE_CLASS = "StableVideoDiffusionPipeline"
 SVD_UNET_CLASS = "UNetSpatioTemporalConditionModel"
 DIFFUSERS_VERSION = "0.35.0"
@@ -195,6 +199,13 @@ def save_pipeline(pipe: Pipeline, folder: str) -> str:
     index.update(
         safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False
     )
+  if (upsampler is None and index["unet"][1] == "UNetMotionModel"
+      and index["tokenizer"][1] == "CLIPTokenizer"):  # all that AnimateDiffPipeline loads
+    convert.save_motion_adapter(_portable(pipe.unet), pipe.params["unet"],
+                                os.path.join(folder, "motion_adapter"))
+    index.update(_class_name=ANIMATEDIFF_PIPELINE_CLASS, motion_adapter=["diffusers",
+                                                                         "MotionAdapter"],
+                 feature_extractor=[None, None], image_encoder=[None, None])
   index["vldm"] = {
       "num_steps": pipe.default_num_steps,
       "guidance_scale": pipe.default_guidance_scale,

@@ -5,9 +5,11 @@
   frames = pipe(["a red circle moving left"], num_frames=8, height=64, width=64, rng=0)
 
 The UNet is either a video UNet (vldm `UNet(temporal=True)`, diffusers
-UNetSpatioTemporalConditionModel with in_channels = latent channels) that denoises the whole clip,
-or an image UNet (UNet2DConditionModel) that then denoises every frame as an image of its own
-(the frames of one clip share the prompt, not the noise). The VAE is the temporal decoder
+UNetSpatioTemporalConditionModel with in_channels = latent channels, or AnimateDiff's
+UNetMotionModel) that denoises the whole clip, or an image UNet (UNet2DConditionModel) that then
+denoises every frame as an image of its own (the frames of one clip share the prompt, not the
+noise). An AnimateDiffPipeline folder whose unet/ is a UNet2DConditionModel gets its
+motion_adapter/ attached, as diffusers' pipeline does. The VAE is the temporal decoder
 (AutoencoderKLTemporalDecoder, clip-wise) or AutoencoderKL (frame by frame); both decode
 `decode_chunk_size` frames at a time.
 
@@ -43,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vldm import convert
 from vldm import devices
 from vldm.diffusion import frame_conditioning as frames_lib
 from vldm.diffusion import guidance as guidance_lib
@@ -53,13 +56,15 @@ from vldm.models import unet as unet_lib
 from vldm.pipelines import common
 
 NEEDS = {
-    "unet": "UNetSpatioTemporalConditionModel or UNet2DConditionModel",
+    "unet": "UNetSpatioTemporalConditionModel, UNetMotionModel or UNet2DConditionModel (with "
+    "motion_adapter/: AnimateDiff)",
     "vae": "AutoencoderKLTemporalDecoder or AutoencoderKL",
     "text_encoder": "CLIPTextModel",
     "tokenizer": "a CLIP tokenizer: vocab.json + merges.txt, or tokenizer.json",
     "scheduler": f"{common.SCHEDULER_CONFIG} of a diffusers scheduler",
 }
 OUTPUTS = ("frames", "latents")
+MOTION_ADAPTER = "motion_adapter"  # an AnimateDiffPipeline folder's MotionAdapter component
 DEFAULT_IMAGE_UNET_FRAMES = 8  # an image UNet has no clip length of its own
 
 
@@ -122,15 +127,24 @@ class TextToVideoPipeline:
 
   @classmethod
   def from_pretrained(cls, folder: str, **kwargs) -> "TextToVideoPipeline":
-    """From a diffusers-layout folder: unet/, vae/, text_encoder/, tokenizer/, scheduler/."""
-    common.check_components(folder, "text-to-video", NEEDS)
+    """From a diffusers-layout folder: unet/, vae/, text_encoder/, tokenizer/, scheduler/ (and
+    motion_adapter/ for an AnimateDiffPipeline folder whose unet/ is an image UNet)."""
+    index = common.check_components(folder, "text-to-video", NEEDS)
     load = functools.partial(common.load_component, folder)
     try:
       tokenizer = tokenizer_lib.load_tokenizer(os.path.join(folder, "tokenizer"))
     except (OSError, ValueError) as e:
       raise common.PipelineError(f"Cannot load the tokenizer/ component of {folder}: {e}") from e
+    unet = load("unet", [unet_lib.UNet], NEEDS["unet"])
+    adapter = os.path.join(folder, MOTION_ADAPTER)
+    # A UNetMotionModel already holds the adapter's modules (diffusers attaches it to 2-D only).
+    if not unet[0].temporal and common.listed(index, MOTION_ADAPTER) and os.path.isdir(adapter):
+      try:
+        unet = convert.attach_motion_adapter(*unet, adapter)
+      except (convert.ConversionError, OSError) as e:
+        raise common.PipelineError(f"Cannot put {adapter} on the unet/ of {folder}: {e}") from e
     return cls.from_components(
-        unet=load("unet", [unet_lib.UNet], NEEDS["unet"]),
+        unet=unet,
         vae=load("vae", common.VAES, NEEDS["vae"]),
         text_encoder=load("text_encoder", [clip_lib.CLIPTextModel], NEEDS["text_encoder"]),
         tokenizer=tokenizer,

@@ -20,6 +20,7 @@ from vldm.pipelines.cascade import CascadePipeline
 from vldm.pipelines.long_video import LongVideoPipeline
 from vldm.recipes import common
 from vldm.recipes import ldm
+from vldm.train import lora as lora_train
 from vldm.train import tasks as tasks_lib
 
 
@@ -42,12 +43,18 @@ def saved_config(checkpoint_path: str) -> ml_collections.ConfigDict:
 
 
 def restore(config: ml_collections.ConfigDict, workdir: str):
-  """(task, params, frozen) of a trained diffusion stage: its newest (EMA) parameters."""
+  """(task, params, frozen) of a trained diffusion stage: its newest (EMA) parameters. A LoRA
+  stage's are its base with the adapters merged (the base rebuilt from the stage's config: its
+  pretrained folder or init_from workdir must still be there)."""
   task = tasks_lib.get_task(config)
-  if not isinstance(task, ldm.LatentDiffusionTask):
-    raise ValueError(f"{workdir} holds a {type(task).__name__} stage, not a diffusion stage.")
+  inner = task.inner if isinstance(task, lora_train.LoraTask) else task
+  if not isinstance(inner, ldm.LatentDiffusionTask):
+    raise ValueError(f"{workdir} holds a {type(inner).__name__} stage, not a diffusion stage.")
   params = common.load_stage_params(workdir)
-  return task, params, task.init_frozen(None)
+  frozen = task.init_frozen(None)
+  if inner is not task:
+    params, frozen = task.task_params(params, frozen)
+  return inner, params, frozen
 
 
 def restore_stage(stage: workdir_lib.TrainedStage):
@@ -127,6 +134,36 @@ def long_video_from_workdir(workdir: str, upsample: bool = True) -> LongVideoPip
     )
   except pipeline_common.PipelineError as e:
     raise pipeline_common.PipelineError(f"{workdir}: {e}") from e
+
+
+def newest_lora_stage(workdir: str) -> workdir_lib.TrainedStage:
+  """The newest trained stage of `workdir` whose config trains LoRA adapters (lora.rank > 0)."""
+  workdir_lib.newest_stage(workdir)  # says where it looked when there is none
+  for stage in workdir_lib.find_trained_stages(workdir):  # newest first
+    try:
+      config = saved_config(stage.path)
+    except FileNotFoundError:
+      continue
+    if config.get("lora", {}).get("rank"):
+      return stage
+  raise pipeline_common.PipelineError(
+      f"{workdir} holds no LoRA stage (a run with --config.lora.rank > 0); its stages: "
+      f"{', '.join(s.name for s in workdir_lib.find_trained_stages(workdir))}."
+  )
+
+
+def export_lora(workdir: str, out: str) -> str:
+  """Writes the adapters (EMA where kept) of the newest LoRA stage of `workdir` as diffusers'
+  `OUT/pytorch_lora_weights.safetensors` (`vldm.convert.lora.save_lora`); returns its path.
+  `python -m vldm.export --workdir RUN --lora OUT` runs this."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from vldm.convert import lora as lora_convert  # pylint: disable=g-import-not-at-top
+
+  stage = newest_lora_stage(workdir)
+  settings = lora_train.settings(saved_config(stage.path))
+  adapters = jax.device_get(common.load_stage_params(stage.run_dir))
+  return lora_convert.save_lora(adapters, out, alpha=settings["alpha"])
 
 
 def export(workdir: str, out: str) -> str:

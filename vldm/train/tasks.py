@@ -32,6 +32,13 @@ typed key (`jax.random.key`) of `config.prng_impl`. Methods the trainer calls:
                                            `init_from.workdir` is set (e.g. a diffusers folder's),
                                            mapped by the `init_from.transform`; top-level parts it
                                            lacks keep their init.
+  owns_init_from -> bool                   True when the task applies `config.init_from` (and its
+                                           pretrained weights) itself; the trainer then starts its
+                                           parameters from `init_params` alone (LoRA: the base
+                                           model is frozen, the adapters start fresh).
+
+With `config.lora.rank` > 0, `get_task` wraps the task in `vldm.train.lora.LoraTask`: its
+parameters become frozen and low-rank adapters of them train (see there).
 
 A DataIterator yields batches (pytrees of global jax.Arrays only, whose leading axis is sharded with
 `sharding`; each process contributes its own slice; host values such as caption strings are turned
@@ -90,6 +97,7 @@ class Task:
 
   sample_fn: Optional[Callable[..., Mapping[str, Any]]] = None
   eval_fn: Optional[Callable[..., Mapping[str, float]]] = None
+  owns_init_from: bool = False
 
   def __init__(self, config):
     self.config = config
@@ -164,7 +172,13 @@ def get_task(config) -> Task:
       )
     target = name
   cls = _import(target) if isinstance(target, str) else target
-  return cls(config)
+  task = cls(config)
+  lora = config.get("lora")
+  if lora is not None and lora.get("rank"):
+    from vldm.train import lora as lora_lib  # pylint: disable=g-import-not-at-top  # imports tasks
+
+    task = lora_lib.LoraTask(task)
+  return task
 
 
 # ----------------------------------------------------------------------------------------------

@@ -59,22 +59,22 @@ def _to_host(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def _load_init_from(config, task, builder, mesh):
+def load_init_from(config, task, abstract_params, rules, mesh):
   """The parameters this run starts from and the transform that maps them into this model:
   another stage's newest ones (`config.init_from.workdir`), else the task's pretrained weights
   (`task.pretrained_params()`, e.g. a diffusers folder's; components it lacks keep their init),
   else None.
 
-  Checked with shapes only (`jax.eval_shape`), before this model's parameters are created.
+  Checked with shapes only (`jax.eval_shape`) against `abstract_params` (the task's
+  `init_params` shapes), before this model's parameters are created. Returns (source, transform,
+  where) or None.
   """
   init_from = config.init_from
   transform = tasks_lib.get_init_transform(init_from.transform, task)
   if init_from.workdir:
     where = init_from.workdir
     try:
-      source = checkpoint_lib.load_params(
-          init_from.workdir, mesh, builder.rules, use_ema=init_from.use_ema
-      )
+      source = checkpoint_lib.load_params(init_from.workdir, mesh, rules, use_ema=init_from.use_ema)
     except FileNotFoundError as e:
       raise FileNotFoundError(f"config.init_from.workdir={init_from.workdir!r}: {e}") from e
   else:
@@ -83,16 +83,16 @@ def _load_init_from(config, task, builder, mesh):
       return None
     where = "the task's pretrained weights"
     source = sharding_lib.place(
-        source, sharding_lib.tree_shardings(source, mesh, builder.rules, prefix="params/")
+        source, sharding_lib.tree_shardings(source, mesh, rules, prefix="params/")
     )
     named = transform
     transform = lambda s, t: named({**t, **s}, t)
-  produced = jax.eval_shape(transform, source, builder.abstract_params)
-  problems = tasks_lib.describe_mismatch(produced, builder.abstract_params)
+  produced = jax.eval_shape(transform, source, abstract_params)
+  problems = tasks_lib.describe_mismatch(produced, abstract_params)
   if not problems:
     problems = [
         f"dtype {a.dtype} instead of {b.dtype}"
-        for a, b in zip(jax.tree.leaves(produced), jax.tree.leaves(builder.abstract_params))
+        for a, b in zip(jax.tree.leaves(produced), jax.tree.leaves(abstract_params))
         if a.dtype != b.dtype
     ]
   if problems:
@@ -128,7 +128,10 @@ def _initial_state(config, task, builder, mesh, checkpointer, data):
     data.set_state(data_state)
     log.info("Resumed at step %d.", latest)
     return state
-  init_from = _load_init_from(config, task, builder, mesh)
+  init_from = None
+  # A task that owns init_from applied it itself (LoRA: to its frozen base).
+  if not getattr(task, "owns_init_from", False):
+    init_from = load_init_from(config, task, builder.abstract_params, builder.rules, mesh)
   params = builder.init_params(config.seed)
   if init_from is not None:
     source, transform, where = init_from
