@@ -174,9 +174,9 @@ def test_inflated_from_an_image_unet_starts_as_it(case):
   image = module.clone(
       temporal=False,
       temporal_kind="alignment",
-      down_block_types=[unet_lib.block_type_for(t, False) for t in module.down_block_types],
+      down_block_types=tuple(unet_lib.block_type_for(t, False) for t in module.down_block_types),
       mid_block_type="UNetMidBlock2DCrossAttn",
-      up_block_types=[unet_lib.block_type_for(t, False) for t in module.up_block_types],
+      up_block_types=tuple(unet_lib.block_type_for(t, False) for t in module.up_block_types),
   )
   video = inflate.video_config_from_image(image, temporal_kind="modelscope")
   assert video == module
@@ -194,8 +194,8 @@ def test_inflated_from_an_image_unet_starts_as_it(case):
   out = _apply(module)(zeroed, sample, timesteps, context)
   frames = sample.shape[1]
   flat = sample.reshape((-1,) + sample.shape[2:])
-  expected = image.apply(
-      {"params": image_params}, flat, np.repeat(timesteps, frames), np.repeat(context, frames, 0)
+  expected = _apply(image)(
+      image_params, flat, np.repeat(timesteps, frames), np.repeat(context, frames, 0)
   )
   assert relative_error(out, np.asarray(expected).reshape(out.shape)) <= 1e-5
 
