@@ -52,12 +52,12 @@ def test_missing_unexpected_and_mis_shaped_weights_are_named():
 
 
 def test_unsupported_class_names_the_supported_ones(tmp_path):
-  (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet3DConditionModel"}))
+  (tmp_path / "config.json").write_text(json.dumps({"_class_name": "I2VGenXLUNet"}))
   with pytest.raises(convert.ConversionError) as info:
     convert.load_diffusers(str(tmp_path))
-  for name in ("UNet3DConditionModel", "UNet2DConditionModel", "UNetSpatioTemporalConditionModel",
-               "AutoencoderKL", "AutoencoderKLTemporalDecoder", "CLIPTextModel",
-               "CLIPVisionModelWithProjection"):
+  for name in ("I2VGenXLUNet", "UNet3DConditionModel", "UNet2DConditionModel",
+               "UNetSpatioTemporalConditionModel", "AutoencoderKL", "AutoencoderKLTemporalDecoder",
+               "CLIPTextModel", "CLIPVisionModelWithProjection"):
     assert name in str(info.value)
 
 

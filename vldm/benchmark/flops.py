@@ -482,9 +482,11 @@ def _count_unet(
     per_frame_context: bool,
 ) -> None:
   unet.check_config()
-  if getattr(unet, "has_motion_modules", False):  # a wrong count would pass for a right one
+  # A wrong count would pass for a right one.
+  if getattr(unet, "has_motion_modules", False) or getattr(unet, "is_modelscope", False):
     raise NotImplementedError("The analytic FLOP count covers image UNets and Video LDM / SVD "
-                              "alignment layers, not AnimateDiff's motion modules.")
+                              "alignment layers, not AnimateDiff's motion modules or ModelScope's "
+                              "temporal layers.")
   factor = 2 ** (unet.num_levels - 1)
   if height % factor or width % factor:
     raise ValueError(f"height and width ({height}, {width}) must be divisible by {factor}.")

@@ -8,7 +8,8 @@ Temporal layers alone ("motion module" files): `save_temporal_layers`, `load_tem
 `apply_temporal_layers`, `attach_temporal_layers` (see `temporal`). AnimateDiff: `load_diffusers`
 reads UNetMotionModel folders; `load_animatediff(unet_dir, adapter_dir)` /
 `attach_motion_adapter` put a MotionAdapter on an image UNet, `save_motion_adapter` writes one
-(see `animatediff`). LoRA files (PEFT / diffusers / kohya): `apply_lora(params, path, scale=1.0,
+(see `animatediff`). ModelScope / ZeroScope: `load_diffusers` reads UNet3DConditionModel folders
+(see `modelscope`). LoRA files (PEFT / diffusers / kohya): `apply_lora(params, path, scale=1.0,
 *, module=None)` fuses one into a UNet / text encoder, `save_lora` writes vldm adapters as
 diffusers' LoRA file (see `lora`, docs/lora.md).
 """
@@ -34,3 +35,4 @@ from vldm.convert import autoencoder as _autoencoder  # noqa: F401,E402
 from vldm.convert import clip as _clip  # noqa: F401,E402
 from vldm.convert import unet as _unet  # noqa: F401,E402
 from vldm.convert import native as _native  # noqa: F401,E402
+from vldm.convert import modelscope as _modelscope  # noqa: F401,E402

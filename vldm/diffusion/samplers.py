@@ -150,7 +150,9 @@ def _ddim_step(o, denoise_fn, carry, xs, noise):
   x0 = _vp_denoise(denoise_fn, x, xs["sigma"], xs["t"])
   eps = (x - ab**0.5 * x0) / (1 - ab) ** 0.5
   x0 = _clip(x0, o)
-  variance = (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
+  # ≥ 0 in exact arithmetic (ᾱ_prev ≥ ᾱ); the clamp keeps a rounded ᾱ/ᾱ_prev of 1 + ε at the last
+  # step (ᾱ_prev = ᾱ_0 = ᾱ there without set_alpha_to_one) from making it √(−ε) = NaN, × eta 0.
+  variance = jnp.maximum((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev), 0.0)
   std = o["eta"] * variance**0.5
   x = ab_prev**0.5 * x0 + jnp.maximum(1 - ab_prev - std**2, 0.0) ** 0.5 * eps
   if o["eta"] > 0:

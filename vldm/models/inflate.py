@@ -7,7 +7,9 @@ is new ('temporal'): temporal res blocks, temporal transformer blocks, frame pos
 α blenders (`time_mixer`) and, when enabled, the added-time-ids embedding. With the image-only
 indicator set (or α fixed to 1) the video UNet computes exactly the image UNet, frame by frame.
 With AnimateDiff's motion modules (`temporal_kind='motion_module'`) every image layer keeps its
-own name and the temporal layers are the `motion_modules_j`.
+own name and the temporal layers are the `motion_modules_j`; with ModelScope's
+(`temporal_kind='modelscope'`) likewise, the temporal layers being `temp_convs_j`,
+`temp_attentions_j` and `transformer_in`.
 
   video = video_config_from_image(image, merge_strategy='learned_with_images')
   video_params = inflate(image_params, video, rng)
@@ -40,7 +42,7 @@ TEMPORAL_OPTIONS = ("merge_factor", "merge_strategy", "temporal_conv_implementat
 # Module names that exist only in the video UNet.
 _TEMPORAL_NAMES = re.compile(
     r"temporal_res_block|time_mixer|time_pos_embed|temporal_transformer_blocks_\d+|add_embedding|"
-    r"text_motion_embed|motion_modules_\d+")
+    r"text_motion_embed|motion_modules_\d+|temp_convs_\d+|temp_attentions_\d+|transformer_in")
 _RESNET = re.compile(r"resnets_\d+")
 _SPATIAL_RES_BLOCK = "spatial_res_block"
 

@@ -1,4 +1,5 @@
-"""Temporal layers: Video LDM's temporal alignment res blocks and AnimateDiff's motion modules.
+"""Temporal layers: Video LDM's temporal alignment res blocks, AnimateDiff's motion modules and
+ModelScope's temporal convolutions.
 
 diffusers `TemporalResnetBlock` and `SpatioTemporalResBlock` (diffusers/models/resnet.py): a
 per-frame ResnetBlock2D, then a res block of (3,1,1) convolutions over frames, blended with the
@@ -7,7 +8,12 @@ embedding (merge_strategy 'learned', switch_spatial_to_temporal_mix=True); the S
 (merge_strategy 'learned_with_images', merge_factor 0.5).
 
 `MotionModule` is AnimateDiff's temporal layer (diffusers AnimateDiffTransformer3D): attention over
-frames at each pixel, with fixed sinusoidal frame positions, added to its input (no α).
+frames at each pixel, with fixed sinusoidal frame positions, added to its input (no α). Without
+the frame positions it is ModelScope's TransformerTemporalModel (UNet3DConditionModel's
+`transformer_in` and `temp_attentions`).
+
+`TemporalConvLayer` is ModelScope's (diffusers TemporalConvLayer): four (3,1,1) convolutions over
+frames, each after a GroupNorm and SiLU, added to the input.
 """
 from __future__ import annotations
 
@@ -125,8 +131,10 @@ class MotionModule(nn.Module):
   GroupNorm (eps 1e-6) over each clip's (F, H, W, C/groups) → (B·H·W, F, C) → proj_in (Linear) →
   `num_layers` BasicTransformerBlocks with two self-attentions over frames, the sinusoidal frame
   positions added to the normalised input of each → proj_out → + input. Heads have width
-  C // heads. The positions table is a constant (diffusers' `pos_embed.pe` buffer), so clips may
-  not be longer than `max_seq_length` frames.
+  `attention_head_dim` (None: C // heads). The positions table is a constant (diffusers'
+  `pos_embed.pe` buffer), so clips may not be longer than `max_seq_length` frames.
+  `frame_positions=False`: no positions (and no length limit): diffusers' TransformerTemporalModel
+  as ModelScope's UNet3DConditionModel builds it.
 
   Call: `(x[B·F, H, W, C], image_only_indicator[B, F]) -> [B·F, H, W, C]`; the indicator gives the
   number of frames and, where 1, marks a clip of stills whose motion update is dropped (vldm's
@@ -136,6 +144,8 @@ class MotionModule(nn.Module):
   num_layers: int = 1
   norm_num_groups: int = 32
   max_seq_length: int = 32
+  attention_head_dim: Optional[int] = None
+  frame_positions: bool = True
   attention_implementation: Optional[str] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -150,17 +160,19 @@ class MotionModule(nn.Module):
     if n != batch * frames:
       raise ValueError(f"MotionModule expects x of shape (B*F, H, W, C) with B*F = "
                        f"{batch}*{frames} (from image_only_indicator), got {x.shape}.")
-    if frames > self.max_seq_length:
+    if self.frame_positions and frames > self.max_seq_length:
       raise ValueError(f"{frames} frames are more than this motion module's "
                        f"{self.max_seq_length} frame positions (motion_max_seq_length).")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    head_dim = channels // self.num_attention_heads
+    head_dim = self.attention_head_dim or channels // self.num_attention_heads
     inner = self.num_attention_heads * head_dim
     h = layers.GroupNorm(self.norm_num_groups, 1e-6, name="norm", **kw)(
         x.reshape(batch, frames, height, width, channels))
     h = h.transpose(0, 2, 3, 1, 4).reshape(batch * height * width, frames, channels)
     h = nn.Dense(inner, name="proj_in", **kw)(h)
-    positions = jnp.asarray(sinusoidal_positions(frames, inner), self.dtype)
+    positions = None
+    if self.frame_positions:
+      positions = jnp.asarray(sinusoidal_positions(frames, inner), self.dtype)
     for k in range(self.num_layers):
       h = transformer.BasicTransformerBlock(
           self.num_attention_heads, head_dim, double_self_attention=True,
@@ -168,5 +180,42 @@ class MotionModule(nn.Module):
           name=f"transformer_blocks_{k}", **kw)(h, None, positions)
     h = nn.Dense(channels, name="proj_out", **kw)(h)
     h = h.reshape(batch, height, width, frames, channels).transpose(0, 3, 1, 2, 4)
+    moving = (1 - image_only_indicator).astype(h.dtype)[:, :, None, None, None]
+    return x + (h * moving).reshape(x.shape)
+
+
+class TemporalConvLayer(nn.Module):
+  """ModelScope's temporal convolutions (diffusers TemporalConvLayer), on (B·F, H, W, C).
+
+  `conv1`…`conv4`, each GroupNorm (eps 1e-5, statistics over the clip's frames) → SiLU →
+  (dropout, conv2–4) → (3,1,1) convolution over frames; the result is added to the input. Keys as
+  diffusers' nn.Sequential indices: `conv1.0` / `conv1.2` (norm / conv), `conv{2,3,4}.0` /
+  `conv{2,3,4}.3`. Dropout is a training option of diffusers' and is not applied here.
+
+  Call: `(x[B·F, H, W, C], image_only_indicator[B, F]) -> [B·F, H, W, C]`; where the indicator is
+  1 the clip is a set of stills and its temporal update is dropped (all zeros in diffusers).
+  """
+  norm_num_groups: int = 32
+  eps: float = 1e-5
+  temporal_conv_implementation: str = "shifted_matmul"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, image_only_indicator):
+    if image_only_indicator is None or image_only_indicator.ndim != 2:
+      raise ValueError("TemporalConvLayer needs image_only_indicator of shape (B, F), got "
+                       f"{None if image_only_indicator is None else image_only_indicator.shape}.")
+    batch, frames = image_only_indicator.shape
+    if x.ndim != 4 or x.shape[0] != batch * frames:
+      raise ValueError(f"TemporalConvLayer expects x of shape (B*F, H, W, C) with B*F = "
+                       f"{batch}*{frames} (from image_only_indicator), got {x.shape}.")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    channels = x.shape[-1]
+    h = x.reshape((batch, frames) + x.shape[1:])
+    for k, conv_index in ((1, 2), (2, 3), (3, 3), (4, 3)):
+      h = nn.silu(layers.GroupNorm(self.norm_num_groups, self.eps, name=f"conv{k}_0", **kw)(h))
+      h = layers.TemporalConv(channels, 3, implementation=self.temporal_conv_implementation,
+                              name=f"conv{k}_{conv_index}", **kw)(h)
     moving = (1 - image_only_indicator).astype(h.dtype)[:, :, None, None, None]
     return x + (h * moving).reshape(x.shape)

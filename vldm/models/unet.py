@@ -1,4 +1,5 @@
-"""The denoising UNet: image (Stable Diffusion) and video (Video LDM / SVD / AnimateDiff).
+"""The denoising UNet: image (Stable Diffusion) and video (Video LDM / SVD / AnimateDiff /
+ModelScope).
 
 One module, `UNet`. With `temporal=False` it is diffusers' UNet2DConditionModel. With
 `temporal=True` it is a video UNet whose temporal layers `temporal_kind` picks:
@@ -8,7 +9,12 @@ One module, `UNet`. With `temporal=False` it is diffusers' UNet2DConditionModel.
   (`resnets.j.spatial_res_block.*`, `attentions.j.temporal_transformer_blocks.*`, ...);
 - 'motion_module' (AnimateDiff): the image UNet's layers unchanged, with a motion module
   (`temporal_layers.MotionModule`) after each res block (+ transformer), added to it, named like
-  diffusers' UNetMotionModel (`down_blocks.i.motion_modules.j.*`).
+  diffusers' UNetMotionModel (`down_blocks.i.motion_modules.j.*`);
+- 'modelscope' (ModelScope / ZeroScope text-to-video): the image UNet's layers (linear
+  projections) with, added to them, temporal convolutions after each res block
+  (`temporal_layers.TemporalConvLayer`, `…temp_convs.j.*`), a temporal transformer after each
+  transformer (`…temp_attentions.j.*`) and one after conv_in (`transformer_in`), named like
+  diffusers' UNet3DConditionModel.
 The spatial layers are the same modules in all, so an image UNet's weights drop into a video UNet
 (see `vldm.models.inflate`).
 
@@ -30,6 +36,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from vldm.models import layers
+from vldm.models import temporal_layers
 from vldm.models import unet_blocks
 
 Dtype = layers.Dtype
@@ -40,14 +47,16 @@ DOWN_BLOCK_TYPES = {
     "CrossAttnDownBlock2D": True, "DownBlock2D": False,  # True: with cross-attention
     "CrossAttnDownBlockSpatioTemporal": True, "DownBlockSpatioTemporal": False,
     "CrossAttnDownBlockMotion": True, "DownBlockMotion": False,
+    "CrossAttnDownBlock3D": True, "DownBlock3D": False,
 }
 UP_BLOCK_TYPES = {
     "CrossAttnUpBlock2D": True, "UpBlock2D": False,
     "CrossAttnUpBlockSpatioTemporal": True, "UpBlockSpatioTemporal": False,
     "CrossAttnUpBlockMotion": True, "UpBlockMotion": False,
+    "CrossAttnUpBlock3D": True, "UpBlock3D": False,
 }
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlockSpatioTemporal",
-                   "UNetMidBlockCrossAttnMotion")
+                   "UNetMidBlockCrossAttnMotion", "UNetMidBlock3DCrossAttn")
 # UNet2DConditionModel block names → UNetSpatioTemporalConditionModel's.
 SPATIO_TEMPORAL_BLOCK_NAMES = {
     "CrossAttnDownBlock2D": "CrossAttnDownBlockSpatioTemporal",
@@ -64,19 +73,31 @@ MOTION_BLOCK_NAMES = {
     "UpBlock2D": "UpBlockMotion",
     "CrossAttnUpBlock2D": "CrossAttnUpBlockMotion",
 }
-_IMAGE_BLOCK_NAMES = {v: k for names in (SPATIO_TEMPORAL_BLOCK_NAMES, MOTION_BLOCK_NAMES)
+# UNet2DConditionModel block names → UNet3DConditionModel's (ModelScope).
+MODELSCOPE_BLOCK_NAMES = {
+    "CrossAttnDownBlock2D": "CrossAttnDownBlock3D",
+    "DownBlock2D": "DownBlock3D",
+    "UNetMidBlock2DCrossAttn": "UNetMidBlock3DCrossAttn",
+    "UpBlock2D": "UpBlock3D",
+    "CrossAttnUpBlock2D": "CrossAttnUpBlock3D",
+}
+_IMAGE_BLOCK_NAMES = {v: k for names in (SPATIO_TEMPORAL_BLOCK_NAMES, MOTION_BLOCK_NAMES,
+                                         MODELSCOPE_BLOCK_NAMES)
                       for k, v in names.items()}
 EPS_CONVENTIONS = ("uniform", "svd")
 # What a video UNet's temporal layers are: Video LDM's alignment layers (SVD's layout) or
-# AnimateDiff's motion modules.
-TEMPORAL_KINDS = ("alignment", "motion_module")
+# AnimateDiff's motion modules, or ModelScope's temporal convolutions and transformers.
+TEMPORAL_KINDS = ("alignment", "motion_module", "modelscope")
+# ModelScope's `transformer_in` has 8 heads (diffusers hard-codes them) of the UNet's head width.
+MODELSCOPE_TRANSFORMER_IN_HEADS = 8
 
 
 def block_names(temporal: bool, temporal_kind: str = "alignment") -> dict:
   """UNet2DConditionModel block names → the names of the UNet family these options build."""
   if not temporal:
     return {}
-  return MOTION_BLOCK_NAMES if temporal_kind == "motion_module" else SPATIO_TEMPORAL_BLOCK_NAMES
+  return {"motion_module": MOTION_BLOCK_NAMES,
+          "modelscope": MODELSCOPE_BLOCK_NAMES}.get(temporal_kind, SPATIO_TEMPORAL_BLOCK_NAMES)
 
 
 def block_type_for(name: str, temporal: bool, temporal_kind: str = "alignment") -> str:
@@ -92,11 +113,13 @@ SVD_EPS = {"down": 1e-5, "cross_attn_down": 1e-6, "mid": 1e-5, "up": 1e-6, "out"
 # a temporal block passes its input through (positions included), so an inflated video UNet starts
 # as its image UNet, frame by frame (Video LDM). The text motion embedding is zero at init anyway.
 # AnimateDiff's motion modules start as the identity the same way: their proj_out at zero (as the
-# original AnimateDiff initialises them).
+# original AnimateDiff initialises them); ModelScope's temporal layers too (diffusers zeroes the
+# last temporal convolution).
 TEMPORAL_OUTPUTS = re.compile(
     r"(temporal_res_block/conv2|temporal_transformer_blocks_\d+/(ff_in|ff)/net_2|"
     r"temporal_transformer_blocks_\d+/attn[12]/to_out_0|time_pos_embed/linear_2|"
-    r"motion_modules_\d+/proj_out)/")
+    r"motion_modules_\d+/proj_out|temp_convs_\d+/conv4_3|temp_attentions_\d+/proj_out|"
+    r"transformer_in/proj_out)/")
 
 
 def zero_temporal_outputs(params):
@@ -147,6 +170,8 @@ class UNet(nn.Module):
   `temporal_transformer_layers_per_block` per level (up blocks use their level's),
   `motion_max_seq_length` (the most frames a clip may have), `use_motion_mid_block` and
   `temporal_transformer_layers_per_mid_block`. Their GroupNorms use `norm_num_groups`.
+  For 'modelscope' the temporal transformers have the spatial ones' heads (`num_attention_heads`,
+  which must divide the channels), `transformer_in` 8 heads of level 0's head width.
   `remat_policy`: one of `unet_blocks.REMAT_POLICIES`, applied to each res block and transformer.
   """
   in_channels: int = 4
@@ -207,12 +232,18 @@ class UNet(nn.Module):
   def reference_class(self) -> str:
     if not self.temporal:
       return "UNet2DConditionModel"
-    return "UNetMotionModel" if self.has_motion_modules else "UNetSpatioTemporalConditionModel"
+    return {"motion_module": "UNetMotionModel", "modelscope": "UNet3DConditionModel"}.get(
+        self.temporal_kind, "UNetSpatioTemporalConditionModel")
 
   @property
   def has_motion_modules(self) -> bool:
     """Whether this is an AnimateDiff video UNet (temporal_kind='motion_module')."""
     return self.temporal and self.temporal_kind == "motion_module"
+
+  @property
+  def is_modelscope(self) -> bool:
+    """Whether this is a ModelScope video UNet (temporal_kind='modelscope')."""
+    return self.temporal and self.temporal_kind == "modelscope"
 
   @property
   def num_levels(self) -> int:
@@ -268,20 +299,31 @@ class UNet(nn.Module):
       if c % self.norm_num_groups:
         raise ValueError(f"block_out_channels {tuple(self.block_out_channels)} must be multiples of "
                          f"norm_num_groups ({self.norm_num_groups}).")
-    alignment = self.temporal and not self.has_motion_modules
+    alignment = self.temporal and self.temporal_kind == "alignment"
     for c, heads in zip(self.block_out_channels, self.per_level("num_attention_heads")):
       if heads < 1 or c < heads:
         raise ValueError(f"{c} channels cannot be split into {heads} attention heads.")
-      if alignment and c % heads:  # its frame position embedding is added at width c
+      # Alignment: its frame position embedding is added at width c. ModelScope: diffusers builds
+      # heads of width c // heads that fill the channels.
+      if (alignment or self.is_modelscope) and c % heads:
         raise ValueError(f"The video UNet needs channels divisible by the number of heads: {c} "
                          f"channels, {heads} heads.")
     if self.temporal_kind not in TEMPORAL_KINDS:
       raise ValueError(f"Unknown temporal_kind {self.temporal_kind!r}; accepted: {TEMPORAL_KINDS}.")
     if self.has_motion_modules:
       self._check_motion_modules()
+    elif self.is_modelscope:
+      if self.text_motion_embedding:
+        raise ValueError("text_motion_embedding belongs to the temporal alignment layers "
+                         "(temporal_kind='alignment'), not to ModelScope's.")
     elif self.temporal_kind != "alignment":
       raise ValueError(f"temporal_kind={self.temporal_kind!r} is an option of the video UNet "
                        "(temporal=True).")
+    if (alignment or self.is_modelscope) and (
+        self.temporal_conv_implementation not in layers.TEMPORAL_CONV_IMPLEMENTATIONS):
+      raise ValueError(f"Unknown temporal_conv_implementation "
+                       f"{self.temporal_conv_implementation!r}; accepted: "
+                       f"{layers.TEMPORAL_CONV_IMPLEMENTATIONS}.")
     if alignment:
       if self.mid_block_scale_factor != 1:
         raise ValueError("The video UNet's res blocks have no output scale: "
@@ -289,10 +331,6 @@ class UNet(nn.Module):
       if self.merge_strategy not in layers.MERGE_STRATEGIES:
         raise ValueError(f"Unknown merge_strategy {self.merge_strategy!r}; accepted: "
                          f"{layers.MERGE_STRATEGIES}.")
-      if self.temporal_conv_implementation not in layers.TEMPORAL_CONV_IMPLEMENTATIONS:
-        raise ValueError(f"Unknown temporal_conv_implementation "
-                         f"{self.temporal_conv_implementation!r}; accepted: "
-                         f"{layers.TEMPORAL_CONV_IMPLEMENTATIONS}.")
     elif self.text_motion_embedding:
       raise ValueError("text_motion_embedding is an option of the video UNet (temporal=True).")
     unet_blocks.check_remat_policy(self.remat_policy)
@@ -328,14 +366,15 @@ class UNet(nn.Module):
 
   def _options(self) -> unet_blocks.BlockOptions:
     return unet_blocks.BlockOptions(
-        # Motion modules come beside the image layers, which stay as they are.
-        temporal=self.temporal and not self.has_motion_modules,
+        # Motion modules and ModelScope's layers come beside the image layers, which stay as they
+        # are.
+        temporal=self.temporal and self.temporal_kind == "alignment",
         norm_num_groups=self.norm_num_groups,
         use_linear_projection=self.use_linear_projection, merge_factor=self.merge_factor,
         merge_strategy=self.merge_strategy,
         temporal_conv_implementation=self.temporal_conv_implementation,
         text_motion_embedding=self.text_motion_embedding,
-        motion_max_seq_length=self.motion_max_seq_length,
+        motion_max_seq_length=self.motion_max_seq_length, modelscope=self.is_modelscope,
         attention_implementation=self.attention_implementation, remat_policy=self.remat_policy,
         dtype=self.dtype, param_dtype=self.param_dtype)
 
@@ -433,6 +472,12 @@ class UNet(nn.Module):
       temb = jnp.repeat(temb, frames, axis=0)
 
     h = layers.conv(channels[0], 3, name="conv_in", **kw)(sample.astype(self.dtype))
+    if self.is_modelscope:
+      h = unet_blocks.maybe_remat(temporal_layers.MotionModule, self.remat_policy)(
+          MODELSCOPE_TRANSFORMER_IN_HEADS, norm_num_groups=self.norm_num_groups,
+          attention_head_dim=channels[0] // heads[0], frame_positions=False,
+          attention_implementation=self.attention_implementation, name="transformer_in",
+          **kw)(h, image_only_indicator)
     skips = [h]
     for i, block_type in enumerate(self.down_block_types):
       attention = DOWN_BLOCK_TYPES[block_type]

@@ -2,10 +2,12 @@
 
 A block is built from the layer kinds that `BlockOptions` makes: a res block (ResnetBlock2D, or for
 video SpatioTemporalResBlock), a transformer (`Transformer2D`, spatial or spatio-temporal) and,
-for AnimateDiff, a motion module after each res block (+ transformer). The level, skip and
-up/down-sampling code is the same for all, so diffusers' CrossAttnDownBlock2D,
-CrossAttnDownBlockSpatioTemporal and CrossAttnDownBlockMotion (and so on) are one module each here,
-named like their keys: `resnets_{j}`, `attentions_{j}`, `motion_modules_{j}`, `downsamplers_0`,
+for AnimateDiff, a motion module after each res block (+ transformer); for ModelScope
+(`BlockOptions.modelscope`), temporal convolutions after each res block and a temporal transformer
+after each transformer. The level, skip and up/down-sampling code is the same for all, so
+diffusers' CrossAttnDownBlock2D, CrossAttnDownBlockSpatioTemporal, CrossAttnDownBlockMotion and
+CrossAttnDownBlock3D (and so on) are one module each here, named like their keys: `resnets_{j}`,
+`attentions_{j}`, `motion_modules_{j}`, `temp_convs_{j}`, `temp_attentions_{j}`, `downsamplers_0`,
 `upsamplers_0`.
 """
 from __future__ import annotations
@@ -66,6 +68,7 @@ class BlockOptions:
   temporal_conv_implementation: str = "shifted_matmul"
   text_motion_embedding: bool = False
   motion_max_seq_length: int = 32
+  modelscope: bool = False
   attention_implementation: Optional[str] = None
   remat_policy: str = "none"
   dtype: Dtype = jnp.float32
@@ -107,6 +110,35 @@ class BlockOptions:
         attention_implementation=self.attention_implementation, dtype=self.dtype,
         param_dtype=self.param_dtype, name=name)
 
+  def temporal_conv(self, name: str):
+    """ModelScope's temporal convolutions `(x, image_only_indicator) -> x`."""
+    return maybe_remat(temporal_layers.TemporalConvLayer, self.remat_policy)(
+        self.norm_num_groups, temporal_conv_implementation=self.temporal_conv_implementation,
+        dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+  def temporal_transformer(self, num_attention_heads: int, name: str):
+    """ModelScope's temporal transformer (TransformerTemporalModel) `(x, image_only_indicator)
+    -> x`: a motion module without frame positions."""
+    return maybe_remat(temporal_layers.MotionModule, self.remat_policy)(
+        num_attention_heads, norm_num_groups=self.norm_num_groups, frame_positions=False,
+        attention_implementation=self.attention_implementation, dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name)
+
+
+def _maybe_temporal_conv(block, x, j: int, image_only_indicator):
+  """x through the block's temporal convolutions j (ModelScope), when it has them."""
+  if not block.options.modelscope:
+    return x
+  return block.options.temporal_conv(f"temp_convs_{j}")(x, image_only_indicator)
+
+
+def _maybe_temporal_transformer(block, x, j: int, image_only_indicator):
+  """x through the block's temporal transformer j (ModelScope), when it has them."""
+  if not block.options.modelscope:
+    return x
+  return block.options.temporal_transformer(block.num_attention_heads, f"temp_attentions_{j}")(
+      x, image_only_indicator)
+
 
 def _maybe_motion(block, x, j: int, image_only_indicator):
   """x through the block's motion module j, when the block has motion modules."""
@@ -122,7 +154,8 @@ class DownBlock(nn.Module):
 
   diffusers CrossAttnDownBlock2D (`num_attention_heads` set) / DownBlock2D (None), their
   SpatioTemporal forms with `options.temporal`, and their Motion forms (AnimateDiff) with
-  `motion_num_attention_heads` set (`motion_layers` transformer layers per motion module).
+  `motion_num_attention_heads` set (`motion_layers` transformer layers per motion module), and
+  their 3D forms (ModelScope) with `options.modelscope`.
   """
   out_channels: int
   num_layers: int
@@ -142,10 +175,12 @@ class DownBlock(nn.Module):
     for j in range(self.num_layers):
       x = self.options.resnet(self.out_channels, self.eps, f"resnets_{j}")(
           x, temb, image_only_indicator)
+      x = _maybe_temporal_conv(self, x, j, image_only_indicator)
       if self.num_attention_heads:
         x = self.options.transformer(self.num_attention_heads, self.transformer_layers,
                                      self.only_cross_attention, f"attentions_{j}")(
                                          x, context, image_only_indicator)
+        x = _maybe_temporal_transformer(self, x, j, image_only_indicator)
       x = _maybe_motion(self, x, j, image_only_indicator)
       skips.append(x)
     if self.add_downsample:
@@ -158,7 +193,9 @@ class DownBlock(nn.Module):
 
 class MidBlock(nn.Module):
   """res block → transformer [→ motion module] → res block (UNetMidBlock2DCrossAttn /
-  UNetMidBlockSpatioTemporal / UNetMidBlockCrossAttnMotion)."""
+  UNetMidBlockSpatioTemporal / UNetMidBlockCrossAttnMotion); for ModelScope
+  (UNetMidBlock3DCrossAttn) temporal convolutions after each res block and a temporal transformer
+  after the transformer."""
   eps: float
   num_attention_heads: int
   transformer_layers: int = 1
@@ -172,18 +209,21 @@ class MidBlock(nn.Module):
     channels = x.shape[-1]
     resnet = lambda name: self.options.resnet(channels, self.eps, name, self.output_scale_factor)
     x = resnet("resnets_0")(x, temb, image_only_indicator)
+    x = _maybe_temporal_conv(self, x, 0, image_only_indicator)
     x = self.options.transformer(self.num_attention_heads, self.transformer_layers, False,
                                  "attentions_0")(x, context, image_only_indicator)
+    x = _maybe_temporal_transformer(self, x, 0, image_only_indicator)
     x = _maybe_motion(self, x, 0, image_only_indicator)
-    return resnet("resnets_1")(x, temb, image_only_indicator)
+    x = resnet("resnets_1")(x, temb, image_only_indicator)
+    return _maybe_temporal_conv(self, x, 1, image_only_indicator)
 
 
 class UpBlock(nn.Module):
   """(concat skip → res block [→ transformer] [→ motion module]) × num_layers, then nearest ×2
   and a conv.
 
-  diffusers CrossAttnUpBlock2D / UpBlock2D and their SpatioTemporal and Motion forms. `skips` are
-  consumed last first, as diffusers pops them.
+  diffusers CrossAttnUpBlock2D / UpBlock2D and their SpatioTemporal, Motion and 3D forms. `skips`
+  are consumed last first, as diffusers pops them.
   """
   out_channels: int
   num_layers: int
@@ -204,10 +244,12 @@ class UpBlock(nn.Module):
       x = jnp.concatenate([x, skips[-1 - j]], axis=-1)
       x = self.options.resnet(self.out_channels, self.eps, f"resnets_{j}")(
           x, temb, image_only_indicator)
+      x = _maybe_temporal_conv(self, x, j, image_only_indicator)
       if self.num_attention_heads:
         x = self.options.transformer(self.num_attention_heads, self.transformer_layers,
                                      self.only_cross_attention, f"attentions_{j}")(
                                          x, context, image_only_indicator)
+        x = _maybe_temporal_transformer(self, x, j, image_only_indicator)
       x = _maybe_motion(self, x, j, image_only_indicator)
     if self.add_upsample:
       x = layers.Upsample2D(self.out_channels, dtype=self.options.dtype,

@@ -11,7 +11,9 @@ A text-to-video pipeline:
 
   FOLDER/model_index.json           the pipeline class (StableDiffusionPipeline for an image UNet,
                                     AnimateDiffPipeline for a UNetMotionModel with a CLIP
-                                    tokenizer, else VldmTextToVideoPipeline), each component's
+                                    tokenizer, TextToVideoSDPipeline for a UNet3DConditionModel
+                                    (ModelScope) with one, else VldmTextToVideoPipeline), each
+                                    component's
                                     [library, class], and `vldm`: the sampling defaults
   FOLDER/unet/ vae/ text_encoder/   `vldm.convert.save_diffusers` folders: diffusers /
                                     transformers classes where one describes the model (an image
@@ -56,6 +58,7 @@ UPSAMPLER_CONFIG = "upsampler.json"
 VIDEO_PIPELINE_CLASS = "VldmTextToVideoPipeline"
 IMAGE_PIPELINE_CLASS = "StableDiffusionPipeline"
 ANIMATEDIFF_PIPELINE_CLASS = "AnimateDiffPipeline"
+MODELSCOPE_PIPELINE_CLASS = "TextToVideoSDPipeline"
 SVD_PIPELINE_CLASS = "StableVideoDiffusionPipeline"
 SVD_UNET_CLASS = "UNetSpatioTemporalConditionModel"
 DIFFUSERS_VERSION = "0.35.0"
@@ -206,6 +209,9 @@ def save_pipeline(pipe: Pipeline, folder: str) -> str:
     index.update(_class_name=ANIMATEDIFF_PIPELINE_CLASS, motion_adapter=["diffusers",
                                                                          "MotionAdapter"],
                  feature_extractor=[None, None], image_encoder=[None, None])
+  if (upsampler is None and index["unet"][1] == "UNet3DConditionModel"
+      and index["tokenizer"][1] == "CLIPTokenizer"):  # all that TextToVideoSDPipeline loads
+    index["_class_name"] = MODELSCOPE_PIPELINE_CLASS
   index["vldm"] = {
       "num_steps": pipe.default_num_steps,
       "guidance_scale": pipe.default_guidance_scale,
