@@ -173,6 +173,7 @@ def test_compile_only_flag_errors():
   assert result.returncode != 0 and "v5p-6 (3 chips) is not a v5p slice size" in result.stderr
 
 
+@pytest.mark.slow  # ≈ 25 s: the default suite's budget
 @needs_libtpu
 def test_compile_only_tiny_image_stage(tmp_path):
   """The CLI on a tiny SD-layout image stage for v5e:2x2 (data 2 × fsdp 2, latent cache): the

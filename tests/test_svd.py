@@ -93,6 +93,7 @@ def i2v_run(inputs, tmp_path_factory):
   return dict(root=root, workdir=workdir, args=args)
 
 
+@pytest.mark.slow  # ≈ 2 min: 8-device i2v fine-tune, resume, export; the default suite's budget
 def test_i2v_from_svd_trains_resumes_exactly_and_exports_for_diffusers(i2v_run, inputs, tmp_path):
   workdir = i2v_run["workdir"]
   final = common.load_stage_params(workdir)

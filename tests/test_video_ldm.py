@@ -234,6 +234,33 @@ def test_video_stage_trains_only_temporal_layers_and_resumes_exactly(video_run, 
     np.testing.assert_allclose(value, flat(final)[key], rtol=0, atol=1e-6, err_msg=key)
 
 
+@pytest.mark.slow  # ≈ 1 min: the video stage's compile again, with adapters
+def test_motion_lora_trains_the_temporal_attention_alone(video_run, inputs, tmp_path):
+  """A motion LoRA (SVD's camera-motion LoRAs): adapters on the temporal attention projections of
+  the trained video stage, 3 steps on 8 devices; only they train, and they export for diffusers."""
+  root = str(tmp_path / "motion_lora")
+  targets = r"(r'.*temporal_transformer_blocks\.\d+\.attn[12]\.to_(q|k|v|out\.0)',)"
+  train(
+      "video", "sd2", root, inputs, "--config.lora.rank=4", f"--config.lora.targets={targets}",
+      f"--config.init_from.workdir={os.path.join(video_run, 'video')}",
+      "--config.init_from.transform=as_is",  # the video stage's weights as they are: the base
+  )  # fmt: skip
+  workdir = os.path.join(root, "video")
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  adapters = flat(checkpoint_lib.load_params(workdir, mesh, use_ema=False))
+  assert adapters and all("temporal_transformer_blocks" in k for k in adapters), list(adapters)[:4]
+  assert all(k.endswith(("lora_A/kernel", "lora_B/kernel")) for k in adapters)
+  assert any(np.abs(v).max() > 0 for k, v in adapters.items() if k.endswith("lora_B/kernel"))
+  out = str(tmp_path / "exported")
+  recipe_runs.run("export", "--workdir", workdir, "--lora", out, inputs=inputs)
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+
+  keys = list(load_file(os.path.join(out, "pytorch_lora_weights.safetensors")))
+  assert len(keys) == len(adapters) and all(".temporal_transformer_blocks." in k for k in keys)
+  assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys), keys[:4]
+
+
+@pytest.mark.slow  # ≈ 25 s: the default suite's budget (export formats: tests/test_export_formats.py)
 def test_video_stage_samples_and_exports(video_run, inputs, tmp_path):
   workdir = os.path.join(video_run, "video")
   out = str(tmp_path / "samples")
@@ -282,6 +309,7 @@ def test_upsampler_stage_trains_samples_and_exports(video_run, inputs, tmp_path)
   np.testing.assert_allclose(exported(["a red circle"], rng=5), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # ≈ 30 s: trains an image stage to export it; the default suite's budget
 def test_image_stage_exports_a_stable_diffusion_folder(inputs, tmp_path):
   """The image stage fine-tunes the SD UNet (here on this process's one device); its export
   loads in diffusers and matches."""
