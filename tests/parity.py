@@ -60,6 +60,33 @@ def calibrate_batch_norms_(torch_model, x, seed: int):
   return torch_model.eval()
 
 
+def video_unet_inputs(frames, channels, context_dim, size, tokens, seed=0):
+  """(sample [2, F, size, size, C], timesteps [2], context per clip [2, tokens, D]) for a video
+  UNet, float32."""
+  rng = np.random.default_rng(seed)
+  return (
+      rng.standard_normal((2, frames, size, size, channels)).astype(np.float32),
+      np.array([10, 500]),
+      rng.standard_normal((2, tokens, context_dim)).astype(np.float32),
+  )
+
+
+def diffusers_video_unet_out(model, sample, timesteps, context, context_per_frame: bool):
+  """A diffusers video UNet (sample (B, C, F, H, W)) on vldm's channels-last inputs; the per-clip
+  context repeated per frame (batch-major, frames inner) where the class wants it so."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  if context_per_frame:
+    context = np.repeat(context, sample.shape[1], axis=0)
+  with torch.no_grad():
+    out = model(
+        torch.from_numpy(np.moveaxis(sample, -1, 1)),
+        torch.from_numpy(timesteps),
+        torch.from_numpy(context),
+    ).sample.numpy()
+  return np.moveaxis(out, 1, -1)
+
+
 def to_nhwc(x):
   """(B, C, H, W) or (B, C, F, H, W) torch/numpy → channels-last numpy."""
   x = np.asarray(x.detach().numpy() if hasattr(x, "detach") else x)

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from parity import jit_quick, perturb_, random_params, relative_error
+from parity import diffusers_video_unet_out, jit_quick, perturb_, random_params, relative_error
+from parity import video_unet_inputs
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -99,24 +100,12 @@ def _apply(module):
 
 
 def _reference_out(model, sample, timesteps, context):
-  """diffusers' UNetMotionModel on vldm's inputs: (B,F,H,W,C) ↔ (B,C,F,H,W), context per frame."""
-  frames = sample.shape[1]
-  with torch.no_grad():
-    out = model(
-        torch.from_numpy(np.moveaxis(sample, -1, 1)),
-        torch.from_numpy(timesteps),
-        torch.from_numpy(np.repeat(context, frames, axis=0)),
-    ).sample.numpy()
-  return np.moveaxis(out, 1, -1)
+  """diffusers' model on vldm's inputs (UNetMotionModel takes its context per frame)."""
+  return diffusers_video_unet_out(model, sample, timesteps, context, context_per_frame=True)
 
 
 def _inputs(frames, channels, context_dim, seed=0):
-  rng = np.random.default_rng(seed)
-  return (
-      rng.standard_normal((2, frames, SIZE, SIZE, channels)).astype(np.float32),
-      np.array([10, 500]),
-      rng.standard_normal((2, TOKENS, context_dim)).astype(np.float32),
-  )
+  return video_unet_inputs(frames, channels, context_dim, SIZE, TOKENS, seed)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from parity import jit_quick, perturb_, relative_error
+from parity import diffusers_video_unet_out, jit_quick, perturb_, relative_error, video_unet_inputs
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -83,24 +83,12 @@ def _apply(module):
 
 
 def _reference_out(model, sample, timesteps, context):
-  """diffusers' UNet3DConditionModel on vldm's inputs: (B,F,H,W,C) ↔ (B,C,F,H,W); it repeats the
-  per-clip context per frame itself."""
-  with torch.no_grad():
-    out = model(
-        torch.from_numpy(np.moveaxis(sample, -1, 1)),
-        torch.from_numpy(timesteps),
-        torch.from_numpy(context),
-    ).sample.numpy()
-  return np.moveaxis(out, 1, -1)
+  """diffusers' model on vldm's inputs (UNet3DConditionModel repeats the per-clip context per frame itself)."""
+  return diffusers_video_unet_out(model, sample, timesteps, context, context_per_frame=False)
 
 
 def _inputs(frames, channels, context_dim, seed=0):
-  rng = np.random.default_rng(seed)
-  return (
-      rng.standard_normal((2, frames, SIZE, SIZE, channels)).astype(np.float32),
-      np.array([10, 500]),
-      rng.standard_normal((2, TOKENS, context_dim)).astype(np.float32),
-  )
+  return video_unet_inputs(frames, channels, context_dim, SIZE, TOKENS, seed)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

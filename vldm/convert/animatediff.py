@@ -100,10 +100,6 @@ _UNUSED = unet_convert.UNUSED_BY_DIFFUSERS + (
 )
 
 
-def _json(value):
-  return list(value) if isinstance(value, tuple) else value
-
-
 def _single(value, name: str, bad: list):
   """A mid-block option given per mid-block layer: UNetMotionModel builds one such layer."""
   if isinstance(value, (list, tuple)):
@@ -115,13 +111,7 @@ def _single(value, name: str, bad: list):
 
 
 def _from_config(config: dict) -> unet_lib.UNet:
-  bad = [
-      f"{k}={config[k]!r} (accepted: {', '.join(map(repr, ok))})"
-      for k, ok in _ACCEPTED.items()
-      if k in config and config[k] not in ok
-  ]
-  if config.get("norm_num_groups", 32) is None:
-    bad.append("norm_num_groups=None (accepted: an int)")
+  bad = unet_convert.unsupported_options(config, _ACCEPTED)
   kwargs = {**_DEFAULTS, **unet_convert.config_tuples(config, _KEYS), **_FIXED}
   kwargs["temporal_transformer_layers_per_mid_block"] = _single(
       kwargs["temporal_transformer_layers_per_mid_block"],
@@ -150,20 +140,12 @@ def _to_config(module: unet_lib.UNet) -> dict:
         f"Cannot save as {CLASS_NAME}: it has no motion modules (needs "
         "temporal=True, temporal_kind='motion_module')."
     )
-  problems = []
-  for key, want in _FIXED.items():
-    if key.endswith("_type"):
-      continue  # names only: the options decide the layers
-    value = getattr(module, key)
-    if key == "only_cross_attention":
-      value = any(module.per_level(key))
-    if value != want:
-      problems.append(f"{key}={value!r} (needs {want!r})")
+  problems = unet_convert.fixed_option_problems(module, _FIXED)
   if module.addition_time_embed_dim is not None:
     problems.append("it has added-time-ids conditioning")
   if problems:
     raise ConversionError(f"Cannot save as {CLASS_NAME}: " + "; ".join(problems) + ".")
-  config = {k: _json(getattr(module, k)) for k in _KEYS}
+  config = {k: unet_convert.json_value(getattr(module, k)) for k in _KEYS}
   for key in ("down_block_types", "up_block_types"):
     config[key] = [unet_lib.block_type_for(t, True, "motion_module") for t in getattr(module, key)]
   return {

@@ -82,18 +82,8 @@ _UNUSED = (
 )
 
 
-def _json(value):
-  return list(value) if isinstance(value, tuple) else value
-
-
 def _from_config(config: dict) -> unet_lib.UNet:
-  bad = [
-      f"{k}={config[k]!r} (accepted: {', '.join(map(repr, ok))})"
-      for k, ok in _ACCEPTED.items()
-      if k in config and config[k] not in ok
-  ]
-  if config.get("norm_num_groups", 32) is None:
-    bad.append("norm_num_groups=None (accepted: an int)")
+  bad = unet_convert.unsupported_options(config, _ACCEPTED)
   kwargs = {**_DEFAULTS, **unet_convert.config_tuples(config, _KEYS), **_FIXED}
   if isinstance(kwargs["layers_per_block"], tuple):
     bad.append(f"layers_per_block={list(kwargs['layers_per_block'])!r} (accepted: an int)")
@@ -120,16 +110,7 @@ def _to_config(module: unet_lib.UNet) -> dict:
         f"Cannot save as {CLASS_NAME}: it has no ModelScope temporal layers (needs "
         "temporal=True, temporal_kind='modelscope')."
     )
-  problems = []
-  for key, want in _FIXED.items():
-    if key.endswith("_type"):
-      continue  # names only: the options decide the layers
-    value = getattr(module, key)
-    if key in ("only_cross_attention", "transformer_layers_per_block"):
-      values = set(module.per_level(key))
-      value = values.pop() if len(values) == 1 else tuple(module.per_level(key))
-    if value != want:
-      problems.append(f"{key}={value!r} (needs {want!r})")
+  problems = unet_convert.fixed_option_problems(module, _FIXED)
   layers = set(module.per_level("layers_per_block"))
   if len(layers) != 1:
     problems.append(
@@ -145,7 +126,7 @@ def _to_config(module: unet_lib.UNet) -> dict:
     )
   if problems:
     raise ConversionError(f"Cannot save as {CLASS_NAME}: " + "; ".join(problems) + ".")
-  config = {k: _json(getattr(module, k)) for k in _KEYS}
+  config = {k: unet_convert.json_value(getattr(module, k)) for k in _KEYS}
   config["layers_per_block"] = layers.pop()
   config["cross_attention_dim"] = module.context_dim
   for key in ("down_block_types", "up_block_types"):

@@ -105,8 +105,41 @@ def _svd_from_config(config: dict) -> unet_lib.UNet:
   return build_unet(kwargs)
 
 
-def _json(value):
+def json_value(value):
+  """A config value as config.json holds it (tuples as lists)."""
   return list(value) if isinstance(value, tuple) else value
+
+
+def unsupported_options(config: dict, accepted: dict) -> list[str]:
+  """'key=value (accepted: …)' for each config option outside its accepted values, as a motion or
+  ModelScope UNet's config.json is checked before it is built."""
+  bad = [
+      f"{k}={config[k]!r} (accepted: {', '.join(map(repr, ok))})"
+      for k, ok in accepted.items()
+      if k in config and config[k] not in ok
+  ]
+  if config.get("norm_num_groups", 32) is None:
+    bad.append("norm_num_groups=None (accepted: an int)")
+  return bad
+
+
+def fixed_option_problems(module: unet_lib.UNet, fixed: dict) -> list[str]:
+  """'key=value (needs want)' for each option a diffusers class fixes that `module` sets otherwise.
+
+  Block-type names are skipped (the options decide the layers); a per-level option counts as its
+  one value when every level has the same, else as the tuple.
+  """
+  problems = []
+  for key, want in fixed.items():
+    if key.endswith("_type"):
+      continue
+    value = getattr(module, key)
+    if key in ("only_cross_attention", "transformer_layers_per_block"):
+      values = tuple(module.per_level(key))
+      value = values[0] if len(set(values)) == 1 else values
+    if value != want:
+      problems.append(f"{key}={value!r} (needs {want!r})")
+  return problems
 
 
 def _sd_to_config(module: unet_lib.UNet) -> dict:
@@ -119,11 +152,11 @@ def _sd_to_config(module: unet_lib.UNet) -> dict:
     problems.append("it has added-time-ids conditioning")
   if problems:
     raise ConversionError("Cannot save as UNet2DConditionModel: " + "; ".join(problems) + ".")
-  config = {k: _json(getattr(module, k)) for k in _SD_KEYS}
+  config = {k: json_value(getattr(module, k)) for k in _SD_KEYS}
   config["down_block_types"] = [_SD_NAMES.get(t, t) for t in module.down_block_types]
   config["up_block_types"] = [_SD_NAMES.get(t, t) for t in module.up_block_types]
   config["mid_block_type"] = _SD_NAMES.get(module.mid_block_type, module.mid_block_type)
-  config["attention_head_dim"] = _json(module.num_attention_heads)  # the number of heads
+  config["attention_head_dim"] = json_value(module.num_attention_heads)  # the number of heads
   config["num_attention_heads"] = None
   return {"_class_name": "UNet2DConditionModel", "act_fn": "silu", **config}
 
@@ -227,7 +260,7 @@ def _svd_to_config(module: unet_lib.UNet) -> dict:
   if problems:
     raise ConversionError("Cannot save as UNetSpatioTemporalConditionModel: "
                           + "; ".join(problems) + ".")
-  config = {k: _json(getattr(module, k)) for k in _SVD_KEYS}
+  config = {k: json_value(getattr(module, k)) for k in _SVD_KEYS}
   config["down_block_types"] = [_SVD_NAMES.get(t, t) for t in module.down_block_types]
   config["up_block_types"] = [_SVD_NAMES.get(t, t) for t in module.up_block_types]
   return {"_class_name": "UNetSpatioTemporalConditionModel", **config}
